@@ -1,0 +1,209 @@
+"""Measured re-ranking: run the best-estimated candidates for a few steps and keep the fastest.
+
+The cost model ranks every candidate; `rerank` then builds the k best-estimated feasible ones
+on the real devices (parameters and optimizer state allocated for each, sharded as the plan
+says), times a few steps after warm-up, and puts the measured-fastest first. A candidate that
+fails when run (out of memory, a runtime error) is recorded with the reason and not chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from passes.evaluate import derive_program_tp, tp_dims
+from passes.plan import Plan
+from passes.program import Program, is_abstract
+from passes.report import (COMPILE_ERROR, FEASIBLE, CandidateResult, OutOfMemoryError, fmt_time, rank)
+from passes.step import BuiltStep, build_step
+
+log = logging.getLogger("ap_xla")
+PyTree = Any
+
+# `timer(plan, run_once) -> seconds`: the step time of a plan, given a function that runs one
+# step to completion. Tests inject one to pick the winner without timing anything.
+Timer = Callable[[Plan, Callable[[], None]], float]
+
+
+def _random_like(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
+  """Arrays of `tree`'s shapes and dtypes made directly in `shardings` (no host copy)."""
+  leaves, treedef = jax.tree.flatten(tree)
+
+  def make():
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for i, x in enumerate(leaves):
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)).astype(x.dtype))
+      else:  # integer inputs (token ids): 0 is a valid index for any table
+        out.append(jnp.zeros(x.shape, x.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+  return jax.jit(make, out_shardings=shardings)()
+
+
+def _place(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
+  """Concrete arrays copied into `shardings` (never aliasing the caller's: the step donates
+  them); abstract shapes random-initialized."""
+  if is_abstract(tree):
+    return _random_like(tree, shardings, seed)
+  # A jitted copy, not device_put(may_alias=False): in jax 0.10.2 that still hands back the
+  # caller's buffer as the device-0 shard of a replicated sharding, and the donating step
+  # then deletes the caller's array.
+  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+class PlanRunner:
+  """One plan built on the devices with its state allocated; `run_once()` runs one step.
+
+  Example:
+    >>> with PlanRunner(program, plan, devices) as r:
+    ...   r.run_once()
+  """
+
+  def __init__(self, program: Program, plan: Plan, devices, built: BuiltStep | None = None):
+    self.plan = plan
+    if built is None:
+      rules = derive_program_tp(program.abstract()) if plan.tp > 1 else None
+      built = build_step(program, plan, devices, tp_dims(program.abstract(), rules, plan.tp))
+    self.built = built
+    self.params = _place(program.params, built.param_shardings, 0)
+    self.opt_state = built.init_opt(self.params)
+    self.batch = _place(program.batch, built.batch_shardings, 1)
+    self.loss = None
+
+  def run_once(self) -> None:
+    """One training step, waited for (params and state are donated and replaced)."""
+    self.params, self.opt_state, self.loss = self.built.step(self.params, self.opt_state, self.batch)
+    jax.block_until_ready((self.params, self.opt_state, self.loss))
+
+  def close(self) -> None:
+    """Frees the plan's device arrays now rather than when Python collects them."""
+    for x in jax.tree.leaves((self.params, self.opt_state, self.batch, self.loss)):
+      if isinstance(x, jax.Array) and not x.is_deleted():
+        x.delete()
+    self.params = self.opt_state = self.batch = self.loss = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimer:
+  """The default timer: `warmup` untimed steps (the first compiles), then the median of `steps`."""
+  warmup: int = 2
+  steps: int = 5
+
+  def __post_init__(self):
+    for f, lo in (("warmup", 0), ("steps", 1)):
+      v = getattr(self, f)
+      if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"StepTimer.{f} must be an int >= {lo}, got {v!r}.")
+
+  def samples(self, run_once: Callable[[], None]) -> list[float]:
+    for _ in range(self.warmup):
+      run_once()
+    out = []
+    for _ in range(self.steps):
+      t0 = time.perf_counter()
+      run_once()
+      out.append(time.perf_counter() - t0)
+    return out
+
+  def __call__(self, plan: Plan, run_once: Callable[[], None]) -> float:
+    return statistics.median(self.samples(run_once))
+
+
+def _error_text(e: BaseException) -> str:
+  return " ".join(f"{type(e).__name__}: {e}".strip().splitlines())[:2000]
+
+
+def measure_candidate(program: Program, cand: CandidateResult, devices, timer: Timer) -> CandidateResult:
+  """Runs one candidate and returns it with `details['measured_s']`, or failed with the reason."""
+  runner = None
+  try:
+    runner = PlanRunner(program, cand.plan, devices)
+    seconds = float(timer(cand.plan, runner.run_once))
+    if not seconds > 0:
+      raise ValueError(f"the timer returned {seconds!r} s for {cand.plan}; expected a positive time.")
+  except Exception as e:  # a candidate that fails at run time is a result, not a crash
+    reason = f"failed at run time: {_error_text(e)}"
+    log.warning("  %s %s", cand.plan, reason[:300])
+    return dataclasses.replace(cand, verdict=COMPILE_ERROR, reason=reason,
+                               details={**cand.details, "measure_error": _error_text(e)})
+  finally:
+    if runner is not None:
+      runner.close()
+  ratio = cand.est_time_s / seconds if cand.est_time_s else None
+  details = {**cand.details, "measured_s": seconds, "est_over_measured": ratio}
+  reason = f"measured {fmt_time(seconds)} (est. {fmt_time(cand.est_time_s)}"
+  reason += f", est/measured {ratio:.2f})" if ratio is not None else ")"
+  return dataclasses.replace(cand, reason=reason, details=details)
+
+
+def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
+           timer: Timer | None = None) -> list[CandidateResult]:
+  """Measures the `k` best-estimated feasible candidates and puts the measured-fastest first.
+
+  Args:
+    program: the training program (concrete params are copied; abstract ones random-initialized).
+    ranked: the candidates ranked by estimate (`report.rank`).
+    devices: the devices to run on.
+    k: how many feasible candidates to run (at least 1).
+    timer: `timer(plan, run_once) -> seconds`; default `StepTimer()` (median of 5 after 2 warm-up).
+
+  Returns:
+    The candidates re-ranked: measured ones fastest first, then unmeasured feasible ones by
+    estimate, then the rejected ones (including those that failed at run time).
+
+  Raises:
+    ValueError: k is not a positive int.
+    OutOfMemoryError: every feasible candidate was measured and all of them failed.
+
+  Example:
+    >>> ranked = rerank(program, rank(results), jax.devices(), k=3)
+    >>> ranked[0].details['measured_s']
+  """
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"rerank: k must be a positive int (how many candidates to run), got {k!r}.")
+  timer = timer or StepTimer()
+  feasible = [c for c in ranked if c.verdict == FEASIBLE]
+  top = feasible[:k]
+  log.info("Measuring the %d best-estimated of %d feasible candidates on %d devices.", len(top),
+           len(feasible), len(devices))
+  measured = {}
+  for i, cand in enumerate(top):
+    m = measure_candidate(program, cand, devices, timer)
+    measured[cand.plan] = m
+    if "measured_s" in m.details:
+      log.info("  #%d %s: estimated %s, measured %s (estimate/measured = %.2f)", i, cand.plan,
+               fmt_time(cand.est_time_s), fmt_time(m.details["measured_s"]),
+               m.details["est_over_measured"] or float("nan"))
+  ok = sorted((m for m in measured.values() if "measured_s" in m.details),
+              key=lambda m: (m.details["measured_s"], m.memory_bytes or 0))
+  winners = {m.plan for m in ok}
+  rest = rank([measured.get(c.plan, c) for c in ranked if c.plan not in winners])
+  if ok:
+    best = ok[0]
+    est_rank = [c.plan for c in top].index(best.plan)
+    ratios = [m.details["est_over_measured"] for m in ok if m.details["est_over_measured"]]
+    log.info("Chose %s: fastest measured (%s) of %d run; the estimate ranked it #%d. Estimate/measured "
+             "ranged %.2f..%.2f.", best.plan, fmt_time(best.details["measured_s"]), len(ok), est_rank,
+             min(ratios) if ratios else float("nan"), max(ratios) if ratios else float("nan"))
+    ok[0] = dataclasses.replace(best, reason=f"fastest measured of {len(ok)} run: {best.reason}")
+    return ok + rest
+  if any(c.verdict == FEASIBLE for c in rest):
+    log.warning("All %d measured candidates failed at run time; keeping the best estimate of the "
+                "unmeasured ones.", len(top))
+    return rest
+  raise OutOfMemoryError(
+      "Every feasible candidate failed when run on the devices:\n" +
+      "\n".join(f"  {m.plan}: {m.reason[:300]}" for m in measured.values()), rest)

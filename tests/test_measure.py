@@ -1,0 +1,136 @@
+"""Measured re-ranking: real runs on the simulated devices, timings injected (nothing is timed).
+
+The flat MLP keeps compiles short (a tiny Llama step compiles ~4x slower here).
+"""
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from ap_xla import env
+from passes import measure
+from passes.plan import Plan
+from passes.report import CHOSEN, COMPILE_ERROR, FEASIBLE, OVER_BUDGET, CandidateResult, OutOfMemoryError
+from passes.search import SearchSettings, search
+from passes.space import SearchOptions
+from tests.models import mlp_program
+
+OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, tensor_parallel=1)
+DEVICES = jax.devices()
+
+
+class FakeTimer:
+  """Runs each step for real (so a broken plan fails) and returns a scripted time."""
+
+  def __init__(self, times, fail=()):
+    self.times, self.fail, self.calls, self.losses = times, fail, [], []
+
+  def __call__(self, plan, run_once):
+    self.calls.append(plan)
+    run_once()
+    if plan in self.fail:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB.")
+    return self.times[plan]
+
+
+def _cand(plan, est, verdict=FEASIBLE):
+  return CandidateResult(plan, verdict, memory_bytes=2**20, est_time_s=est)
+
+
+A, B, C, D = Plan(dp=8), Plan(dp=8, fsdp=True), Plan(dp=4, tp=2), Plan(dp=2, mb=2)
+
+
+def test_rerank_chooses_the_measured_fastest_and_records_failures(caplog):
+  prog = mlp_program(batch=16)
+  ranked = [_cand(A, 1e-3), _cand(B, 2e-3), _cand(C, 3e-3), _cand(D, 4e-3),
+            _cand(Plan(dp=1), 5e-3, OVER_BUDGET)]
+  timer = FakeTimer({A: 0.05, B: 0.03, C: 0.01}, fail={B})
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    out = measure.rerank(prog, ranked, DEVICES, k=3, timer=timer)
+  assert timer.calls == [A, B, C]  # the k best estimates, in order; D is not run
+  assert [c.plan for c in out] == [C, A, D, Plan(dp=1), B]  # measured, unmeasured, rejected
+  best = out[0]
+  assert best.details["measured_s"] == 0.01 and best.details["est_over_measured"] == pytest.approx(0.3)
+  assert best.reason.startswith("fastest measured of 2 run") and "est. 3.000 ms" in best.reason
+  assert out[1].details["measured_s"] == 0.05 and "measured_s" not in out[2].details
+  failed = out[4]
+  assert failed.verdict == COMPILE_ERROR and failed.reason.startswith("failed at run time: RuntimeError")
+  assert "RESOURCE_EXHAUSTED" in failed.details["measure_error"]
+  text = caplog.text
+  assert "estimated 3.000 ms, measured 10.000 ms" in text and "Chose Plan(dp=4, tp=2" in text
+  assert "the estimate ranked it #2" in text
+  # the caller's concrete parameters survive the donated steps
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(prog.params))
+
+
+def test_search_with_measure_top_k_picks_the_measured_fastest(caplog):
+  prog = mlp_program(batch=16).abstract()  # abstract params: random-initialized for the run
+  base = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False))
+  order = [c.plan for c in base.feasible]
+  assert len(order) >= 2
+  timer = FakeTimer({order[0]: 0.2, order[1]: 0.1})
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    res = search(prog, options=OPTS, timer=timer,
+                 settings=SearchSettings(capacity_bytes=2**40, progress=False, measure_top_k=2))
+  assert res.plan == order[1] and res.chosen.verdict == CHOSEN
+  assert res.chosen.details["measured_s"] == 0.1 and "fastest measured" in res.chosen.reason
+  assert res.candidates[1].plan == order[0] and res.candidates[1].details["measured_s"] == 0.2
+  assert res.timings["measure"] > 0 and "The final configuration is" in caplog.text
+  assert "fastest measured (100.000 ms) of 2 run" in caplog.text
+
+
+def test_every_measured_candidate_failing_is_out_of_memory():
+  prog = mlp_program(batch=16)
+  timer = FakeTimer({}, fail={A})
+  with pytest.raises(OutOfMemoryError, match=r"failed when run[\s\S]*RESOURCE_EXHAUSTED") as e:
+    measure.rerank(prog, [_cand(A, 1e-3)], DEVICES, k=2, timer=timer)
+  assert e.value.results[0].verdict == COMPILE_ERROR
+
+
+def test_failures_fall_back_to_the_best_unmeasured_estimate():
+  prog = mlp_program(batch=16)
+  out = measure.rerank(prog, [_cand(A, 1e-3), _cand(B, 2e-3)], DEVICES, k=1,
+                       timer=FakeTimer({}, fail={A}))
+  assert [c.plan for c in out] == [B, A] and out[1].verdict == COMPILE_ERROR
+
+
+def test_step_timer_takes_the_median_after_warmup(monkeypatch):
+  ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])  # steps of 1, 3 and 2 seconds
+  monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
+  runs = []
+  t = measure.StepTimer(warmup=2, steps=3)
+  assert t(A, lambda: runs.append(1)) == 2.0 and len(runs) == 5
+  with pytest.raises(ValueError, match=r"StepTimer.steps must be an int >= 1, got 0"):
+    measure.StepTimer(steps=0)
+  with pytest.raises(ValueError, match=r"k must be a positive int .* got 0"):
+    measure.rerank(mlp_program(), [], DEVICES, k=0)
+
+
+def test_plan_runner_really_trains():
+  prog = mlp_program(batch=16)
+  with measure.PlanRunner(prog, C, DEVICES) as r:
+    r.run_once()
+    first = float(r.loss)
+    for _ in range(3):
+      r.run_once()
+    assert np.isfinite(first) and float(r.loss) < first
+  assert r.params is None
+
+
+def test_abstract_inputs_are_made_in_place():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(DEVICES), ("data",))
+  tree = {"tokens": jax.ShapeDtypeStruct((8, 4), jax.numpy.int32), "w": jax.ShapeDtypeStruct((8, 4), jax.numpy.float32)}
+  out = measure._random_like(tree, {"tokens": NamedSharding(mesh, P("data")), "w": NamedSharding(mesh, P())}, 0)
+  assert (np.asarray(out["tokens"]) == 0).all() and out["tokens"].sharding.spec == P("data")
+  w = np.asarray(out["w"])
+  assert w.dtype == np.float32 and 0 < w.std() < 0.1
+
+
+@pytest.mark.parametrize("var", ["AP_XLA_MEASURE_TOP_K", "MOREH_ADVANCED_PARALLELIZATION_MEASURE_TOP_K"])
+def test_measure_top_k_is_read_from_the_environment(var):
+  assert env.read_settings({var: "3"}).measure_top_k == 3
+  assert env.read_settings({}).measure_top_k == 0
+  with pytest.raises(ValueError, match=var):
+    env.read_settings({var: "-2"})
