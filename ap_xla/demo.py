@@ -1,7 +1,7 @@
 """The demo: a Llama-style text-summarization fine-tune with the torch one-liner.
 
 A plain PyTorch training loop (Hugging Face LlamaForCausalLM, torch AdamW) on 8 simulated
-devices whose per-device memory (AP_XLA_DEVICE_MEMORY, 48 MiB here) the replicated model and
+devices whose per-device memory (AP_XLA_DEVICE_MEMORY, 64 MiB here) the replicated model and
 its optimizer state exceed. With Advanced Parallelization (the default) the candidates and the
 chosen configuration are logged and the loss falls; with `--no-ap` the same script runs with a
 plain data-parallel plan, as MoAI does without the AP line, and stops with the out-of-memory
@@ -19,7 +19,7 @@ import random
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("AP_XLA_DEVICE_MEMORY", "48MiB")
+os.environ.setdefault("AP_XLA_DEVICE_MEMORY", "64MiB")
 
 PAD, BOS, EOS = 256, 257, 258
 VOCAB = 259
