@@ -43,6 +43,8 @@ class Captured:
     closed_over: the non-tensor batch entries passed to the model as Python values.
     dynamic_batch: whether the leading batch dimension is symbolic in the graph.
     log: what happened during capture, one line each.
+    mutated_buffers: names of the buffers the forward updates in place (BatchNorm running
+      statistics in training mode); the lowered program keeps them constant.
   """
   exported: Any
   inputs: dict
@@ -55,6 +57,7 @@ class Captured:
   closed_over: dict
   dynamic_batch: bool
   log: tuple[str, ...]
+  mutated_buffers: tuple[str, ...] = ()
 
   @property
   def graph(self):
@@ -267,7 +270,7 @@ def _index(exported, model, tensors, closed, dynamic_batch, notes) -> Captured:
   return Captured(exported=exported, inputs=inputs, params=params, constants=constants,
                   constant_values=constant_values, loss=loss, outputs=tuple(user[1:]),
                   out_spec=out_spec, closed_over=dict(closed), dynamic_batch=dynamic_batch,
-                  log=tuple(notes))
+                  log=tuple(notes), mutated_buffers=tuple(_strip(t) for t in mutated))
 
 
 def _in_spec(exported):

@@ -15,7 +15,7 @@ import jax
 import optax
 import torch
 
-from bridge import state
+from bridge import optim, state
 from bridge.blocks import BlockSplit, find_blocks
 from bridge.capture import Captured, capture, split_batch
 from bridge.functions import GraphFunctions
@@ -151,10 +151,7 @@ def bridge_model(model: torch.nn.Module, example_batch: Mapping[str, Any],
     names = _names(fns.used_params(fns.loss_nodes), fns.canonical)
     build = dict(loss_fn=fns.flat_loss())
 
-  tx = _optimizer(optimizer, scheduler, model, names) if not is_optax else optimizer
-  tied_sum = state.sum_tied_gradients(names)
-  if tied_sum is not None:
-    tx = optax.chain(tied_sum, tx)
+  tx = training_transform(optimizer, model, names, scheduler)
 
   tensors, _ = split_batch(example_batch)
   batch = {k: to_jax(v) for k, v in tensors.items()}
@@ -174,7 +171,18 @@ def _names(placeholders: dict, canonical: dict) -> dict[str, str]:
   return {canonical[n]: canonical[n] for n in sorted(placeholders.values(), key=order.__getitem__)}
 
 
-def _optimizer(optimizer, scheduler, model, names) -> optax.GradientTransformation:
-  groups = state.group_tree(optimizer, model, names)
-  from bridge import optim  # written alongside; imported late so the bridge loads without it
-  return optim.optax_from_torch(optimizer, groups, scheduler=scheduler)
+def training_transform(optimizer, model: torch.nn.Module, names: PyTree,
+                       scheduler: Any = None) -> optax.GradientTransformation:
+  """The optax transform of a bridged program whose params are named by `names`.
+
+  A torch optimizer is mapped by `bridge.optim.optax_from_torch` (an optax one is used as
+  is); when a tensor is kept in several leaves (ties), their gradients are summed first.
+  `bridge_model` builds its program's optimizer with it; so does a checkpoint restore that
+  needs the optimizer state's structure before the model is bridged.
+  """
+  if isinstance(optimizer, torch.optim.Optimizer):
+    tx = optim.optax_from_torch(optimizer, state.group_tree(optimizer, model, names), scheduler=scheduler)
+  else:
+    tx = optimizer
+  tied_sum = state.sum_tied_gradients(names)
+  return tx if tied_sum is None else optax.chain(tied_sum, tx)

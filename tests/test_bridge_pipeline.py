@@ -3,8 +3,6 @@
 Runs on the simulated CPU devices of tests/conftest.py. Tolerance against torch eager:
 1e-5 absolute on the loss and every gradient (fp32).
 """
-import importlib.util
-
 import jax
 import numpy as np
 import optax
@@ -13,6 +11,7 @@ import pytest
 from bridge import testing
 from bridge.program import bridge_model
 from bridge.state import by_torch_name
+from passes import pipeline
 from passes.plan import Plan
 from passes.program import scan_blocks
 
@@ -54,22 +53,12 @@ def test_pre_scan_post_matches_torch(llama):
   _check(bridged, loss, grads, torch_loss, torch_grads)
 
 
-def _pipeline():
-  if importlib.util.find_spec("passes.pipeline") is None:
-    pytest.skip("passes/pipeline.py (pipeline_loss) is not written yet")
-  from passes import pipeline
-  return pipeline
-
-
 def _mesh(plan):
   from passes import shardings
   return shardings.make_mesh(plan, jax.devices()[:plan.num_devices])
 
 
 def test_two_pipeline_stages_match_torch(llama):
-  pipeline = _pipeline()
-  if not hasattr(pipeline, "pipeline_loss"):
-    pytest.skip("passes.pipeline has no pipeline_loss(layers, block_fn, params, batch, ...)")
   bridged, torch_loss, torch_grads = llama
   prog = bridged.program
   plan = Plan(pp=2, mb=2)
@@ -85,7 +74,6 @@ def test_two_pipeline_stages_match_torch(llama):
 
 
 def test_two_pipeline_stages_through_the_training_step(llama):
-  _pipeline()
   from passes.step import build_step
   bridged, torch_loss, torch_grads = llama
   plan = Plan(pp=2, mb=2)

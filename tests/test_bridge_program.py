@@ -73,6 +73,9 @@ def test_buffers_and_frozen_weights_are_constants():
   assert set(bridged.program.params) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"}
   assert any("buffer updates are not carried over" in line and "bn.running_mean" in line
              for line in bridged.structure_log)
+  # The torch one-liner refuses such a model (tests/test_torch_oneliner.py); it reads this.
+  assert set(bridged.captured.mutated_buffers) == {"bn.running_mean", "bn.running_var",
+                                                   "bn.num_batches_tracked"}
   loss, grads = jax.value_and_grad(bridged.program.loss)(bridged.program.params, bridged.program.batch)
   torch_loss = model(**batch)  # train mode: batch statistics, like the program
   torch_loss.backward()

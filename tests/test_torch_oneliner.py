@@ -385,6 +385,41 @@ def test_release_gives_the_model_back(ap):
   assert_close(params_of(model), params_of(ref), PARAM_TOL, "released params")
 
 
+def test_checkpoint_resumes_with_the_same_losses(ap, tmp_path):
+  """save_checkpoint after 2 of 4 steps; load_checkpoint into a fresh model and optimizer (and
+  into the running one) trains steps 3-4 with the uninterrupted run's losses, to 1e-6 (the
+  same plan and program from the same state: equal on CPU in practice)."""
+  batches = mlp_batches(4)
+  model = regressor()
+  opt = adamw(model)
+  d = tmp_path / "ckpt"
+  losses = loop(model, opt, batches[:2], 2)
+  at_2 = params_of(model)
+  assert ap_xla.save_checkpoint(model, opt, d, data_position=2).endswith("2")
+  losses += loop(model, opt, batches[2:], 2)
+  at_4 = params_of(model)
+
+  fresh = regressor(seed=3)
+  fresh_opt = adamw(fresh)
+  ckpt = ap_xla.load_checkpoint(fresh, fresh_opt, d)
+  assert (ckpt.step, ckpt.data_position) == (2, 2) and ckpt.plan == intercept.session_of(model).phase.plan
+  assert intercept.session_of(fresh) is None  # plain torch, holding the restored weights
+  assert_close(params_of(fresh), at_2, 0.0, "restored torch weights")
+  assert_close(loop(fresh, fresh_opt, batches[ckpt.data_position:], 2), losses[2:], 1e-6, "resumed losses")
+  assert_close(params_of(fresh), at_4, 1e-6, "resumed params")
+  assert intercept.session_of(fresh).steps == 4
+
+  assert ap_xla.load_checkpoint(model, opt, d, step=2).step == 2  # into the running session
+  assert_close(params_of(model), at_2, 0.0, "restored in place")
+  assert_close(loop(model, opt, batches[2:], 2), losses[2:], 1e-6, "resumed in place")
+
+  with pytest.raises(ValueError, match=r"param_groups\[0\]\['weight_decay'\] = 0.1"):
+    other = regressor()
+    ap_xla.load_checkpoint(other, torch.optim.AdamW(other.parameters(), lr=1e-2), d)  # decay 0.01
+  with pytest.raises(ValueError, match="not trained by ap-xla"):
+    ap_xla.save_checkpoint(regressor(), opt, d)
+
+
 # -- what ap-xla cannot honour raises ---------------------------------------------------------
 
 def _trained(steps=1):
@@ -460,6 +495,87 @@ def test_changes_ap_cannot_follow_raise(ap):
     alias.add_(1.0)
   with pytest.raises(UnsupportedUsageError, match="older than the training state"):
     model(**batches[0])
+
+
+class NormedRegressor(torch.nn.Module):
+  """An MLP with a frozen input layer, a BatchNorm and a constant buffer (all closed over)."""
+
+  def __init__(self):
+    super().__init__()
+    self.inp, self.bn, self.out = torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4)
+    self.inp.weight.requires_grad_(False)
+    self.register_buffer("scale", torch.ones(4))
+
+  def forward(self, x, y):
+    pred = self.out(torch.tanh(self.bn(self.inp(x)))) * self.scale
+    return F.mse_loss(pred, y), pred
+
+
+def normed(seed=0, bn_eval=True):
+  torch.manual_seed(seed)
+  model = NormedRegressor()
+  if bn_eval:
+    model.bn.eval()
+  return model
+
+
+def trainable_adamw(model):
+  return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+
+
+def test_buffer_updates_in_the_forward_raise(ap):
+  model = normed(bn_eval=False)  # BatchNorm in training mode updates its running statistics
+  opt = trainable_adamw(model)
+  with pytest.raises(UnsupportedUsageError, match=r"BatchNorm1d 'bn': running_mean, running_var, "
+                     r"num_batches_tracked.*silently.*model\.bn\.eval\(\).*track_running_stats=False"):
+    model(**mlp_batches()[0])
+  assert intercept.session_of(model) is None
+  del opt
+
+
+def test_changed_buffers_and_frozen_weights_are_bridged_again(ap, caplog):
+  ref, model = twins(normed)
+  batches = mlp_batches()
+
+  def run(m):
+    opt = trainable_adamw(m)
+    losses = loop(m, opt, batches, 2)
+    with torch.no_grad():
+      m.inp.weight.mul_(0.5)  # a frozen weight edited in place
+      m.bn.running_var.fill_(2.0)  # a buffer edited in place
+    m.scale = torch.full((4,), 0.5)  # a buffer replaced
+    losses += loop(m, opt, batches, 2)
+    m.load_state_dict(params_of(normed(seed=5)))  # everything: trainable, frozen, buffers
+    return losses + loop(m, opt, batches, 2)
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    losses = run(model)
+  assert_close(losses, run(ref), LOSS_TOL, "losses")
+  assert_close(params_of(model), params_of(ref), PARAM_TOL, "params")
+  assert caplog.text.count("the model is bridged again with the new values") == 2
+  assert caplog.text.count("ap-xla plan for NormedRegressor") == 1  # the plan is kept
+
+  model.inp.weight.requires_grad_(True)
+  with pytest.raises(UnsupportedUsageError, match=r"requires_grad of \['inp.weight'\] changed to True"):
+    model(**batches[0])
+
+
+def test_schedulers_that_cycle_momentum_raise(ap):
+  batches = mlp_batches()
+  model = regressor()
+  opt = adamw(model)
+  sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+  with pytest.raises(UnsupportedUsageError, match=r"OneCycleLR\(cycle_momentum=True\) changes "
+                     r"betas\[0\] of AdamW.*cycle_momentum=False"):
+    model(**batches[0])
+  del sched, opt
+
+  model = regressor()
+  opt = adamw(model)
+  model(**batches[0])[0].backward()  # taken over; the scheduler comes after
+  sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+  with pytest.raises(UnsupportedUsageError, match=r"\['betas'\].*cycle momentum or betas"):
+    opt.step()
+  del sched
 
 
 def test_gradients_outside_the_model_raise(ap):

@@ -68,6 +68,34 @@ def sync_to_torch(model) -> bool:
   return True
 
 
+def save_checkpoint(model, optimizer, directory, *, data_position=None, max_to_keep=None) -> str:
+  """Saves the training state of a model trained by the one-liner (orbax, atomic, sharded).
+
+  Parameters, optimizer state, step, plan, param-group hyperparameters and `data_position`;
+  see `ap_xla.torch_frontend.checkpoints.save_checkpoint`.
+
+  Example:
+    >>> ap_xla.save_checkpoint(model, optim, "/ckpt", data_position=step)
+  """
+  from ap_xla.torch_frontend import checkpoints
+  return checkpoints.save_checkpoint(model, optimizer, directory, data_position=data_position,
+                                     max_to_keep=max_to_keep)
+
+
+def load_checkpoint(model, optimizer, directory, *, step=None):
+  """Restores a `save_checkpoint` checkpoint into a trained or a fresh model and optimizer.
+
+  Returns the `ap_xla.checkpoint.Checkpoint` (`.step`, `.plan`, `.data_position`); see
+  `ap_xla.torch_frontend.checkpoints.load_checkpoint`.
+
+  Example:
+    >>> ckpt = ap_xla.load_checkpoint(model, optim, "/ckpt")   # before the first training call
+    >>> start = ckpt.data_position
+  """
+  from ap_xla.torch_frontend import checkpoints
+  return checkpoints.load_checkpoint(model, optimizer, directory, step=step)
+
+
 def release(model) -> bool:
   """Writes the trained weights back and gives `model` and its optimizer back to plain torch.
 
@@ -79,4 +107,4 @@ def release(model) -> bool:
 
 
 __all__ = ["install", "uninstall", "sync_to_torch", "release", "on_enable", "on_disable",
-           "UnsupportedUsageError"]
+           "save_checkpoint", "load_checkpoint", "UnsupportedUsageError"]

@@ -9,8 +9,12 @@ scripts), a module call that is
 
 takes the module over: its optimizer is found among the live objects (exactly one
 `torch.optim.Optimizer` must hold its parameters), a `Session` bridges and plans it, and
-every later top-level call of that module runs through the session. Everything else
-(nested calls, modules without parameters, other models) runs as torch runs it.
+every later top-level call of that module runs through the session (so does every other
+model trained this way: each gets its own session). What runs as torch runs it: calls nested
+in another module's forward, modules without trainable parameters, modules not taken over
+called in eval mode or without grad, and a module that shares parameters with a model
+already taken over (one of its submodules called by itself, or a module wrapping it), on the
+trained weights; gradients torch computes for such a call are refused at `optimizer.step()`.
 """
 from __future__ import annotations
 
@@ -123,6 +127,7 @@ def _eligible(module: torch.nn.Module) -> bool:
 def _take_over(model: torch.nn.Module, args, kwargs) -> Session:
   _ensure_visible_log()
   optimizer = find_optimizer(model)
+  check_schedulers(optimizer)
   call = bind_call(model, args, kwargs)
   _local.depth = _depth() + 1  # bridging calls the model (torch.export): those are not takeovers
   try:
@@ -159,6 +164,28 @@ def find_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
         "parameters. Use one optimizer (param groups can give parameters different "
         "hyperparameters), or delete the unused one before the first training forward.")
   return found[0]
+
+
+def check_schedulers(optimizer: torch.optim.Optimizer) -> None:
+  """Refuses a live LR scheduler of `optimizer` that also cycles momentum or betas.
+
+  ap-xla follows each param group's lr at every step; the other hyperparameters are compiled
+  into the update. (A cycling scheduler made after the takeover is caught by the param-group
+  check at `optimizer.step()`.)
+
+  Raises:
+    UnsupportedUsageError: OneCycleLR or CyclicLR with cycle_momentum=True.
+  """
+  found = [o for o in gc.get_objects() if issubclass(type(o), torch.optim.lr_scheduler.LRScheduler)
+           and getattr(o, "optimizer", None) is optimizer and getattr(o, "cycle_momentum", False)]
+  if found:
+    name, opt = type(found[0]).__name__, type(optimizer).__name__
+    what = "betas[0]" if "betas" in optimizer.defaults else "momentum"
+    raise UnsupportedUsageError(
+        f"{name}(cycle_momentum=True) changes {what} of {opt}'s param groups at every step; ap-xla "
+        f"compiles {what} into the optimizer update and follows only a changing lr. Create the "
+        f"scheduler with cycle_momentum=False (the lr still follows its schedule), or run the script "
+        "without enable_advanced_parallelization().")
 
 
 def _ensure_visible_log() -> None:

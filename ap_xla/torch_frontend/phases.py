@@ -25,7 +25,7 @@ from passes import search as search_pass
 from passes.evaluate import derive_program_tp, tp_dims
 from passes.plan import Plan
 from passes.program import Program
-from passes.report import OutOfMemoryError, SearchResult
+from passes.report import OutOfMemoryError, SearchResult, out_of_memory_message
 from passes.space import SearchOptions, divisors
 from passes.step import BuiltStep, _MeshBound, build_step
 
@@ -156,11 +156,28 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool) -> tuple[Se
   try:
     return search_pass.search(program, devices[:dp], PLAIN_OPTIONS, settings), devices[:dp]
   except OutOfMemoryError as e:
-    raise OutOfMemoryError(
-        f"{e}\n  - or enable Advanced Parallelization, which searches pipeline, tensor and "
-        "sharded-parameter plans that need less memory per device: add "
-        "torch.moreh.option.enable_advanced_parallelization() (or "
-        "ap_xla.enable_advanced_parallelization()) before the training loop.", e.results) from None
+    raise OutOfMemoryError(_plain_out_of_memory_message(e.results, settings, devices[:dp], batch),
+                           e.results) from None
+
+
+# The remedy a script without the AP line has first; the search's own message would instead
+# list un-pinning PLAIN_OPTIONS, which such a script never set.
+_ENABLE_AP = (
+    "  - enable Advanced Parallelization, which searches pipeline, tensor and sharded-parameter "
+    "plans that need less memory per device: add torch.moreh.option.enable_advanced_parallelization() "
+    "(or ap_xla.enable_advanced_parallelization()) before the training loop;")
+
+
+def _plain_out_of_memory_message(results, settings, devices: tuple, batch: int) -> str:
+  """The out-of-memory message of the plain data-parallel plan: memory requested and available
+  per device, then what to do (enable AP, add devices, reduce the batch)."""
+  _, capacity = search_pass.resolve_hardware(settings, devices)
+  budget = int(capacity * settings.memory_ratio / 100)
+  text = out_of_memory_message(results, budget, capacity, settings.memory_ratio, len(devices), batch, {})
+  lines = text.splitlines()
+  at = next((i + 1 for i, line in enumerate(lines) if line.strip() == "what would make it fit:"), len(lines))
+  lines.insert(at, _ENABLE_AP)
+  return "\n".join(lines)
 
 
 def _largest_divisor(n: int, batch: int) -> int:

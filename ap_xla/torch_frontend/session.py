@@ -15,8 +15,11 @@ data parallelism when AP is off) and from then on runs:
 
 The optimizer's `step` and `zero_grad` are replaced on the instance (the class is left
 alone); its `state_dict()` / `load_state_dict()` carry the optax state in torch's format
-(`optim_state.py`), so checkpoints save and resume. The parameters become `sync.APParam`s.
-`release()` undoes all of it.
+(`optim_state.py`), so checkpoints save and resume (`ap_xla.save_checkpoint` saves the JAX
+state itself: `checkpoints.py`). The parameters become `sync.APParam`s. Buffers and frozen
+parameters are constants of the programs (`constants.py`): a forward that updates buffers is
+refused at the takeover, and a constant changed later in torch makes the session bridge the
+model again. `release()` undoes all of it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import optax
 import torch
 
 from ap_xla.torch_frontend import optim_state
+from ap_xla.torch_frontend.constants import ConstantWatch, check_no_buffer_updates
 from ap_xla.torch_frontend.calls import Call, bind_call, describe as _describe, jax_batch as _jax_batch
 from ap_xla.torch_frontend import outputs as out_lib
 from ap_xla.torch_frontend import phases as phase_lib
@@ -90,7 +94,8 @@ class Session:
     self.model, self.optimizer, self.advanced = model, optimizer, advanced
     self._original_call = original_call
     self.devices = tuple(jax.devices())
-    self.steps = 0
+    from ap_xla.torch_frontend import checkpoints
+    self.steps = checkpoints.resumed_step(optimizer)  # 0 unless load_checkpoint ran before the takeover
     self._bridges: dict = {}
     self._planned: dict = {}
     self.current: _Planned | None = None
@@ -108,6 +113,9 @@ class Session:
       optimizer.state = resumed
     names = first.bridged.param_names
     self.param_names = names
+    self._io = first.bridged  # reads and writes the torch parameters (any bridge would do)
+    self._watch = ConstantWatch(model, [n for n in first.bridged.captured.constant_values
+                                        if not n.startswith("<")])
     from bridge import state
     self.labels = state.group_tree(optimizer, model, names)
     self.tx = first.program.optimizer
@@ -137,6 +145,7 @@ class Session:
           "update them. Give the other parameters their own optimizer, or put them in the model.")
 
   def _bridge_first(self, call: Call) -> _Bridge:
+    from bridge.capture import NoLossError
     from bridge.program import bridge_model
     from bridge.schedules import UnsupportedTorchOptimError
     saved = [g["lr"] for g in self.optimizer.param_groups]
@@ -148,9 +157,7 @@ class Session:
         bridged = bridge_model(self.model, call.batch, optimizer=self.optimizer)
     except UnsupportedTorchOptimError as e:
       raise UnsupportedUsageError(f"ap-xla cannot run this optimizer: {e}") from e
-    except Exception as e:
-      if not _is_no_loss(e):
-        raise
+    except NoLossError as e:
       raise UnsupportedUsageError(
           f"{type(self.model).__name__}'s forward does not return a loss. ap-xla takes the training "
           "step over at the model's forward, so the forward must return the loss (pass labels to "
@@ -160,6 +167,7 @@ class Session:
     finally:
       for g, lr in zip(self.optimizer.param_groups, saved):
         g["lr"] = lr
+    check_no_buffer_updates(self.model, bridged.captured.mutated_buffers)
     return self._remember(call, bridged)
 
   def _remember(self, call: Call, bridged) -> _Bridge:
@@ -180,10 +188,12 @@ class Session:
     if b is not None:
       return b
     from bridge.program import bridge_model
-    log.info("ap-xla: a training call with other inputs or shapes (%s); bridging the model for it.",
-             _describe(call))
+    if self._bridges:  # else they were dropped for new constants, which _check_constants logged
+      log.info("ap-xla: a training call with other inputs or shapes (%s); bridging the model for it.",
+               _describe(call))
     with self.mirror.plain():
       bridged = bridge_model(self.model, call.batch, optimizer=optax.identity())
+    self._watch.record()
     if jax.tree.structure(bridged.param_names, is_leaf=_is_name) != jax.tree.structure(
         self.param_names, is_leaf=_is_name) or _flat_names(bridged.param_names) != _flat_names(self.param_names):
       raise UnsupportedUsageError(
@@ -243,17 +253,30 @@ class Session:
 
   # -- torch <-> JAX ---------------------------------------------------------------------
   def _write_torch(self) -> None:
-    self._first_bridge().to_torch(self.params)
+    self._io.to_torch(self.params)
 
   def _read_torch(self) -> None:
-    self.params = jax.device_put(self._first_bridge().from_torch(), self.phase.param_shardings)
-
-  def _first_bridge(self):
-    return next(iter(self._bridges.values())).bridged
+    self.params = jax.device_put(self._io.from_torch(), self.phase.param_shardings)
 
   def sync_to_torch(self) -> None:
     """Writes the trained parameters into the torch module (if it holds older values)."""
     self.mirror.ensure_torch_current()
+
+  def _check_constants(self) -> None:
+    """Drops the bridged programs when a buffer or frozen parameter they baked in changed.
+
+    The next training call bridges the model again with the new values and recompiles the
+    current plan for it (no search when its batch fits the plan).
+    """
+    changed = self._watch.changed()
+    if not changed:
+      return
+    log.info("ap-xla: %d buffer(s) or frozen parameter(s) of %s changed in torch (e.g. %s); the "
+             "compiled programs hold them as constants, so the model is bridged again with the new "
+             "values (the plan is kept).", len(changed), type(self.model).__name__, changed[0])
+    self._bridges.clear()
+    self._planned.clear()
+    self._watch.record()
 
   # -- the training calls ----------------------------------------------------------------
   def _check_trainable(self):
@@ -272,6 +295,7 @@ class Session:
       raise ValueError(f"every tensor input of {type(self.model).__name__} must have the batch as "
                        f"its leading dimension, with one size; got {shapes}.")
     self._check_trainable()
+    self._check_constants()
     self.mirror.absorb_torch_edits()
     bridge = self._bridge_for(call)
     self._activate(self._phase_for(bridge, call))
@@ -354,6 +378,7 @@ class Session:
 
   def forward_only(self, model, args, kwargs):
     """A call without gradients: the bridged forward in JAX, or the torch module on synced weights."""
+    self._check_constants()
     self.mirror.absorb_torch_edits()
     call = None
     if model.training:
@@ -410,6 +435,16 @@ class Session:
     log.info("ap-xla: read the torch optimizer state (%d parameters) into the compiled update.",
              len(torch_state))
 
+  # -- checkpoints (see checkpoints.py) ---------------------------------------------------
+  def restore_state(self, params: PyTree, opt_state: PyTree, step: int) -> None:
+    """Replaces the training state by a restored one (placed with the current phase's shardings).
+
+    Torch edits not yet read back are dropped: the restored state replaces every parameter.
+    """
+    self.params, self.opt_state, self.steps = params, opt_state, step
+    self.mirror.record()
+    self.mirror.jax_changed()
+
   def release(self) -> None:
     """Writes the weights back and gives the model and optimizer back to torch."""
     self.mirror.release()
@@ -426,18 +461,6 @@ class Session:
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-def _is_no_loss(e: BaseException) -> bool:
-  """Whether bridging failed because the model's outputs hold no loss (possibly wrapped)."""
-  from bridge import capture
-  no_loss = getattr(capture, "NoLossError", ())
-  seen = 0
-  while e is not None and seen < 8:
-    if (no_loss and isinstance(e, no_loss)) or "Could not find a scalar loss" in str(e):
-      return True
-    e, seen = e.__cause__ or e.__context__, seen + 1
-  return False
-
 
 def _is_name(x) -> bool:
   return isinstance(x, (str, tuple))
