@@ -157,11 +157,12 @@ class _DeferredInterrupt:
       os.kill(os.getpid(), signal.SIGINT)
 
   def __exit__(self, exc_type, exc, tb):
-    if self.prev is None:
+    if self.prev is None:  # not installed, or already given back by `_deliver`
       return False
     if exc_type is None and self.pressed:
-      self._deliver()
-    signal.signal(signal.SIGINT, self.prev)
+      self._deliver()  # gives the handler back first; a custom one may return normally
+    else:
+      signal.signal(signal.SIGINT, self.prev)
     return False
 
 

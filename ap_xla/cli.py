@@ -4,7 +4,8 @@ launches a training script (`ap_xla.launcher`).
 `ap-xla plan` compiles the candidates for N simulated CPU devices from abstract shapes (nothing
 is allocated) and judges memory and speed with the target's hardware profile. The device count
 is set (XLA_FLAGS) after parsing the arguments and before jax creates its CPU backend. Exit
-codes: 0 a plan was chosen; 1 planning failed (out of memory, too few devices); 2 bad arguments.
+codes: 0 a plan was chosen; 1 planning failed (out of memory, too few devices); 2 bad arguments
+(including options that leave no candidate for the device count and batch); 130 interrupted.
 
 Example:
   $ ap-xla plan --model llama2-7b --hardware h100 --devices 32 --batch 32 --seq 1024
@@ -19,8 +20,10 @@ import importlib
 import json
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 import time
 
 PROG = "ap-xla"
@@ -78,16 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  """Runs `ap-xla`; returns the exit code (0 ok, 1 planning failed, 2 bad arguments)."""
+  """Runs `ap-xla`; returns the exit code (0 ok, 1 planning failed, 2 bad arguments, 130 Ctrl-C)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "run":
-    try:
-      launcher = importlib.import_module("ap_xla.launcher")
-    except ModuleNotFoundError as e:
-      if e.name != "ap_xla.launcher":
-        raise
-      print(f"{PROG} run: the launcher (ap_xla.launcher) is not in this installation.", file=sys.stderr)
-      return 1
+    launcher = importlib.import_module("ap_xla.launcher")  # imports torch: only for `run`
     return int(launcher.main(argv[1:]) or 0)
   parser = build_parser()
   try:
@@ -154,6 +151,91 @@ def _inputs(args):
   return spec, program, hw, options, settings
 
 
+class UsageError(ValueError):
+  """Arguments that can never give a plan (exit 2); `results` lists what was left out and why."""
+
+  def __init__(self, message: str, results=()):
+    super().__init__(message)
+    self.results = tuple(results)
+
+
+def _space(program, n: int, options, tp_rules):
+  """(plans, skipped) of `options` on `n` devices, enumerated as `passes.search.search` does.
+
+  Nothing is compiled. Raises ValueError when a pinned option can never be satisfied.
+  """
+  from passes import pipeline
+  from passes.space import enumerate_plans
+
+  def tp_ok(tp):
+    rules = tp_rules() if options.tensor_parallel != 1 and n > 1 else None
+    return None if rules is not None and rules.shardable(tp) else (
+        f"no tensor-parallel group of the program divides by tp={tp}")
+  return enumerate_plans(n, program.batch_size, program.num_blocks, options, tp_ok,
+                         lambda pp, mb, dp: pipeline.check_pipeline(program.num_blocks, program.batch_size,
+                                                                    pp, mb, dp))
+
+
+def _no_candidate_message(n: int, batch: int, left_out) -> str:
+  by_reason: dict[str, list] = {}
+  for c in left_out:
+    by_reason.setdefault(c.reason, []).append(c.plan)
+  lines = [f"no parallel plan of these options can use {n} devices with a global batch of {batch}; "
+           f"all {len(left_out)} candidates were left out:"]
+  for i, (reason, plans) in enumerate(by_reason.items()):
+    if i == 12:
+      lines.append(f"  ... and {len(by_reason) - i} more reasons")
+      break
+    lines.append(f"  - {reason}: {plans[0]}" + (f" and {len(plans) - 1} more" if len(plans) > 1 else ""))
+  dps = sorted({c.plan.dp for c in left_out if c.reason.startswith("batch ")})
+  if dps:
+    lines.append(f"  Use a global batch that a data-parallel size in {dps} divides, another device count, "
+                 "or set pinned options to 'auto'.")
+  else:
+    lines.append("  Use another device count or batch, or set pinned options to 'auto'.")
+  return "\n".join(lines)
+
+
+def _run_slices(fn, items, threads: int, stop) -> list:
+  """`fn` over `items` on daemon threads, outcomes in order; an exception or Ctrl-C sets `stop`.
+
+  Daemon threads, not a ThreadPoolExecutor, whose threads hold up interpreter exit until their
+  search finishes: after Ctrl-C the slices not started are dropped, and the running ones
+  (which cannot be cancelled) store nothing (`stop` is their cache's `cancel`) and end with
+  the process.
+  """
+  todo, done = queue.Queue(), queue.Queue()
+  for item in enumerate(items):
+    todo.put(item)
+
+  def worker():
+    while not stop.is_set():
+      try:
+        i, item = todo.get_nowait()
+      except queue.Empty:
+        return
+      try:
+        done.put((i, fn(item), None))
+      except BaseException as e:  # handed to the caller's thread, which re-raises it
+        done.put((i, None, e))
+  for _ in range(min(max(1, threads), len(items))):
+    threading.Thread(target=worker, daemon=True, name="ap_xla_slice").start()
+  outs = {}
+  try:
+    while len(outs) < len(items):
+      try:
+        i, out, error = done.get(timeout=0.2)
+      except queue.Empty:
+        continue
+      if error is not None:
+        raise error
+      outs[i] = out
+  except BaseException:
+    stop.set()
+    raise
+  return [outs[i] for i in range(len(items))]
+
+
 def quick_search(program, devices, options, settings, *, exhaustive=False, directory=None, cache=True):
   """Searches the quick space of `options` (or all of it); returns (SearchResult, notes).
 
@@ -162,20 +244,41 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   FSDP gathers (same memory, half the traffic); tp within a node, one search per tp; ZeRO-3 for
   a tp whose replicated training state takes over half the budget; no pipeline stages and one
   micro-batch first (recomputation saves memory), the rest only if nothing fits. The searches
-  run side by side through the plan cache; their candidates are ranked together.
+  run side by side through the plan cache; their candidates are ranked together. Ctrl-C drops
+  the searches not started and stores nothing of those under way.
+
+  Raises:
+    UsageError: a pinned option can never be satisfied, or the options leave no candidate for
+      this device count and batch (nothing is compiled; the message lists the reasons).
+    OutOfMemoryError: no candidate fits in the budget.
   """
-  from concurrent.futures import ThreadPoolExecutor
   import jax
   from ap_xla import plan_cache
   from passes import search as search_pass
+  from passes.evaluate import derive_program_tp
   from passes.plan import Plan
   from passes.report import (CHOSEN, FEASIBLE, SKIPPED, CandidateResult, OutOfMemoryError, SearchResult,
                              out_of_memory_message, rank)
   from passes.space import AUTO, SearchOptions, divisors
-  run = functools.partial(plan_cache.cached_search, directory=directory, enabled=None if cache else False)
-  if exhaustive:
-    return run(program, devices, options, settings), []
   n, auto, log = len(devices), lambda f: getattr(options, f) == AUTO, logging.getLogger("ap_xla")
+  stop = threading.Event()
+  run = functools.partial(plan_cache.cached_search, directory=directory, enabled=None if cache else False,
+                          cancel=stop)
+  tp_rules = functools.cache(lambda: derive_program_tp(program.abstract()))
+
+  def space(opts):
+    try:
+      return _space(program, n, opts, tp_rules)
+    except ValueError as e:  # a pinned option this program, batch or device count cannot satisfy
+      raise UsageError(str(e)) from None
+
+  def left_out(skipped):
+    return [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
+  if exhaustive:
+    plans, skipped = space(options)
+    if not plans:
+      raise UsageError(_no_candidate_message(n, program.batch_size, skipped), left_out(skipped))
+    return run(program, devices, options, settings), []
   hw, capacity = search_pass.resolve_hardware(settings, devices)
   budget = int(capacity * settings.memory_ratio / 100)
   notes, skipped, base = [], [], options
@@ -203,9 +306,18 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
     first["num_stages"] = 1
   phases = [[dataclasses.replace(o, **first) for o in slices], slices] if first else [slices]
   notes += [f"first {first}; all stages and micro-batches only if nothing fits"] if first else []
+  # What each slice leaves out, before compiling anything: a slice without a plan is not searched
+  # (the search would only report its reasons), and options without any plan are a usage error.
+  spaces = {o: space(o) for phase in phases for o in phase}
+  if not any(plans for plans, _ in spaces.values()):
+    gone = {c.plan: c for phase in phases for o in phase for c in left_out(spaces[o][1])}
+    gone = list(gone.values()) + skipped
+    raise UsageError(_no_candidate_message(n, program.batch_size, gone), rank(gone))
   one_thread = dataclasses.replace(settings, max_threads=1)  # the slices run side by side instead
 
   def one(opts):
+    if not spaces[opts][0]:
+      return left_out(spaces[opts][1])
     log.info("Quick space: searching with %s", {k: v for k, v in dataclasses.asdict(opts).items()
                                                  if v != getattr(options, k)})
     try:
@@ -213,27 +325,33 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
     except OutOfMemoryError as e:
       return e
   outs = []
-  with ThreadPoolExecutor(max_workers=max(1, settings.max_threads)) as pool:
-    for phase in phases:
-      outs += pool.map(one, phase)
-      if any(isinstance(o, SearchResult) for o in outs):
-        break
+  for phase in phases:
+    outs += _run_slices(one, phase, settings.max_threads, stop)
+    if any(isinstance(o, SearchResult) for o in outs):
+      break
   results = [o for o in outs if isinstance(o, SearchResult)]
+  searched = [o for o in outs if not isinstance(o, list)]
   if len(outs) == 1 and results and not skipped:  # one plain search: its own report
     return results[0], notes
-  cands = {c.plan: c for o in outs for c in (o.candidates if isinstance(o, SearchResult) else o.results)}
+  cands = {c.plan: c for o in outs
+           for c in (o.candidates if isinstance(o, SearchResult) else o.results if isinstance(o, Exception) else o)}
   ranked = rank([dataclasses.replace(c, verdict=FEASIBLE, reason="") if c.verdict == CHOSEN else c
                  for c in list(cands.values()) + skipped])
   ok = sum(c.verdict == FEASIBLE for c in ranked)
   if not ok:
     pins = {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(SearchOptions(), k)}
     msg = out_of_memory_message(ranked, budget, capacity, settings.memory_ratio, n, program.batch_size, pins)
-    raise OutOfMemoryError(f"{msg}\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)", ranked)
+    err = OutOfMemoryError(msg + (f"\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)"
+                                  if notes else ""), ranked)
+    err.from_cache = all(getattr(o, "from_cache", False) for o in searched)
+    raise err
   ranked[0] = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=f"fastest estimate among {ok} feasible")
-  log.info("Quick space: the best of %d searches is %s. The final configuration is: %s", len(outs),
+  log.info("Quick space: the best of %d searches is %s. The final configuration is: %s", len(searched),
            ranked[0].plan, search_pass.config_line(ranked[0].plan, program.batch_size))
+  # from the cache only when no slice searched: an out-of-memory slice counts as much as a plan
   return dataclasses.replace(results[0], plan=ranked[0].plan, candidates=tuple(ranked), from_cache=all(
-      x.from_cache for x in results), timings={"total": max(x.timings.get("total", 0.0) for x in results)}), notes
+      getattr(o, "from_cache", False) for o in searched), timings={"total": max(
+          x.timings.get("total", 0.0) for x in results)}), notes
 
 
 def _fail(message, code: int) -> int:
@@ -247,7 +365,7 @@ def _plan(args) -> int:
   from passes.search import config_line
   try:
     spec, program, hw, options, settings = _inputs(args)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError) as e:  # parsing the arguments, the model config, the environment
     return _fail(e, 2)
   devices = jax.devices("cpu")
   if len(devices) < args.devices:
@@ -262,20 +380,36 @@ def _plan(args) -> int:
   try:
     result, notes = quick_search(program, devices[:args.devices], options, settings, exhaustive=args.exhaustive,
                                  directory=args.cache_dir, cache=not args.no_cache)
-  except OutOfMemoryError as e:
-    print(str(e), file=sys.stderr)
+  except (UsageError, OutOfMemoryError) as e:  # not any ValueError: one from inside the search is a bug
+    usage = isinstance(e, UsageError)
     if args.json:
-      doc.update(error="out_of_memory", message=str(e), candidates=[c.to_json() for c in e.results])
+      doc.update(error="bad_arguments" if usage else "out_of_memory", message=str(e),
+                 from_cache=getattr(e, "from_cache", False), candidates=[c.to_json() for c in e.results])
       print(json.dumps(doc, indent=1))
+    elif not usage and e.results:  # the reasons "see the reasons in the report" refers to
+      print(_candidates_table(e.results, args.top))
+    if usage:
+      return _fail(e, 2)
+    print(str(e), file=sys.stderr)
     return 1
-  except ValueError as e:  # an option this program or device count can never satisfy
-    return _fail(e, 2)
+  except KeyboardInterrupt:
+    print(f"{PROG} plan: interrupted; nothing was stored for the searches under way.", file=sys.stderr)
+    return 130
   doc.update(elapsed_s=time.perf_counter() - t0, from_cache=result.from_cache, quick_space=notes,
              plan=result.plan.to_dict(), config_line=config_line(result.plan, result.global_batch),
              memory_bytes=result.chosen.memory_bytes, est_time_s=result.chosen.est_time_s)
   print(json.dumps(dict(doc, result=result.to_json()), indent=1) if args.json else
         _text_report(spec, program, hw, result, doc, args.top))
   return 0
+
+
+def _candidates_table(candidates, top) -> str:
+  """The candidates of a failed search as the report's table (the chosen plan's fields unused)."""
+  from passes.report import SearchResult
+  c = candidates[0]
+  table = SearchResult(c.plan, tuple(candidates), 0, 0, "", 0, 0, {}).table(limit=top or None)
+  more = len(candidates) - top if top and len(candidates) > top else 0
+  return table + (f"\n... {more} more candidates (--top 0 lists all)" if more else "")
 
 
 def _text_report(spec, program, hw, result, doc, top) -> str:

@@ -8,6 +8,11 @@ source, jax/jaxlib's): a changed pass or a new XLA decides differently, so its e
 stale. Entries are read with `json` only (nothing is unpickled or evaluated); a stale, corrupt
 or foreign entry is ignored with a warning and replaced by the next search's result.
 
+An entry holds either the search's result or its out-of-memory outcome (no candidate fits:
+deterministic for the same key, and as costly to find again). Not stored: an outcome with a
+timed-out candidate (a busy machine may compile it next time), a search run with an injected
+`compile_fn` (tests' fault injection), and a search whose caller cancelled it meanwhile.
+
 Environment: AP_XLA_CACHE_DIR (or MOREH_ADVANCED_PARALLELIZATION_CACHE_DIR; default
 ~/.cache/ap_xla) and AP_XLA_PLAN_CACHE=0 to turn the cache off.
 """
@@ -31,15 +36,16 @@ from ap_xla import env
 from passes import search as search_pass
 from passes.evaluate import compile_plan
 from passes.program import Program
-from passes.report import SearchResult
+from passes.report import TIMEOUT, CandidateResult, OutOfMemoryError, SearchResult
 from passes.space import SearchOptions
 
 log = logging.getLogger("ap_xla")
 
 FORMAT = "ap_xla.plan_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries may hold an out-of-memory outcome
 # Settings that change which plan wins; threads, logging and progress bars do not.
-_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s")
+_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k")
+_ENTRY_MODE = 0o644  # readable like any cache file (mkstemp creates 0600)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -126,8 +132,13 @@ def entry_path(directory: str, key: str) -> str:
   return os.path.join(directory, f"plan-{key[:32]}.json")
 
 
-def read_entry(path: str, key: str) -> SearchResult | None:
-  """The cached result at `path` for `key`; None (with a warning) if absent or unusable."""
+def read_entry(path: str, key: str) -> SearchResult | OutOfMemoryError | None:
+  """The cached outcome at `path` for `key`; None (with a warning) if absent or unusable.
+
+  Returns:
+    A SearchResult (`from_cache=True`), or the OutOfMemoryError the search raised (its
+    `from_cache` attribute True; the caller raises it), or None.
+  """
   if not os.path.exists(path):
     return None
   problem = None
@@ -142,43 +153,77 @@ def read_entry(path: str, key: str) -> SearchResult | None:
     problem = _check_entry(doc, key)
   if problem is None:
     try:
-      result = SearchResult.from_json(doc["result"], from_cache=True)
+      if "result" in doc:
+        outcome = SearchResult.from_json(doc["result"], from_cache=True)
+      else:
+        oom = doc["out_of_memory"]
+        if not isinstance(oom["message"], str):
+          raise TypeError("the message is not a string")
+        outcome = OutOfMemoryError(oom["message"], [CandidateResult.from_json(c) for c in oom["candidates"]])
+        outcome.from_cache = True
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       problem = f"corrupt: the stored result is malformed ({type(e).__name__}: {e})"
   if problem is not None:
     log.warning("Ignoring the plan cache entry %s: %s. It will be replaced.", path, problem)
     return None
-  return result
+  return outcome
 
 
 def _check_entry(doc: Any, key: str) -> str | None:
   if not isinstance(doc, dict) or doc.get("format") != FORMAT:
     return "foreign: not an ap_xla plan cache entry"
-  missing = [f for f in ("version", "key", "result") if f not in doc]
+  missing = [f for f in ("version", "key") if f not in doc]
+  kinds = [f for f in ("result", "out_of_memory") if f in doc]
+  if not kinds:
+    missing.append("result")
   if missing:
     return f"corrupt: missing fields {missing}"
+  if len(kinds) > 1:
+    return "corrupt: it holds both a result and an out-of-memory outcome"
   if doc["version"] != version():
     return f"stale: written by {doc['version']!r}, this is {version()!r}"
   if doc["key"] != key:
     return f"foreign: it holds the plan for key {str(doc['key'])[:16]}..., not {key[:16]}..."
-  if not isinstance(doc["result"], dict):
-    return "corrupt: 'result' is not an object"
+  if not isinstance(doc[kinds[0]], dict):
+    return f"corrupt: {kinds[0]!r} is not an object"
   return None
 
 
-def write_entry(path: str, key: str, doc: Mapping, result: SearchResult, program: Program) -> None:
-  """Stores `result` atomically (a temporary file renamed over the entry)."""
+def write_entry(path: str, key: str, doc: Mapping, result: SearchResult | OutOfMemoryError,
+                program: Program) -> None:
+  """Stores a search's result or out-of-memory outcome atomically (a temporary file renamed over)."""
   entry = {"format": FORMAT, "version": version(), "key": key, "created": time.time(),
            "describes": {"program": repr(program), "devices": doc["devices"],
-                         "hardware": doc["hardware"]["name"], "options": doc["options"]},
-           "result": result.to_json()}
+                         "hardware": doc["hardware"]["name"], "options": doc["options"]}}
+  if isinstance(result, OutOfMemoryError):
+    entry["out_of_memory"] = {"message": str(result), "candidates": [c.to_json() for c in result.results]}
+  else:
+    entry["result"] = result.to_json()
   search_pass.write_json_atomic(path, entry)
+  try:  # after the rename: a 0600 file for a moment is harmless, a half-written one is not
+    os.chmod(path, _ENTRY_MODE)
+  except OSError as e:
+    log.debug("Could not chmod %s: %s", path, e)
+
+
+def _why_not_stored(outcome, compile_fn: Callable, cancel) -> str | None:
+  """Why an outcome must not be cached (None: store it)."""
+  if cancel is not None and cancel.is_set():
+    return "the search was cancelled"
+  if compile_fn is not compile_plan:
+    return "it came from an injected compile_fn"
+  cands = outcome.results if isinstance(outcome, OutOfMemoryError) else outcome.candidates
+  timeouts = sum(c.verdict == TIMEOUT for c in cands)
+  if timeouts:
+    return f"{timeouts} candidates timed out (the next search may compile them in time)"
+  return None
 
 
 def cached_search(program: Program, devices=None, options: SearchOptions | None = None,
                   settings: search_pass.SearchSettings | None = None, *,
                   compile_fn: Callable = compile_plan, directory: str | None = None,
-                  enabled: bool | None = None, search_fn: Callable = search_pass.search) -> SearchResult:
+                  enabled: bool | None = None, search_fn: Callable = search_pass.search,
+                  cancel=None) -> SearchResult:
   """`passes.search.search`, served from the plan cache when the same search ran before.
 
   Args:
@@ -186,9 +231,14 @@ def cached_search(program: Program, devices=None, options: SearchOptions | None 
     directory: the cache folder (default: `cache_dir()` from the environment).
     enabled: use the cache (default: `cache_enabled()` from AP_XLA_PLAN_CACHE).
     search_fn: the search to run on a miss.
+    cancel: a `threading.Event`; once set, the outcome of the search under way is not stored
+      (the caller was interrupted and will not use it).
 
   Returns:
     The SearchResult; `from_cache=True` when it was read from the cache.
+
+  Raises:
+    OutOfMemoryError: as `search` does; read from the cache too (then its `from_cache` is True).
 
   Example:
     >>> result = cached_search(program, options=SearchOptions(mixed_precision=False))
@@ -203,14 +253,26 @@ def cached_search(program: Program, devices=None, options: SearchOptions | None 
   key = fingerprint(doc)
   path = entry_path(directory or cache_dir(), key)
   hit = read_entry(path, key)
+  if isinstance(hit, OutOfMemoryError):
+    log.info("Reusing the cached outcome from %s: no candidate fits (search skipped).", path)
+    raise hit
   if hit is not None:
     log.info("Reusing the cached plan %s from %s (search skipped).", hit.plan, path)
     log.info("The final configuration is: %s", search_pass.config_line(hit.plan, hit.global_batch))
     return hit
-  result = search_fn(program, devices, options, settings, compile_fn=compile_fn)
   try:
-    write_entry(path, key, doc, result, program)
-    log.info("Stored the plan in the cache: %s", path)
-  except Exception as e:  # a cache that cannot be written must not fail a finished search
-    log.warning("Could not write the plan cache entry %s: %s: %s", path, type(e).__name__, e)
+    outcome = result = search_fn(program, devices, options, settings, compile_fn=compile_fn)
+  except OutOfMemoryError as e:
+    outcome, result = e, None
+  why_not = _why_not_stored(outcome, compile_fn, cancel)
+  if why_not:
+    log.info("Not storing this search in the plan cache: %s.", why_not)
+  else:
+    try:
+      write_entry(path, key, doc, outcome, program)
+      log.info("Stored the %s in the cache: %s", "plan" if result is not None else "out-of-memory outcome", path)
+    except Exception as e:  # a cache that cannot be written must not fail a finished search
+      log.warning("Could not write the plan cache entry %s: %s: %s", path, type(e).__name__, e)
+  if result is None:
+    raise outcome
   return result

@@ -85,7 +85,16 @@ def get_preset(name: str) -> ModelSpec:
     raise ValueError(f"Unknown model preset {name!r}; allowed: {list(PRESET_NAMES)}, or the path of a "
                      "Hugging Face config.json (model_type llama, mistral, qwen2 or gpt2).")
   family, (cfg, seq) = _PRESETS[key]
-  return ModelSpec(key, family, cfg, default_seq=min(seq, 2048))
+  note = _tied_head_note(cfg) if family == GPT2 else ""
+  return ModelSpec(key, family, cfg, default_seq=min(seq, 2048), note=note)
+
+
+def _tied_head_note(cfg: GPT2Config) -> str:
+  """GPT-2 ties lm_head to wte; our Layers program keeps 'pre' and 'post' apart, so plans hold both."""
+  extra = cfg.vocab * cfg.dim
+  return (f"the tied lm_head is planned as its own matrix: +{extra / 1e6:,.1f}M parameters "
+          f"({100 * extra / (cfg.num_params - extra):.0f}% over the model's own count), so memory is "
+          "slightly over-estimated")
 
 
 def _field(d: dict, path: str, *names, default=None, required=True, real=False):
@@ -169,8 +178,8 @@ def _gpt2_spec(d: dict, path: str) -> ModelSpec:
                    ffn=_field(d, path, "n_inner", required=False), seq=min(positions, 1024),
                    max_positions=positions, eps=float(_field(d, path, "layer_norm_epsilon", required=False,
                                                              default=1e-5, real=True)))
-  return ModelSpec(path, GPT2, cfg, default_seq=min(positions, 1024),
-                   note="the tied lm_head is planned as its own matrix")
+  note = _tied_head_note(cfg) if d.get("tie_word_embeddings", True) else ""  # HF's default is tied
+  return ModelSpec(path, GPT2, cfg, default_seq=min(positions, 1024), note=note)
 
 
 def resolve_model(model: str) -> ModelSpec:

@@ -125,6 +125,24 @@ def test_ctrl_c_during_save_lets_it_commit_then_raises(tmp_path):
   assert t.restore(d).data_position == 5
 
 
+def test_held_ctrl_c_goes_to_a_custom_handler_that_returns():
+  """A program's own SIGINT handler gets the held Ctrl-C after the save, and is given back."""
+  seen = []
+  custom = lambda signum, frame: seen.append(signum)
+  prev = signal.signal(signal.SIGINT, custom)
+  try:
+    with checkpoint._DeferredInterrupt() as held:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)  # the handler runs on the main thread between bytecodes
+      assert held.pressed == 1 and seen == []  # held while the save runs
+    assert seen == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is custom
+    with checkpoint._DeferredInterrupt():  # no Ctrl-C: the handler is simply given back
+      pass
+    assert seen == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is custom
+  finally:
+    signal.signal(signal.SIGINT, prev)
+
+
 @pytest.fixture
 def at_step_4(reference, tmp_path):
   """A trainer after step 4 whose directory holds a checkpoint of step 3."""

@@ -1,6 +1,7 @@
 """`ap-xla plan`: its table, its JSON, its errors; the `run` dispatch; the model configs it reads."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -72,8 +73,14 @@ def test_out_of_memory_exits_1_with_the_message(capsys, tmp_path):
   assert code == 1
   assert "OUT_OF_MEMORY" in err and "smallest candidate" in err
   doc = json.loads(out)
-  assert doc["error"] == "out_of_memory" and "OUT_OF_MEMORY" in doc["message"]
+  assert doc["error"] == "out_of_memory" and "OUT_OF_MEMORY" in doc["message"] and not doc["from_cache"]
   assert {c["verdict"] for c in doc["candidates"]} == {"over_budget"}
+  # the text report shows the candidates the message refers to; the outcome was cached
+  code, out, err = _plan(capsys, tmp_path, "--device-memory", "64KiB", "--distribute-parameter", "true")
+  assert code == 1 and "OUT_OF_MEMORY" in err and "no candidate fits (search skipped)" in err
+  assert "Start compilation" not in err and "quick space" not in err  # nothing narrowed: no "(the quick space: ;"
+  rows = [l for l in out.splitlines() if l[:1].isdigit()]
+  assert len(rows) == len(doc["candidates"]) and all("over_budget" in r for r in rows)
 
 
 def _write(tmp_path, name, text):
@@ -204,23 +211,116 @@ def test_llama_style_config_builds_the_transformers_model(tmp_path):
   assert abs(ours - ref) <= 1e-6 * abs(ref), (ours, ref)  # float32 rounding: ~1e-7
 
 
-def test_run_dispatches_to_the_launcher(monkeypatch, capsys):
+def test_run_dispatches_to_the_launcher(monkeypatch):
   seen = []
   monkeypatch.setitem(sys.modules, "ap_xla.launcher", types.SimpleNamespace(main=lambda a: seen.append(a) or 3))
   assert main(["run", "train.py", "--lr", "1"]) == 3 and seen == [["train.py", "--lr", "1"]]
-  monkeypatch.setitem(sys.modules, "ap_xla.launcher", None)  # as if the module did not exist
-  assert main(["run", "train.py"]) == 1
-  assert "launcher (ap_xla.launcher) is not in this installation" in capsys.readouterr().err
 
 
-def test_sixteen_devices_in_a_process_of_its_own(tmp_path):
-  env = dict(os.environ, AP_XLA_CACHE_DIR=str(tmp_path))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(tmp_path, *args, cache=None):
+  """`python -m ap_xla plan ...` in a process of its own (it sets its own device count)."""
+  env = dict(os.environ, AP_XLA_CACHE_DIR=str(cache or tmp_path))
   env.pop("XLA_FLAGS", None)
-  cmd = [sys.executable, "-m", "ap_xla", "plan", "--model", "gpt2-tiny", "--hardware", "a100", "--devices",
-         "16", "--batch", "16", "--seq", "32", "--json", "-q", *FAST, "--distribute-parameter", "false"]
-  r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
-                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return subprocess.run([sys.executable, "-m", "ap_xla", "plan", *args], capture_output=True, text=True,
+                        env=env, timeout=300, cwd=ROOT)
+
+
+def test_sixty_four_devices_in_a_process_of_its_own(tmp_path):
+  r = _cli(tmp_path, "--model", "gpt2-tiny", "--hardware", "a100", "--devices", "64", "--batch", "64", "--seq",
+           "32", "--json", "-q", *FAST, "--distribute-parameter", "false")
   assert r.returncode == 0, r.stderr[-2000:]
   doc = json.loads(r.stdout)
-  assert doc["devices"] == doc["result"]["num_devices"] == 16 and doc["plan"]["dp"] == 16
+  assert doc["devices"] == doc["result"]["num_devices"] == 64 and doc["plan"]["dp"] == 64
   assert doc["model"]["family"] == "gpt2" and "Generated" not in r.stderr  # -q: no log
+  # a batch no data-parallel size of 64 devices divides: a usage error, nothing compiled
+  r = _cli(tmp_path, "--model", "llama-tiny", "--hardware", "h100", "--devices", "64", "--batch", "3", "--seq", "32")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "can use 64 devices with a global batch of 3" in r.stderr
+  assert "batch 3 does not divide by data parallel 2" in r.stderr and "Start compilation" not in r.stderr
+
+
+def test_out_of_memory_slices_are_cached_too(tmp_path):
+  """The quick space's first slice (one micro-batch) does not fit; the second (two) does. Both
+  outcomes are stored, so the second run compiles nothing and says so honestly."""
+  args = ["--model", "llama-tiny", "--hardware", "h100", "--devices", "8", "--batch", "16", "--seq", "64",
+          "--device-memory", "9MiB", "--no-pipeline-parallel", "--tensor-parallel", "1",
+          "--activation-recomputation", "false", "--no-mixed-precision", "--distribute-parameter", "false"]
+  first, second = (_cli(tmp_path, *args) for _ in range(2))
+  assert first.returncode == second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])
+  assert "Start compilation" in first.stderr and "Stored the out-of-memory outcome" in first.stderr
+  assert "Start compilation" not in second.stderr  # nothing compiled the second time
+  assert second.stderr.count("Reusing the cached") == 2 and "no candidate fits (search skipped)" in second.stderr
+  assert "read from the plan cache (search skipped)" in second.stdout
+  chosen = lambda out: out[out.index("Chosen plan:"):]
+  assert "mb=2" in chosen(first.stdout) and chosen(first.stdout) == chosen(second.stdout)
+
+
+def test_unusable_device_count_or_batch_is_a_usage_error(capsys, tmp_path):
+  argv = TINY + FAST + ["--cache-dir", str(tmp_path)]
+  argv[argv.index("--devices") + 1] = "6"  # dp=6 is the only plan the pins allow; 16 % 6 != 0
+  assert main(argv) == 2
+  out, err = capsys.readouterr()
+  assert err.startswith("ap-xla plan: error: no parallel plan of these options can use 6 devices with a "
+                        "global batch of 16")
+  assert "batch 16 does not divide by data parallel 6" in err and "[6] divides" in err
+  assert "OUT_OF_MEMORY" not in err and "Start compilation" not in err and out == ""
+  argv[argv.index("--devices") + 1] = "8"
+  argv[argv.index("--batch") + 1] = "3"
+  assert main(argv + ["--exhaustive", "--json"]) == 2
+  out, err = capsys.readouterr()
+  doc = json.loads(out)
+  assert doc["error"] == "bad_arguments" and "batch 3 does not divide by data parallel 8" in doc["message"]
+  assert [c["verdict"] for c in doc["candidates"]] == ["skipped"] and os.listdir(tmp_path) == []
+
+
+def test_an_error_inside_the_search_is_not_a_usage_error(monkeypatch, tmp_path):
+  from ap_xla import plan_cache
+
+  def broken(*args, **kwargs):
+    raise ValueError("a bug inside the search")
+  monkeypatch.setattr(plan_cache, "cached_search", broken)
+  with pytest.raises(ValueError, match="a bug inside the search"):  # a traceback, not "bad arguments"
+    main(TINY + FAST + ["--cache-dir", str(tmp_path)])
+
+
+def test_ctrl_c_drops_the_slices_and_stores_nothing(monkeypatch, capsys, tmp_path):
+  """Four tp slices, two at a time: an interrupt returns at once; the two under way store nothing."""
+  import functools
+  import threading
+  import time
+  from ap_xla import plan_cache
+  from passes.plan import Plan
+  from passes.report import CandidateResult, SearchResult
+  started, finished, release, pressed = [], [], threading.Event(), []
+
+  def slow_search(program, devices, options, *args, **kwargs):
+    started.append(options.tensor_parallel)
+    release.wait(60)
+    plan = Plan(dp=8 // options.tensor_parallel, tp=options.tensor_parallel)
+    finished.append(options.tensor_parallel)  # a whole result, were it stored
+    return SearchResult(plan, (CandidateResult(plan, "chosen", 2**20, 1e-3),), 2**30, 2**31, "h100", 8, 16,
+                        {"total": 1.0})
+  monkeypatch.setattr(plan_cache, "cached_search", functools.partial(plan_cache.cached_search,
+                                                                     search_fn=slow_search))
+
+  def interrupt():
+    while len(started) < 2:
+      time.sleep(0.02)
+    pressed.append(time.perf_counter())
+    os.kill(os.getpid(), signal.SIGINT)
+  threading.Thread(target=interrupt, daemon=True).start()
+  argv = TINY + FAST + ["--cache-dir", str(tmp_path), "--max-threads", "2"]
+  argv[argv.index("--tensor-parallel") + 1] = "auto"
+  assert main(argv) == 130
+  assert time.perf_counter() - pressed[0] < 5  # not held up by the searches under way
+  assert "interrupted; nothing was stored" in capsys.readouterr().err
+  release.set()  # let the abandoned searches finish: they must not write their results
+  deadline = time.monotonic() + 30
+  while len(finished) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.5)  # time to write, were they to
+  assert sorted(started) == sorted(finished) and len(started) == 2  # the other two never started
+  assert os.listdir(tmp_path) == []

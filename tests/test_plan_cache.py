@@ -13,6 +13,7 @@ import pytest
 import ap_xla
 from ap_xla import plan_cache
 from passes.evaluate import compile_plan
+from passes.report import TIMEOUT, OutOfMemoryError
 from passes.search import SearchSettings, search
 from passes.space import SearchOptions
 from tests.models import mlp_program
@@ -46,12 +47,12 @@ def searched(program):
 
 
 def _run(program, tmp_path, search_fn=search, **kw):
-  compile_fn = Counting(compile_plan)
+  """A cached search with the real compile step (an injected compile_fn is never stored)."""
+  counted = Counting(search_fn)
   t0 = time.perf_counter()
   res = plan_cache.cached_search(program, None, kw.pop("options", OPTS), kw.pop("settings", SETTINGS),
-                                 compile_fn=compile_fn, directory=str(tmp_path), enabled=True,
-                                 search_fn=search_fn, **kw)
-  return res, compile_fn.calls, time.perf_counter() - t0
+                                 directory=str(tmp_path), enabled=True, search_fn=counted, **kw)
+  return res, counted.calls, time.perf_counter() - t0
 
 
 def _key(program, options=OPTS, settings=SETTINGS, devices=None):
@@ -82,6 +83,7 @@ def test_any_change_that_matters_changes_the_key(program):
   assert _key(dataclasses.replace(program, optimizer=optax.sgd(0.1))) != base  # optimizer state
   assert _key(program, options=dataclasses.replace(OPTS, distribute_parameter=True)) != base
   assert _key(program, settings=dataclasses.replace(SETTINGS, memory_ratio=50.0)) != base
+  assert _key(program, settings=dataclasses.replace(SETTINGS, measure_top_k=2)) != base  # measured choice
   assert _key(program, settings=dataclasses.replace(SETTINGS, hardware="h100", capacity_bytes=None)) != base
   assert _key(program, devices=jax.devices()[:4]) != base
   # what cannot change the result does not change the key
@@ -191,3 +193,57 @@ def test_api_search_uses_the_cache(program, tmp_path, monkeypatch):
   first = ap_xla.search(program, **kw)
   second = ap_xla.search(program, **kw)
   assert not first.from_cache and second.from_cache and second.plan == first.plan
+
+
+def test_entries_are_readable_by_others(program, tmp_path):
+  res, _, _ = _run(program, tmp_path)
+  (name,) = os.listdir(tmp_path)
+  assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644)  # not mkstemp's 0600
+
+
+def test_out_of_memory_outcome_is_cached_and_raised_again(program, searched, tmp_path, caplog):
+  rejected = tuple(dataclasses.replace(c, verdict="over_budget", reason="over budget by 1 MiB")
+                   for c in searched.candidates)
+
+  def no_fit(*a, **k):
+    raise OutOfMemoryError("OUT_OF_MEMORY: injected", rejected)
+  fake = Counting(no_fit)
+  for attempt in range(2):
+    with caplog.at_level(logging.INFO, logger="ap_xla"), pytest.raises(OutOfMemoryError) as e:
+      _run(program, tmp_path, search_fn=fake)
+    assert str(e.value) == "OUT_OF_MEMORY: injected" and e.value.results == rejected
+    assert getattr(e.value, "from_cache", False) == (attempt == 1)
+  assert fake.calls == 1 and "no candidate fits (search skipped)" in caplog.text
+  assert len(os.listdir(tmp_path)) == 1
+
+
+def _with_timeout(searched):
+  return dataclasses.replace(searched, candidates=searched.candidates[:1] + (dataclasses.replace(
+      searched.candidates[0], verdict=TIMEOUT, reason="compile exceeded the 1 s limit"),))
+
+
+@pytest.mark.parametrize("case", ["timeout", "timeout out of memory", "injected compile_fn", "cancelled"])
+def test_outcomes_that_must_not_be_stored(case, program, searched, tmp_path, caplog):
+  import threading
+  cancel, kw = threading.Event(), {}
+  if case == "timeout":
+    fake = lambda *a, **k: _with_timeout(searched)
+  elif case == "timeout out of memory":
+    def fake(*a, **k):
+      raise OutOfMemoryError("OUT_OF_MEMORY: injected", _with_timeout(searched).candidates[1:])
+  elif case == "injected compile_fn":
+    fake, kw = search, {"compile_fn": Counting(compile_plan)}
+  else:
+    def fake(*a, **k):
+      cancel.set()  # the caller was interrupted while this search ran
+      return searched
+    kw = {"cancel": cancel}
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    for _ in range(2):  # searched both times: nothing was stored
+      try:
+        res, calls, _ = _run(program, tmp_path, search_fn=fake, **kw)
+        assert not res.from_cache and calls == 1
+      except OutOfMemoryError as e:
+        assert not getattr(e, "from_cache", False)
+  assert os.listdir(tmp_path) == []
+  assert "Not storing this search in the plan cache" in caplog.text
