@@ -129,10 +129,15 @@ def estimate_step_time(stats: HloStats, plan: Plan, hw: HardwareProfile, dtype_f
   return CostEstimate(compute, comm, bubble, total, by_kind, dtype)
 
 
-def rank_key(estimate: CostEstimate | None, memory_bytes: int | None) -> tuple[float, float]:
+def rank_key(estimate: CostEstimate | float | None, memory_bytes: int | None) -> tuple[float, float]:
   """Sort key: cheaper first; estimates equal to 3 significant digits go to less memory.
+
+  Args:
+    estimate: a CostEstimate or its total in seconds; None when the candidate has none.
+    memory_bytes: its predicted per-device memory, or None.
 
   Missing values (a candidate that did not compile) sort last.
   """
-  t = float(f"{estimate.total_s:.3g}") if estimate is not None else math.inf
+  total = estimate.total_s if isinstance(estimate, CostEstimate) else estimate
+  t = float(f"{total:.3g}") if total is not None else math.inf
   return (t, float(memory_bytes) if memory_bytes is not None else math.inf)

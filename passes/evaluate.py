@@ -63,16 +63,20 @@ class Evaluator:
 
   def __call__(self, plan: Plan) -> CandidateResult:
     t0 = time.perf_counter()
+    dims = tp_dims(self.program, self.tp_rules, plan.tp)
+    # Only building, lowering and compiling the user's program for this plan can fail in a way
+    # that rejects the candidate. The analysis below is our own code: an error there is a bug
+    # of the pass and propagates (the search re-raises it) instead of posing as a compile error.
     try:
-      compiled = self.compile_fn(self.program, plan, self.devices, tp_dims(self.program, self.tp_rules, plan.tp))
-      mem = memory.memory_stats(compiled)
-      stats = hlo_stats.analyze_hlo(compiled.as_text())
-      cost = cost_model.estimate_step_time(stats, plan, self.hardware)
+      compiled = self.compile_fn(self.program, plan, self.devices, dims)
     except Exception as e:  # a failing candidate is a result, not a crash of the search
       msg = f"{type(e).__name__}: {e}".strip().splitlines()
       return CandidateResult(plan, COMPILE_ERROR, reason=" ".join(msg)[:2000],
                              compile_s=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
+    mem = memory.memory_stats(compiled)
+    stats = hlo_stats.analyze_hlo(compiled.as_text())
+    cost = cost_model.estimate_step_time(stats, plan, self.hardware)
     details = {"memory": dataclasses.asdict(mem), "cost": _cost_dict(cost), "flops": stats.flops}
     if mem.total > self.budget_bytes:
       over = mem.total - self.budget_bytes

@@ -21,7 +21,10 @@ activations and `aux` over 'stage' (every stage reads them; their gradients are 
 
 FSDP: a block weight with a non-leading dim sharded over 'data' (pass `block_specs`) is
 all-gathered once per step at the top of the manual region, outside both loops; the
-transpose of that gather is one reduce-scatter of the accumulated gradient after them. The
+transpose of that gather is one reduce-scatter of the accumulated gradient after them.
+With distribute_low_prec_param (`gather_dtype=bf16`) the gather sends bf16 and widens the
+result at once: half the bytes, while the gradient still accumulates through the loops and
+is reduce-scattered in fp32 (accumulating over M + S - 1 ticks in bf16 would lose digits). The
 stage so holds its full weights and gradient accumulators during the step (as without
 FSDP); FSDP still shards the persistent parameters, gradients and optimizer state. Gathering
 per layer inside the scan does not save memory here: the backward keeps each gathered
@@ -157,7 +160,7 @@ def _zeros_like(x):
 
 def run_stages(block_fn: Callable, blocks: PyTree, hidden: jax.Array, aux: PyTree, *,
                num_stages: int, num_micro_batches: int, mesh: Mesh,
-               block_specs: PyTree | None = None) -> jax.Array:
+               block_specs: PyTree | None = None, gather_dtype=None) -> jax.Array:
   """Runs the block stack as a GPipe pipeline; the result equals `scan_blocks`.
 
   Call inside `jax.jit`. Differentiate through it with `jax.grad`: the weight gradients are
@@ -176,6 +179,11 @@ def run_stages(block_fn: Callable, blocks: PyTree, hidden: jax.Array, aux: PyTre
       the manual region and its gradient reduce-scattered, once per step. Without them
       every leaf is taken as `P('stage')`: jit gathers FSDP leaves on entry and their
       gradient is all-reduced (still once per step) then sliced.
+    gather_dtype: gather the FSDP leaves in this narrower dtype (bf16 with
+      distribute_low_prec_param): half the all-gather bytes. The gathered weights are
+      widened back at once, so the loops and the gradient (reduce-scattered in the
+      weights' own dtype) are as without it; the block sees the same bf16 values when it
+      casts to bf16 itself. None: gather in the weights' dtype.
   Returns:
     [B, ...] the output of the last block.
 
@@ -208,13 +216,30 @@ def run_stages(block_fn: Callable, blocks: PyTree, hidden: jax.Array, aux: PyTre
   # (an LM head, the loss) is not computed S times over.
   scatter = (B // dp) % S == 0
   out_spec = P((batch_axis, STAGE) if batch_axis else STAGE) if scatter else P(batch_axis)
-  body = functools.partial(_pipeline_body, block_fn, fsdp, S, M, manual, scatter)
+  body = functools.partial(_pipeline_body, block_fn, fsdp, S, M, manual, scatter, gather_dtype)
   return jax.shard_map(body, mesh=mesh, axis_names=set(manual),
                        in_specs=(bspecs, P(batch_axis), jax.tree.map(lambda _: P(batch_axis), aux)),
                        out_specs=out_spec)(blocks, hidden, aux)
 
 
-def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, blocks, hidden, aux):
+def _gather_narrow(w, axis: int, dtype):
+  """All-gather of `w` over 'data' sent in `dtype`, returned in w's dtype; the gradient is
+  reduce-scattered in w's dtype (a bf16 reduction would also abort the CPU compiler here)."""
+  @jax.custom_vjp
+  def gather(v):
+    return lax.all_gather(v.astype(dtype), DATA, axis=axis, tiled=True).astype(v.dtype)
+
+  def fwd(v):
+    return gather(v), None
+
+  def bwd(_, ct):
+    return (lax.psum_scatter(ct, DATA, scatter_dimension=axis, tiled=True),)
+
+  gather.defvjp(fwd, bwd)
+  return gather(w)
+
+
+def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, gather_dtype, blocks, hidden, aux):
   """Per (stage, data shard): blocks [L/S, ...], hidden [B/dp, ...], aux leaves [B/dp, ...].
 
   Returns the last stage's output [B/dp, ...], or with `scatter` this stage's slice of it
@@ -223,9 +248,13 @@ def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, blocks, hidden, aux):
   s = lax.axis_index(STAGE)
   # Gathers and casts outside the loops: their transposes are the once-per-step gradient
   # reductions (reduce-scatter for FSDP leaves, psum over 'data' for the others).
-  blocks = jax.tree.map(
-      lambda w, d: w if d is None else _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w),
-      blocks, fsdp)
+  def gather(w, d):
+    if d is None:
+      return w
+    if gather_dtype is not None and jnp.finfo(gather_dtype).bits < jnp.finfo(w.dtype).bits:
+      return _gather_narrow(w, d, gather_dtype)
+    return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
+  blocks = jax.tree.map(gather, blocks, fsdp)
   blocks = jax.tree.map(lambda w: _vary(w, manual), blocks)
   split = lambda x: _vary(x.reshape((M, x.shape[0] // M) + x.shape[1:]), manual)
   xs = split(hidden)                       # [M, mb, ...]
@@ -256,7 +285,7 @@ def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, blocks, hidden, aux):
 
 def pipeline_loss(layers: Layers, block_fn: Callable, params: PyTree, batch: PyTree, *,
                   num_stages: int, num_micro_batches: int, mesh: Mesh,
-                  block_specs: PyTree | None = None) -> jax.Array:
+                  block_specs: PyTree | None = None, gather_dtype=None) -> jax.Array:
   """The program's loss with its block stack pipelined; equals `Program.loss`.
 
   Args:
@@ -264,7 +293,7 @@ def pipeline_loss(layers: Layers, block_fn: Callable, params: PyTree, batch: PyT
     block_fn: the block to run (e.g. `layers.block` wrapped in `jax.checkpoint`).
     params: `{'pre', 'blocks', 'post'}`, 'blocks' placed by `stage_param_specs`.
     batch: the batch, leading dim over 'data'.
-    num_stages, num_micro_batches, mesh, block_specs: as in `run_stages`.
+    num_stages, num_micro_batches, mesh, block_specs, gather_dtype: as in `run_stages`.
   Returns:
     The scalar loss; `post` runs once on the whole batch.
 
@@ -275,5 +304,6 @@ def pipeline_loss(layers: Layers, block_fn: Callable, params: PyTree, batch: PyT
   """
   hidden, aux = layers.pre(params[PRE], batch)
   hidden = run_stages(block_fn, params[BLOCKS], hidden, aux, num_stages=num_stages,
-                      num_micro_batches=num_micro_batches, mesh=mesh, block_specs=block_specs)
+                      num_micro_batches=num_micro_batches, mesh=mesh, block_specs=block_specs,
+                      gather_dtype=gather_dtype)
   return layers.post(params[POST], hidden, aux, batch)

@@ -9,6 +9,7 @@ STAGE, DATA, TENSOR = "stage", "data", "tensor"
 MESH_AXES = (STAGE, DATA, TENSOR)
 
 RECOMPUTE_POLICIES = ("none", "full", "dots")
+SCHEDULES = ("gpipe",)  # pipeline schedules the step builder implements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,12 @@ class Plan:
         raise ValueError(f"Plan.{f} must be a positive int, got {v!r}.")
     if self.recompute not in RECOMPUTE_POLICIES:
       raise ValueError(f"Plan.recompute must be one of {RECOMPUTE_POLICIES}, got {self.recompute!r}.")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"Plan.schedule must be one of {SCHEDULES}, got {self.schedule!r}; "
+                       "GPipe (fill and drain) is the only schedule built.")
+    for f in ("fsdp", "low_prec", "bf16"):
+      if not isinstance(getattr(self, f), bool):
+        raise TypeError(f"Plan.{f} must be True or False, got {getattr(self, f)!r}.")
 
   @property
   def num_devices(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from passes.cost_model import rank_key
 from passes.plan import Plan
 
 # Verdicts, best first: the order the report lists them in.
@@ -67,10 +68,14 @@ class CandidateResult:
 
 
 def rank(results) -> list[CandidateResult]:
-  """Feasible candidates cheapest first (ties: less memory), then the rejected ones."""
+  """Feasible candidates cheapest first, then the rejected ones, by verdict.
+
+  Estimates equal to 3 significant digits are a tie and go to less memory
+  (`cost_model.rank_key`): the cost model is not finer than that. Exact ties left keep the
+  input order (the sort is stable).
+  """
   def key(r: CandidateResult):
-    return (_ORDER[r.verdict], r.est_time_s if r.est_time_s is not None else float("inf"),
-            r.memory_bytes if r.memory_bytes is not None else float("inf"))
+    return (_ORDER[r.verdict],) + rank_key(r.est_time_s, r.memory_bytes)
   return sorted(results, key=key)
 
 
@@ -138,6 +143,18 @@ class SearchResult:
 
 class OutOfMemoryError(RuntimeError):
   """No candidate fits in device memory (MoAI's OUT_OF_MEMORY)."""
+
+  def __init__(self, message: str, results=()):
+    super().__init__(message)
+    self.results = tuple(results)
+
+
+class NoCandidateError(ValueError):
+  """The options leave nothing to compile for this program, device count and batch.
+
+  A ValueError (bad input, not a memory shortage); `results` holds the skipped candidates
+  with their reasons.
+  """
 
   def __init__(self, message: str, results=()):
     super().__init__(message)

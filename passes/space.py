@@ -99,7 +99,8 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
     (plans, skipped): plans to compile, in a deterministic order; skipped plans with reasons.
 
   Raises:
-    ValueError: a pinned value can never be satisfied (names the option and the rule).
+    ValueError: a pinned value can never be satisfied (names the option and the rule). A pinned
+      tensor_parallel that `tp_ok` refuses is only left out here (see `check_pinned_tp`).
   """
   o = options
   _check_pins(num_devices, batch_size, num_blocks, o)
@@ -121,11 +122,16 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
         skipped.append(Skipped(base, why))
         continue
       mbs = [o.num_micro_batches] if o.num_micro_batches != AUTO else list(AUTO_MICRO_BATCHES)
+      if o.num_micro_batches == AUTO:
+        # One record per mesh for the auto counts the batch cannot split into (not one per count).
+        if bad := [mb for mb in mbs if batch_size % (dp * mb)]:
+          skipped.append(Skipped(dataclasses.replace(base, mb=bad[0]), f"batch {batch_size} does not "
+                                 f"divide by dp*mb for dp={dp} and auto micro-batch counts {bad}"))
+          mbs = [mb for mb in mbs if mb not in bad]
       for mb in mbs:
         plan0 = dataclasses.replace(base, mb=mb)
         if batch_size % (dp * mb):
-          if o.num_micro_batches != AUTO:
-            skipped.append(Skipped(plan0, f"batch {batch_size} does not divide by dp*mb = {dp}*{mb}"))
+          skipped.append(Skipped(plan0, f"batch {batch_size} does not divide by dp*mb = {dp}*{mb}"))
           continue
         if pp > 1 and mb < pp and o.num_micro_batches == AUTO:
           skipped.append(Skipped(plan0, f"{mb} micro-batches < {pp} stages: a larger bubble than "
@@ -152,6 +158,19 @@ def _variants(plan: Plan, num_blocks: int, o: SearchOptions):
       yield dataclasses.replace(plan, recompute=recompute, fsdp=fsdp, low_prec=low, bf16=o.mixed_precision)
 
 
+def check_pinned_tp(num_devices: int, options: SearchOptions, tp_ok) -> None:
+  """Raises ValueError when the user pinned a tensor_parallel degree the program cannot use.
+
+  Not part of `enumerate_plans`: callers that pin tp themselves to slice the space (the
+  CLI's quick search) expect such a slice to come back empty, with its reason, not to fail.
+  """
+  tp = options.tensor_parallel
+  if tp != AUTO and tp > 1 and not num_devices % tp and (why := tp_ok(tp)):
+    usable = [t for t in divisors(num_devices) if t == 1 or not tp_ok(t)]
+    raise ValueError(f"tensor_parallel={tp} cannot be used by this program: {why}; allowed: {usable} "
+                     "or 'auto'.")
+
+
 def _check_pins(num_devices, batch_size, num_blocks, o: SearchOptions):
   if o.num_stages != AUTO and o.num_stages > 1:
     if not num_blocks:
@@ -163,6 +182,11 @@ def _check_pins(num_devices, batch_size, num_blocks, o: SearchOptions):
     if o.num_stages > num_blocks:
       raise ValueError(f"num_stages={o.num_stages} exceeds the number of blocks {num_blocks}; "
                        f"use at most {num_blocks} stages.")
+    if num_blocks % o.num_stages:
+      ok = [d for d in divisors(num_devices) if num_blocks % d == 0]
+      raise ValueError(f"num_stages={o.num_stages} does not divide the {num_blocks} blocks (stages hold "
+                       f"equal chunks of blocks); allowed: {ok} (dividing both {num_blocks} blocks and "
+                       f"{num_devices} devices) or 'auto'.")
   if o.tensor_parallel != AUTO and num_devices % o.tensor_parallel:
     raise ValueError(f"tensor_parallel={o.tensor_parallel} does not divide the device count "
                      f"{num_devices}; allowed: {divisors(num_devices)}.")
@@ -172,3 +196,31 @@ def _check_pins(num_devices, batch_size, num_blocks, o: SearchOptions):
   if o.activation_recomputation not in (AUTO, False, "none") and not num_blocks:
     raise ValueError(f"activation_recomputation={o.activation_recomputation!r} recomputes per block, "
                      "but this program has no block stack (Layers); use 'auto' or False.")
+
+
+def no_candidate_message(num_devices: int, batch_size: int, skipped, pinned: dict | None = None) -> str:
+  """Why no plan is left to compile: the distinct skip reasons, each with an example plan, and a hint.
+
+  Args:
+    num_devices, batch_size: what the plans were enumerated for.
+    skipped: the `Skipped` records (or CandidateResults) of every left-out plan.
+    pinned: the options the user fixed ({name: value}); the hint offers to un-pin them.
+  """
+  by_reason: dict[str, list] = {}
+  for sk in skipped:
+    by_reason.setdefault(sk.reason, []).append(sk.plan)
+  lines = [f"no parallelization candidate is left to compile for {num_devices} devices and a global "
+           f"batch of {batch_size}: all {len(skipped)} candidates were left out:"]
+  for i, (reason, plans) in enumerate(by_reason.items()):
+    if i == 12:
+      lines.append(f"  ... and {len(by_reason) - i} more reasons")
+      break
+    more = f" and {len(plans) - 1} more" if len(plans) > 1 else ""
+    lines.append(f"  - {reason} ({plans[0]}{more})")
+  dps = sorted({sk.plan.dp for sk in skipped if sk.reason.startswith("batch ")})
+  hint = f"a global batch that a data-parallel size in {dps} divides (with the micro-batches), or " if dps else ""
+  unpin = ""
+  if pinned:
+    unpin = "; or un-pin " + ", ".join(f"{k}={v!r}" for k, v in pinned.items()) + " (set to 'auto')"
+  lines.append(f"  Use {hint}another device count{unpin}.")
+  return "\n".join(lines)

@@ -101,7 +101,8 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
     if plan.pp > 1:
       from passes import pipeline
       h = pipeline.run_stages(block_fn, params[BLOCKS], h, aux, num_stages=plan.pp,
-                              num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS])
+                              num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS],
+                              gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None)
     else:
       h = scan_blocks(block_fn, params[BLOCKS], h, aux)
     return layers.post(prepare(params[POST], pspecs[POST]), h, aux, batch).astype(jnp.float32)
@@ -110,9 +111,15 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
 
 
 def _split_micro_batches(batch, mb: int):
-  """[B, ...] -> [mb, B/mb, ...], keeping the data sharding on the per-micro-batch dim."""
+  """[B, ...] -> [mb, B/mb, ...], keeping the data sharding on the per-micro-batch dim.
+
+  Micro-batch j takes rows j, j + mb, j + 2mb, ...: reshaping to [B/mb, mb] and swapping
+  keeps each device's contiguous rows on it (no data moves), where [mb, B/mb] directly
+  would spread the data shards over the micro-batch dim and reshard. The gradient is a sum
+  over micro-batches, so which rows share one does not change it.
+  """
   def split(x):
-    y = x.reshape((mb, x.shape[0] // mb) + x.shape[1:])
+    y = jnp.swapaxes(x.reshape((x.shape[0] // mb, mb) + x.shape[1:]), 0, 1)
     return jax.lax.with_sharding_constraint(y, P(None, DATA, *([None] * (x.ndim - 1))))
   return jax.tree.map(split, batch)
 
@@ -130,7 +137,12 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
       l, g = vg(params, batch)
       return l, constrain(g)
     return loss_and_grad
+  if plan.dp > 1 and not plan.fsdp:
+    return _accumulate_per_data_shard(vg, plan, pspecs, mesh)
 
+  # FSDP (or no data axis): gradients accumulate in their sharded layout, so each micro-batch's
+  # are reduce-scattered over 'data' as the backward makes them (per layer, per micro-batch):
+  # ZeRO-3's trade, which keeps the accumulator sharded instead of holding a full local copy.
   def accumulated(params, batch):
     micro = _split_micro_batches(batch, plan.mb)
     zeros = constrain(jax.tree.map(jnp.zeros_like, params))
@@ -142,6 +154,50 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
 
     (tot, acc), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
     return tot / plan.mb, jax.tree.map(lambda g: g / plan.mb, acc)
+
+  return accumulated
+
+
+def _accumulate_per_data_shard(vg: Callable, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
+  """Gradient accumulation with replicated weights: one all-reduce over 'data' per step.
+
+  Under GSPMD the weight gradients of each micro-batch come out replicated, i.e. all-reduced
+  over 'data' inside the micro-batch loop (and inside the layer loop: mb x L reductions).
+  Here the loop runs in a partial-manual `shard_map` over 'data' ('tensor' stays automatic):
+  each data shard takes the loss and gradient of its own slice of each micro-batch, at the
+  weights made 'data'-varying once, accumulates them locally, and one psum after the loop
+  sums the shards. The loss is a mean over the batch (`Layers.post`, `Program.loss_fn`) and
+  the slices are equal, so the mean of the mb x dp slice means is the global mean, as the
+  mean of the mb micro-batch means already is.
+  """
+  mb, dp = plan.mb, plan.dp
+
+  def region(params, batch):  # params: replicated over 'data'; batch: this shard's [B/dp, ...]
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // mb, mb) + x.shape[1:]), 0, 1),
+                         batch)  # [mb, B/(dp mb), ...]
+    local = jax.tree.map(lambda w: jax.lax.pcast(w, (DATA,), to="varying"), params)
+
+    def body(carry, mbatch):
+      tot, acc = carry
+      l, g = vg(local, mbatch)
+      return (tot + l, jax.tree.map(jnp.add, acc, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, local)
+    tot0 = jax.lax.pcast(jnp.zeros((), jnp.float32), (DATA,), to="varying")
+    (tot, acc), _ = jax.lax.scan(body, (tot0, zeros), micro)
+    # After both loops: the one reduction of the step (sums of dp x mb slice means). In fp32:
+    # the CPU compiler aborts on a bf16 reduction inside a partial-manual shard_map.
+    def mean(g):
+      return (jax.lax.psum(g.astype(jnp.promote_types(g.dtype, jnp.float32)), DATA) / (dp * mb)).astype(g.dtype)
+    return mean(tot), jax.tree.map(mean, acc)
+
+  def accumulated(params, batch):
+    replicated = jax.tree.map(lambda _: P(), params)
+    run = jax.shard_map(region, mesh=mesh, axis_names={DATA},
+                        in_specs=(replicated, jax.tree.map(lambda _: P(DATA), batch)),
+                        out_specs=(P(), replicated))
+    l, g = run(params, batch)
+    return l, jax.lax.with_sharding_constraint(g, pspecs)
 
   return accumulated
 

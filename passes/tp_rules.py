@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from passes.plan import TENSOR
 
 PyTree = Any
-log = logging.getLogger(__name__)
+log = logging.getLogger("ap_xla")
 
 # Calls whose sub-jaxpr takes exactly the call's operands: traced through as if inlined.
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",

@@ -50,3 +50,14 @@ def assert_tree_close(actual, expected, rtol, what=""):
     scale = max(np.max(np.abs(e)), 1e-12)
     err = np.max(np.abs(a - e)) / scale
     assert err <= rtol, f"{what}{path}: relative error {err:.3g} > {rtol}"
+
+
+def data_reductions(compiled, mesh):
+  """(kind, runs per step) of the all-reduces / reduce-scatters over the mesh's 'data' groups."""
+  from passes.hlo_stats import analyze_hlo
+  ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)  # partition ids in mesh order
+  d = mesh.axis_names.index("data")
+  groups = {tuple(sorted(g)) for g in np.moveaxis(ids, d, -1).reshape(-1, mesh.shape["data"]).tolist()}
+  stats = analyze_hlo(compiled.as_text())
+  return [(c.kind, c.count) for c in stats.collectives
+          if c.kind in ("all-reduce", "reduce-scatter") and {tuple(sorted(g)) for g in c.groups} == groups]

@@ -124,3 +124,55 @@ def test_real_program_data_parallel_vs_replicated():
   grad_bytes = 64 * 64 * 4
   assert dp.comm_s >= 2 * 7 / 8 * grad_bytes / h100.link_bandwidth + 14 * h100.link_latency
   assert math.isclose(dp.total_s, dp.compute_s + dp.comm_s)
+
+
+def test_rank_ties_within_three_digits_go_to_less_memory():
+  from passes.report import FEASIBLE, OVER_BUDGET, CandidateResult, rank
+  fast_big = CandidateResult(Plan(dp=8), FEASIBLE, memory_bytes=900, est_time_s=1.0001e-3)
+  tie_small = CandidateResult(Plan(dp=4, tp=2), FEASIBLE, memory_bytes=500, est_time_s=1.0004e-3)
+  slower = CandidateResult(Plan(dp=2, tp=4), FEASIBLE, memory_bytes=100, est_time_s=1.01e-3)
+  over = CandidateResult(Plan(dp=1, tp=8), OVER_BUDGET, memory_bytes=50, est_time_s=1e-4)
+  assert [r.plan for r in rank([over, slower, fast_big, tie_small])] == [
+      tie_small.plan, fast_big.plan, slower.plan, over.plan]
+
+
+def _llama_stats(layers: int, plan: Plan):
+  """HloStats of a tiny Llama's compiled training step under `plan` (dp = tp = 1)."""
+  from ap_xla.models.llama import LlamaConfig, llama_program
+  from passes.evaluate import compile_plan
+  cfg = LlamaConfig(vocab=64, dim=32, layers=layers, heads=4, ffn=64, seq=16)
+  prog = llama_program(cfg, batch=4, abstract=True)  # shapes only: nothing is initialized
+  return analyze_hlo(compile_plan(prog, plan, jax.devices(), None).as_text())
+
+
+def test_pipelined_llama_cost_includes_the_bubble_and_the_stage_transfers():
+  """GPipe on S stages with M micro-batches, from the real compiled HLO.
+
+  Each stage runs its L/S blocks on every one of the M + S - 1 ticks, on a micro-batch of
+  B/M examples (idle ticks compute on filler), so its block FLOPs are (M + S - 1)/M x those
+  of the unpipelined step of L/S blocks on B examples: the same per-stage work plus the
+  bubble. Depth differences cancel pre, post and the optimizer: blocks 4 -> 8 on 2 stages
+  against 2 -> 4 unpipelined. Each tick passes one micro-batch's activations [B/M, T, D] to
+  the next stage, and the backward passes their gradients back: 2 (M + S - 1) permutes.
+  """
+  S, M, B, T, D = 2, 2, 4, 16, 32
+  piped = Plan(pp=S, mb=M)
+  a, b = _llama_stats(2, Plan()), _llama_stats(4, Plan())
+  c, d = _llama_stats(4, piped), _llama_stats(8, piped)
+  assert d.flops - c.flops == (M + S - 1) / M * (b.flops - a.flops)
+
+  permutes = [x for x in c.collectives if x.kind == "collective-permute"]
+  assert sum(x.count for x in permutes) == 2 * (M + S - 1)
+  assert {x.bytes for x in permutes} == {B // M * T * D * 4}  # f32 activations of one micro-batch
+  assert {g for x in permutes for g in x.groups} == {(0, 1), (1, 0)}  # stage to stage, both ways
+
+  est, est_d = estimate_step_time(c, piped, HW), estimate_step_time(d, piped, HW)
+  flat_a, flat_b = estimate_step_time(a, Plan(), HW), estimate_step_time(b, Plan(), HW)
+  # the bubble ticks are in the compute time (and reported, not added again) ...
+  assert est.compute_s == pytest.approx(c.flops / HW.peak("f32"))
+  assert est_d.compute_s - est.compute_s == pytest.approx((M + S - 1) / M * (flat_b.compute_s - flat_a.compute_s))
+  assert est.bubble_fraction == pytest.approx((S - 1) / (M + S - 1))
+  # ... and the stage-to-stage transfers in the communication time
+  one = collective_time(Collective("collective-permute", B // M * T * D * 4, 2, groups=((0, 1),)), HW)
+  assert est.comm_by_kind["collective-permute"] == pytest.approx(2 * (M + S - 1) * one)
+  assert est.total_s == pytest.approx(est.compute_s + est.comm_s) and est.comm_s >= 2 * (M + S - 1) * one

@@ -8,7 +8,7 @@ import pytest
 
 from ap_xla import env
 from passes.evaluate import compile_plan
-from passes.report import CHOSEN, COMPILE_ERROR, FEASIBLE, PRUNED, TIMEOUT
+from passes.report import CHOSEN, COMPILE_ERROR, FEASIBLE, PRUNED, SKIPPED, TIMEOUT
 from passes.search import SearchSettings, search
 from passes.space import SearchOptions
 from tests.models import mlp_program
@@ -69,10 +69,10 @@ def test_crash_and_timeout_are_rejections_with_reasons_and_a_plan_is_still_chose
   elapsed = time.perf_counter() - t0
   by_plan = {c.plan: c for c in res.candidates}
 
-  crashed = [c for c in res.candidates if c.plan.tp == 4 and c.verdict != PRUNED]
+  crashed = [c for c in res.candidates if c.plan.tp == 4 and c.verdict not in (PRUNED, SKIPPED)]
   assert crashed and all(c.verdict == COMPILE_ERROR and "RuntimeError: injected XLA crash" in c.reason
                          for c in crashed)
-  slow = [c for c in res.candidates if c.plan.tp == 8 and c.verdict != PRUNED]
+  slow = [c for c in res.candidates if c.plan.tp == 8 and c.verdict not in (PRUNED, SKIPPED)]
   assert slow and all(c.verdict == TIMEOUT and c.reason == "compile exceeded the 0.5 s limit" for c in slow)
   assert all(0.5 < c.compile_s < SLOW_S for c in slow)
   # their memory-saving siblings are not compiled, and say why
@@ -129,8 +129,11 @@ def test_ctrl_c_signal_during_search_propagates_and_leaves_no_dump(program, real
 
 def test_interrupt_while_writing_the_plan_cache_leaves_no_partial_entry(program, real_compile, tmp_path,
                                                                         monkeypatch):
+  import json
   from ap_xla import plan_cache
   from passes import search as search_mod
+  # The cache stores only results of the real compile step; the memoized one stands for it here.
+  monkeypatch.setattr(plan_cache, "compile_plan", real_compile)
   settings = SearchSettings(capacity_bytes=2**30, progress=False)
   with pytest.raises(KeyboardInterrupt):  # during the search: nothing is written
     plan_cache.cached_search(program, options=OPTS, settings=settings, directory=str(tmp_path),
@@ -140,11 +143,12 @@ def test_interrupt_while_writing_the_plan_cache_leaves_no_partial_entry(program,
   def half_written(obj, f, **kwargs):  # Ctrl-C halfway through writing the entry
     f.write('{"format": "ap_xla.plan_cache", "result": {"pl')
     raise KeyboardInterrupt
+  real_dump = json.dump
   monkeypatch.setattr(search_mod.json, "dump", half_written)
   with pytest.raises(KeyboardInterrupt):
     plan_cache.cached_search(program, options=OPTS, settings=settings, directory=str(tmp_path),
                              enabled=True, compile_fn=real_compile)
-  monkeypatch.undo()
+  monkeypatch.setattr(search_mod.json, "dump", real_dump)
   assert _no_files_left(tmp_path) == []
   # and the next search writes a whole entry that the one after it reads back
   first = plan_cache.cached_search(program, options=OPTS, settings=settings, directory=str(tmp_path),
@@ -152,3 +156,16 @@ def test_interrupt_while_writing_the_plan_cache_leaves_no_partial_entry(program,
   again = plan_cache.cached_search(program, options=OPTS, settings=settings, directory=str(tmp_path),
                                    enabled=True, compile_fn=real_compile)
   assert not first.from_cache and again.from_cache and again.plan == first.plan
+
+
+def test_a_bug_in_our_own_analysis_is_raised_not_recorded_as_a_compile_error(program, real_compile,
+                                                                            monkeypatch):
+  """Only compiling the user's program rejects a candidate; memory and HLO analysis are ours."""
+  from passes import evaluate
+
+  def broken(text):
+    raise ZeroDivisionError("bug in the HLO analysis")
+  monkeypatch.setattr(evaluate.hlo_stats, "analyze_hlo", broken)
+  with pytest.raises(ZeroDivisionError, match="bug in the HLO analysis"):
+    search(program, options=OPTS, settings=SearchSettings(capacity_bytes=2**30, progress=False),
+           compile_fn=real_compile)

@@ -2,7 +2,7 @@
 import pytest
 
 from passes.plan import Plan
-from passes.space import SearchOptions, enumerate_plans
+from passes.space import SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
 
 
 def test_defaults_enumerate_every_factorization():
@@ -58,10 +58,43 @@ def test_tp_and_pipeline_checks_are_consulted():
     (dict(num_stages=8), "exceeds the number of blocks 4"),
     (dict(num_micro_batches=3), "num_micro_batches=3 does not divide the global batch 16"),
     (dict(tensor_parallel=3), "tensor_parallel=3 does not divide"),
+    (dict(num_stages=4), r"num_stages=4 does not divide the 6 blocks .*allowed: \[1, 2\]"),
 ])
 def test_unsatisfiable_pins_are_errors(kwargs, match):
+  blocks = 6 if kwargs.get("num_stages") == 4 else 4
   with pytest.raises(ValueError, match=match):
-    enumerate_plans(8, 16, 4, SearchOptions(**kwargs))
+    enumerate_plans(8, 16, blocks, SearchOptions(**kwargs))
+
+
+def test_pinned_tensor_parallel_the_program_cannot_use_is_an_error():
+  tp_ok = lambda tp: None if tp <= 2 else f"no tensor-parallel group of the program divides by tp={tp}"
+  with pytest.raises(ValueError, match=r"tensor_parallel=4 cannot be used by this program: no tensor-"
+                                       r"parallel group .* tp=4; allowed: \[1, 2\] or 'auto'"):
+    check_pinned_tp(8, SearchOptions(tensor_parallel=4), tp_ok)
+  check_pinned_tp(8, SearchOptions(tensor_parallel=2), tp_ok)
+  check_pinned_tp(8, SearchOptions(), tp_ok)
+  # enumerate_plans itself leaves such a slice empty with the reason (the CLI slices by tp)
+  plans, skipped = enumerate_plans(8, 16, 4, SearchOptions(tensor_parallel=4), tp_ok=tp_ok)
+  assert not plans and skipped and all("tp=4" in s.reason for s in skipped)
+
+
+def test_auto_micro_batch_counts_the_batch_cannot_split_into_are_recorded():
+  plans, skipped = enumerate_plans(8, 16, 0, SearchOptions(mixed_precision=False, tensor_parallel=1))
+  assert {p.mb for p in plans} == {1, 2}  # dp=8: 16 examples split into at most 2 micro-batches
+  (why,) = [s for s in skipped if s.plan.dp == 8]
+  assert why.plan.mb == 4 and why.reason == ("batch 16 does not divide by dp*mb for dp=8 and auto "
+                                             "micro-batch counts [4, 8, 16]")
+
+
+def test_no_candidate_message_lists_each_reason_once_with_a_hint():
+  plans, skipped = enumerate_plans(4, 3, 0, SearchOptions(mixed_precision=False, tensor_parallel=1,
+                                                          num_micro_batches=1))
+  assert plans == [] and len(skipped) == 1
+  msg = no_candidate_message(4, 3, skipped + skipped, {"tensor_parallel": 1})
+  assert msg.startswith("no parallelization candidate is left to compile for 4 devices and a global batch of 3")
+  assert msg.count("batch 3 does not divide by data parallel 4") == 1 and "and 1 more)" in msg
+  assert msg.endswith("Use a global batch that a data-parallel size in [4] divides (with the micro-batches), "
+                      "or another device count; or un-pin tensor_parallel=1 (set to 'auto').")
 
 
 def test_stages_without_blocks_is_an_error():
@@ -92,6 +125,10 @@ def test_plan_repr_reads_like_the_log():
   assert Plan.from_dict(Plan(dp=4, bf16=True).to_dict()) == Plan(dp=4, bf16=True)
   with pytest.raises(ValueError, match="Plan.mb must be a positive int"):
     Plan(mb=0)
+  with pytest.raises(ValueError, match=r"Plan.schedule must be one of \('gpipe',\), got '1f1b'"):
+    Plan(pp=2, schedule="1f1b")
+  with pytest.raises(TypeError, match="Plan.fsdp must be True or False, got 1"):
+    Plan(fsdp=1)
 
 
 def test_fewer_micro_batches_than_stages_is_left_out_unless_pinned():
