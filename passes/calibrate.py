@@ -20,6 +20,7 @@ A calibrated profile is saved as JSON (`hardware.save_profile`) and read back va
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -126,8 +127,7 @@ def _matmul_samples(mesh: Mesh, sizes: Sequence[int], dtypes: Sequence[str], rep
       # [devices, n, n]: every device multiplies its own [n, n] block by itself.
       x = jax.device_put(jnp.full((n_dev, n, n), 1.0 / n, dt), NamedSharding(mesh, spec))
       fn = _per_device(mesh, lambda a: jnp.einsum("dij,djk->dik", a, a), spec)
-      out.append(Sample(f"matmul-{dtype}", n, 1, _median_time(lambda: fn(x), reps)))
-      del x
+      out.append(Sample(f"matmul-{dtype}", n, 1, _median_time(functools.partial(fn, x), reps)))
   return out
 
 

@@ -22,13 +22,13 @@ from passes import hardware as hw_lib
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
 from passes.plan import Plan
 from passes.program import Program
-from passes.report import (CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, SKIPPED, TIMEOUT, CandidateResult,
-                           OutOfMemoryError, SearchResult, out_of_memory_message, rank)
-from passes.space import AUTO, SearchOptions, enumerate_plans
+from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult,
+                           NoCandidateError, OutOfMemoryError, SearchResult, out_of_memory_message, rank)
+from passes.staging import staged_evaluate
+from passes.space import AUTO, SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
 
 log = logging.getLogger("ap_xla")
 
-_RECOMPUTE_COST = {"none": 0, "dots": 1, "full": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,41 @@ class SearchSettings:
   progress: bool | None = None
   measure_top_k: int = 0
 
+  def __post_init__(self):
+    # The same ranges as the environment reader (ap_xla/env.py), for values passed in code.
+    def bad(name, allowed, fix=""):
+      return ValueError(f"SearchSettings.{name}={getattr(self, name)!r} is not valid: expected {allowed}."
+                        + (f" {fix}" if fix else ""))
+    def is_int(v):
+      return isinstance(v, int) and not isinstance(v, bool)
+    def is_num(v):
+      return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    if not is_num(self.memory_ratio) or not 0 < self.memory_ratio <= 100:
+      raise bad("memory_ratio", "a number in (0, 100] (percent of device memory)", "The default is 80.")
+    if not is_int(self.max_threads) or self.max_threads < 1:
+      raise bad("max_threads", "an integer >= 1")
+    if not is_int(self.detailed_log) or self.detailed_log not in (0, 1, 2):
+      raise bad("detailed_log", "0 (summary), 1 (per-candidate lines) or 2 (also write dump_path)")
+    if not isinstance(self.dump_path, str) or not self.dump_path:
+      raise bad("dump_path", "a non-empty file path")
+    if self.capacity_bytes is not None and (not is_int(self.capacity_bytes) or self.capacity_bytes <= 0):
+      raise bad("capacity_bytes", "a positive int (bytes per device) or None",
+                "For a size such as '256MiB' use passes.hardware.parse_bytes.")
+    if self.compile_timeout_s is not None and (not is_num(self.compile_timeout_s) or self.compile_timeout_s <= 0):
+      raise bad("compile_timeout_s", "a positive number of seconds or None (no limit)")
+    if self.progress is not None and not isinstance(self.progress, bool):
+      raise bad("progress", "True, False or None (when stderr is a terminal)")
+    if not is_int(self.measure_top_k) or self.measure_top_k < 0:
+      raise bad("measure_top_k", "an integer >= 0 (0: choose by estimate only)")
+    hw = self.hardware
+    if isinstance(hw, str):
+      if hw.strip().lower() not in hw_lib.PROFILE_NAMES:
+        raise bad("hardware", f"None (detect), a HardwareProfile or one of {list(hw_lib.PROFILE_NAMES)}",
+                  "For a JSON profile use passes.hardware.load_profile.")
+    elif hw is not None and not isinstance(hw, hw_lib.HardwareProfile):
+      raise TypeError(f"SearchSettings.hardware must be None (detect), a profile name or a HardwareProfile, "
+                      f"got {hw!r} ({type(hw).__name__}).")
+
 
 def resolve_hardware(settings: SearchSettings, devices) -> tuple[hw_lib.HardwareProfile, int]:
   """The hardware profile and the per-device capacity the budget is taken from."""
@@ -67,19 +102,6 @@ def resolve_hardware(settings: SearchSettings, devices) -> tuple[hw_lib.Hardware
     hw = hw_lib.get_profile(hw)
   capacity = settings.capacity_bytes or hw_lib.device_memory_bytes(devices[0]) or hw.memory_bytes
   return hw, int(capacity)
-
-
-def _family(plan: Plan) -> tuple:
-  """Plans that differ only in memory-saving knobs whose cost only grows (pp == 1: mb, recompute)."""
-  d = dataclasses.asdict(plan)
-  d.pop("recompute")
-  if plan.pp == 1:
-    d.pop("mb")
-  return tuple(sorted(d.items()))
-
-
-def _saving_order(plan: Plan) -> tuple:
-  return (_RECOMPUTE_COST[plan.recompute], plan.mb)
 
 
 def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSettings) -> list[CandidateResult]:
@@ -150,47 +172,6 @@ def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSett
   return [results[p] for p in plans]
 
 
-def _persistent_bytes(r: CandidateResult) -> int:
-  """Argument + output - alias: what a plan holds whatever its temporaries (0 if unknown)."""
-  m = r.details.get("memory") or {}
-  return m.get("argument", 0) + m.get("output", 0) - m.get("alias", 0)
-
-
-def _staged_evaluate(plans: list[Plan], evaluate: Callable, settings: SearchSettings,
-                     budget: int) -> list[CandidateResult]:
-  """Compiles the cheapest variant of each family first; memory-saving variants only where needed.
-
-  More micro-batches (without a pipeline) and more recomputation never make a step faster,
-  so when the cheapest variant of a family fits, its costlier siblings are recorded as pruned.
-  """
-  families: dict[tuple, list[Plan]] = {}
-  for p in plans:
-    families.setdefault(_family(p), []).append(p)
-  for fam in families.values():
-    fam.sort(key=_saving_order)
-  first = [fam[0] for fam in families.values()]
-  results = {r.plan: r for r in _compile_all(first, evaluate, settings)}
-  second, pruned = [], []
-  for fam in families.values():
-    head = results[fam[0]]
-    persistent = _persistent_bytes(head)
-    if head.verdict == OVER_BUDGET and persistent > budget:
-      why = (f"{fam[0]} needs {persistent / 2**20:.1f} MiB for parameters, optimizer state and "
-             "batch alone, over the budget; recomputation and micro-batches only shrink temporaries")
-      pruned.extend(CandidateResult(p, PRUNED, reason=why) for p in fam[1:])
-    elif head.verdict == OVER_BUDGET:
-      second.extend(fam[1:])
-    else:
-      why = (f"{fam[0]} fits with less recomputation and fewer micro-batches" if head.verdict == FEASIBLE
-             else f"cheapest variant {fam[0]} failed: {head.verdict}")
-      pruned.extend(CandidateResult(p, PRUNED, reason=why) for p in fam[1:])
-  if second:
-    log.info("%d candidates over budget; compiling %d memory-saving variants (recomputation, "
-             "micro-batches).", sum(r.verdict == OVER_BUDGET for r in results.values()), len(second))
-  results.update({r.plan: r for r in _compile_all(second, evaluate, settings)})
-  return list(results.values()) + pruned
-
-
 def _pinned(options: SearchOptions) -> dict:
   pins = {}
   for f in ("num_stages", "num_micro_batches", "distribute_parameter", "tensor_parallel",
@@ -248,7 +229,9 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
 
   Raises:
     OutOfMemoryError: no candidate fits; the message says by how much and what would help.
-    ValueError: an option can never be satisfied for this program and device count.
+    ValueError: an option can never be satisfied for this program and device count; a
+      `NoCandidateError` (a ValueError) when the options leave no candidate to compile (its
+      message lists the distinct reasons).
   """
   t_start = time.perf_counter()
   options = options or SearchOptions()
@@ -274,15 +257,20 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     return pipeline.check_pipeline(abstract.num_blocks, batch, pp, mb, dp)
 
   plans, skipped = enumerate_plans(len(devices), batch, abstract.num_blocks, options, tp_ok, pipeline_ok)
+  check_pinned_tp(len(devices), options, tp_ok)
   log.info("Generated %d parallelization candidates (%d left out) for %r on %d devices (%s, "
            "budget %.2f GiB per device).", len(plans), len(skipped), abstract, len(devices), hw.name,
            budget / 2**30)
   for s in skipped:
     log.debug("left out %s: %s", s.plan, s.reason)
+  if not plans:  # bad input, not a memory shortage: say why each candidate was left out
+    left_out = [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
+    _dump(settings, left_out, None, budget, capacity, hw, devices, batch, t_start)
+    raise NoCandidateError(no_candidate_message(len(devices), batch, skipped, _pinned(options)), left_out)
   evaluate = Evaluator(abstract, devices, hw, budget, tp_rules, compile_fn)
   log.info("Start compilation of the candidates (up to %d at once).", settings.max_threads)
   t0 = time.perf_counter()
-  results = _staged_evaluate(plans, evaluate, settings, budget)
+  results = staged_evaluate(plans, lambda ps: _compile_all(ps, evaluate, settings), budget)
   t_compile = time.perf_counter() - t0
   compiled = sum(r.verdict not in (PRUNED,) for r in results)
   log.info("Complete compilation of %d candidates. Elapsed time: %.2f s", compiled, t_compile)

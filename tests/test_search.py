@@ -10,7 +10,6 @@ from passes.evaluate import compile_plan
 from passes.report import COMPILE_ERROR, OutOfMemoryError
 from passes.search import SearchSettings, search
 from passes.space import SearchOptions
-from passes.step import build_step
 from passes import memory
 from tests.models import llama_tiny
 
@@ -113,3 +112,35 @@ def test_only_a_pipelined_plan_fits_when_parameters_may_not_be_distributed():
                                                            progress=False))
   assert res.plan.pp > 1 and res.chosen.memory_bytes <= budget
   assert all(c.verdict == "over_budget" for c in res.candidates if c.plan.pp == 1)
+
+
+def _tiny_flat_program(batch):
+  """Shapes only: the searches below stop before compiling anything."""
+  from passes.program import Program
+  import optax
+  return Program(params={"w": jax.ShapeDtypeStruct((4, 4), "float32")}, optimizer=optax.sgd(0.1),
+                 batch={"x": jax.ShapeDtypeStruct((batch, 4), "float32")},
+                 loss_fn=lambda p, b: (b["x"] @ p["w"]).mean())
+
+
+def test_nothing_to_compile_is_a_value_error_listing_the_reasons(tmp_path):
+  from passes.report import NoCandidateError
+  dump = tmp_path / "autoconfig_log.dump"
+  settings = SearchSettings(capacity_bytes=2**30, progress=False, detailed_log=2, dump_path=str(dump))
+  with pytest.raises(NoCandidateError) as e:
+    search(_tiny_flat_program(batch=3), options=SearchOptions(mixed_precision=False), settings=settings)
+  assert isinstance(e.value, ValueError) and not isinstance(e.value, OutOfMemoryError)
+  msg = str(e.value)
+  assert msg.startswith("no parallelization candidate is left to compile for 8 devices and a global batch of 3")
+  for dp in (8, 4, 2):
+    assert f"batch 3 does not divide by data parallel {dp} (Plan(dp={dp}" in msg
+  assert "no tensor-parallel group of the program divides by tp=8" in msg
+  assert "a data-parallel size in [2, 4, 8] divides" in msg
+  assert {r.verdict for r in e.value.results} == {"skipped"} and len(e.value.results) == 4
+  assert {c["verdict"] for c in json.loads(dump.read_text())["candidates"]} == {"skipped"}
+
+
+def test_pinned_tensor_parallel_no_group_can_use_is_a_value_error():
+  with pytest.raises(ValueError, match=r"tensor_parallel=8 cannot be used by this program: no tensor-parallel "
+                                       r"group of the program divides by tp=8; allowed: \[1\] or 'auto'"):
+    ap_xla.search(_tiny_flat_program(batch=8), tensor_parallel=8, mixed_precision=False, progress=False)

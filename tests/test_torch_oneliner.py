@@ -455,7 +455,7 @@ def test_optimizer_problems_raise_at_takeover(ap):
     model(**batches[0])
   del opt
   other = torch.nn.Linear(2, 2)
-  opt = torch.optim.AdamW(list(model.parameters()) + list(other.parameters()))
+  opt = torch.optim.AdamW(list(model.parameters()) + list(other.parameters()))  # noqa: F841 (found by the takeover)
   with pytest.raises(UnsupportedUsageError, match="not in Regressor"):
     model(**batches[0])
   assert intercept.session_of(model) is None

@@ -20,10 +20,13 @@ import json
 import logging
 import os
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import torch
+
+if TYPE_CHECKING:
+  from ap_xla import checkpoint as ckpt_lib
 
 log = logging.getLogger("ap_xla")
 
@@ -71,7 +74,7 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, di
 
 
 def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory, *,
-                    step: int | None = None) -> ap_xla.checkpoint.Checkpoint:
+                    step: int | None = None) -> "ckpt_lib.Checkpoint":
   """Restores a checkpoint of `save_checkpoint` into `model` and `optimizer`.
 
   Works on a model ap-xla already trains and on a fresh model and optimizer built as the
