@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import torch
 from torch.utils import _pytree as torch_pytree
 
 from bridge.blocks import BlockSplit, ancestors
@@ -18,6 +19,7 @@ from bridge.capture import Captured
 from bridge.lowering import bind_symbols, evaluate, to_jax
 
 PyTree = Any
+aten = torch.ops.aten
 
 
 class GraphFunctions:
@@ -97,6 +99,38 @@ class GraphFunctions:
 
     return forward
 
+  def loss_weight(self) -> Callable | None:
+    """`weight(batch)` when the loss is a ratio of two sums and the divisor reads no parameter.
+
+    A Hugging Face LM loss is `sum(token losses) / count(labelled tokens)`: a mean over the
+    labelled tokens, not over the examples, so a batch cut into pieces (gradient
+    accumulation) must weigh each piece's loss by its count (`passes.program.Program.loss_weight`).
+    Found from the graph's structure: the loss node is `div(a, b)` with `a` and `b` sums
+    (through casts) and `b` computed from the batch alone. None for any other loss (then a
+    mean over the examples is assumed).
+    """
+    loss = self.captured.loss
+    if loss.target is not aten.div.Tensor or len(loss.args) != 2:
+      return None
+    num, den = loss.args
+    if not all(isinstance(n, torch.fx.Node) and _is_sum(n) for n in (num, den)):
+      return None
+    den_nodes = ancestors([den], stop=set(), nodes=self.nodes)
+    if self.used_params(den_nodes):
+      return None
+    reads_batch = any(a in self.captured.inputs.values() for n in den_nodes for a in n.all_input_nodes)
+    if not reads_batch:
+      return None
+
+    def weight(batch):
+      env = self._env()
+      pairs = self._feed_batch(env, batch)
+      evaluate(den_nodes, env, bind_symbols(pairs))
+      return env[den]
+
+    weight.__qualname__ = "bridged_loss_weight"
+    return weight
+
   # -- the block form --------------------------------------------------------------------
   def layers(self, split: BlockSplit) -> tuple[Callable, Callable, Callable]:
     """`pre(p, batch) -> (hidden, aux)`, `block(p, hidden, aux) -> hidden`, `post(p, hidden, aux, batch)`."""
@@ -141,6 +175,21 @@ class GraphFunctions:
 
     pre.__qualname__, block.__qualname__, post.__qualname__ = "bridged_pre", "bridged_block", "bridged_post"
     return pre, block, post
+
+
+_CASTS = ("_to_copy", "to", "convert_element_type", "clone", "view", "squeeze", "reshape")
+
+
+def _is_sum(node) -> bool:
+  """Whether `node` is a full sum (aten.sum), possibly behind casts and reshapes."""
+  while node.op == "call_function":
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    if name == "sum":
+      return True
+    if name not in _CASTS or not node.args or not isinstance(node.args[0], torch.fx.Node):
+      return False
+    node = node.args[0]
+  return False
 
 
 def unflatten_outputs(leaves: list, spec) -> PyTree:

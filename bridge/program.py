@@ -156,7 +156,12 @@ def bridge_model(model: torch.nn.Module, example_batch: Mapping[str, Any],
   tensors, _ = split_batch(example_batch)
   batch = {k: to_jax(v) for k, v in tensors.items()}
   params = state.read_params(model, names)
-  program = Program(params=params, optimizer=tx, batch=batch, name=name or type(model).__name__, **build)
+  weight = fns.loss_weight()
+  if weight is not None:
+    lines.append("the loss is a mean over what its divisor counts (e.g. labelled tokens): micro-batches "
+                 "are weighted by it")
+  program = Program(params=params, optimizer=tx, batch=batch, name=name or type(model).__name__,
+                    loss_weight=weight, **build)
   for line in lines:
     log.info("%s: %s", program.name, line)
   if split is None and find_stack:

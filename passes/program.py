@@ -66,6 +66,12 @@ class Program:
     loss_fn: `loss_fn(params, batch) -> scalar`. Optional when `layers` is given.
     layers: the optional layer structure.
     name: a label for logs.
+    loss_weight: optional `loss_weight(batch) -> scalar`, a function of the batch alone, for
+      a loss that is a mean over something other than the examples (an LM loss over its
+      labelled tokens): the loss of a batch cut into pieces is then sum_i w_i loss_i / sum_i w_i
+      with w_i = loss_weight(piece_i), which is what gradient accumulation computes (a piece
+      of weight 0 counts for nothing). None: the loss is a mean over the examples, and
+      pieces of equal size weigh the same.
 
   Example:
     >>> prog = Program(params=params, optimizer=optax.adamw(1e-3), batch=batch,
@@ -77,6 +83,7 @@ class Program:
   loss_fn: Callable[[PyTree, PyTree], jax.Array] | None = None
   layers: Layers | None = None
   name: str = "program"
+  loss_weight: Callable[[PyTree], jax.Array] | None = None
 
   def __post_init__(self):
     if self.loss_fn is None and self.layers is None:
@@ -84,6 +91,9 @@ class Program:
                        "loss_fn=lambda params, batch: ... or a Layers(pre, block, post).")
     if self.loss_fn is not None and not callable(self.loss_fn):
       raise TypeError(f"Program.loss_fn must be callable, got {type(self.loss_fn).__name__}.")
+    if self.loss_weight is not None and not callable(self.loss_weight):
+      raise TypeError(f"Program.loss_weight must be callable as loss_weight(batch) or None, got "
+                      f"{type(self.loss_weight).__name__}.")
     if not (hasattr(self.optimizer, "init") and hasattr(self.optimizer, "update")):
       raise TypeError("Program.optimizer must be an optax.GradientTransformation (with init and "
                       f"update), got {type(self.optimizer).__name__}.")

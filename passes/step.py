@@ -124,6 +124,27 @@ def _split_micro_batches(batch, mb: int):
   return jax.tree.map(split, batch)
 
 
+def _weighted_piece(vg: Callable, weight_fn: Callable | None) -> Callable:
+  """`(params, piece) -> (w * loss, w * grads, w)` for one piece of the batch.
+
+  Without `Program.loss_weight` every piece weighs 1 (equal pieces of a mean over examples).
+  With it, w is the piece's weight (e.g. its labelled tokens), so that summing the pieces and
+  dividing by the summed weight gives the whole batch's loss and gradient exactly. A piece
+  of weight 0 has the loss 0/0: its NaN loss and gradients are selected away (`where`, not
+  differentiated through) and count for nothing, as in the whole-batch loss.
+  """
+  def piece(params, mbatch):
+    l, g = vg(params, mbatch)
+    if weight_fn is None:
+      return l, g, jnp.ones((), jnp.float32)
+    w = jnp.asarray(weight_fn(mbatch), jnp.float32)
+    has = w > 0
+    l = jnp.where(has, l * w, jnp.zeros_like(l))
+    g = jax.tree.map(lambda x: jnp.where(has, x * w.astype(x.dtype), jnp.zeros_like(x)), g)
+    return l, g, w
+  return piece
+
+
 def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
   """`(params, batch) -> (loss, grads)`; micro-batches accumulate gradients when pp == 1."""
   loss = make_loss(program, plan, pspecs, mesh)
@@ -133,12 +154,14 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
     return jax.lax.with_sharding_constraint(g, pspecs)
 
   if plan.mb == 1 or plan.pp > 1:
+    # The loss runs on the whole batch (with a pipeline, `post` does): exact for any mean.
     def loss_and_grad(params, batch):
       l, g = vg(params, batch)
       return l, constrain(g)
     return loss_and_grad
+  piece = _weighted_piece(vg, program.loss_weight)
   if plan.dp > 1 and not plan.fsdp:
-    return _accumulate_per_data_shard(vg, plan, pspecs, mesh)
+    return _accumulate_per_data_shard(piece, plan, mesh, pspecs)
 
   # FSDP (or no data axis): gradients accumulate in their sharded layout, so each micro-batch's
   # are reduce-scattered over 'data' as the backward makes them (per layer, per micro-batch):
@@ -148,29 +171,29 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
     zeros = constrain(jax.tree.map(jnp.zeros_like, params))
 
     def body(carry, mbatch):
-      tot, acc = carry
-      l, g = vg(params, mbatch)
-      return (tot + l, constrain(jax.tree.map(jnp.add, acc, g))), None
+      tot, acc, wsum = carry
+      l, g, w = piece(params, mbatch)
+      return (tot + l, constrain(jax.tree.map(jnp.add, acc, g)), wsum + w), None
 
-    (tot, acc), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-    return tot / plan.mb, jax.tree.map(lambda g: g / plan.mb, acc)
+    zero = jnp.zeros((), jnp.float32)
+    (tot, acc, wsum), _ = jax.lax.scan(body, (zero, zeros, zero), micro)
+    return tot / wsum, jax.tree.map(lambda g: g / wsum.astype(g.dtype), acc)
 
   return accumulated
 
 
-def _accumulate_per_data_shard(vg: Callable, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
+def _accumulate_per_data_shard(piece: Callable, plan: Plan, mesh: Mesh, pspecs: PyTree) -> Callable:
   """Gradient accumulation with replicated weights: one all-reduce over 'data' per step.
 
   Under GSPMD the weight gradients of each micro-batch come out replicated, i.e. all-reduced
   over 'data' inside the micro-batch loop (and inside the layer loop: mb x L reductions).
   Here the loop runs in a partial-manual `shard_map` over 'data' ('tensor' stays automatic):
-  each data shard takes the loss and gradient of its own slice of each micro-batch, at the
-  weights made 'data'-varying once, accumulates them locally, and one psum after the loop
-  sums the shards. The loss is a mean over the batch (`Layers.post`, `Program.loss_fn`) and
-  the slices are equal, so the mean of the mb x dp slice means is the global mean, as the
-  mean of the mb micro-batch means already is.
+  each data shard takes the weighted loss and gradient of its own slice of each micro-batch
+  (`_weighted_piece`), at the weights made 'data'-varying once, accumulates them locally,
+  and one psum after the loop sums the shards; dividing by the summed weight gives the
+  whole batch's mean (over examples, or over what `Program.loss_weight` counts).
   """
-  mb, dp = plan.mb, plan.dp
+  mb = plan.mb
 
   def region(params, batch):  # params: replicated over 'data'; batch: this shard's [B/dp, ...]
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // mb, mb) + x.shape[1:]), 0, 1),
@@ -178,17 +201,18 @@ def _accumulate_per_data_shard(vg: Callable, plan: Plan, pspecs: PyTree, mesh: M
     local = jax.tree.map(lambda w: jax.lax.pcast(w, (DATA,), to="varying"), params)
 
     def body(carry, mbatch):
-      tot, acc = carry
-      l, g = vg(local, mbatch)
-      return (tot + l, jax.tree.map(jnp.add, acc, g)), None
+      tot, acc, wsum = carry
+      l, g, w = piece(local, mbatch)
+      return (tot + l, jax.tree.map(jnp.add, acc, g), wsum + w), None
 
     zeros = jax.tree.map(jnp.zeros_like, local)
-    tot0 = jax.lax.pcast(jnp.zeros((), jnp.float32), (DATA,), to="varying")
-    (tot, acc), _ = jax.lax.scan(body, (tot0, zeros), micro)
-    # After both loops: the one reduction of the step (sums of dp x mb slice means). In fp32:
-    # the CPU compiler aborts on a bf16 reduction inside a partial-manual shard_map.
+    zero = jax.lax.pcast(jnp.zeros((), jnp.float32), (DATA,), to="varying")
+    (tot, acc, wsum), _ = jax.lax.scan(body, (zero, zeros, zero), micro)
+    # After both loops: the one reduction of the step. In fp32: the CPU compiler aborts on a
+    # bf16 reduction inside a partial-manual shard_map.
+    total = jax.lax.psum(wsum, DATA)
     def mean(g):
-      return (jax.lax.psum(g.astype(jnp.promote_types(g.dtype, jnp.float32)), DATA) / (dp * mb)).astype(g.dtype)
+      return (jax.lax.psum(g.astype(jnp.promote_types(g.dtype, jnp.float32)), DATA) / total).astype(g.dtype)
     return mean(tot), jax.tree.map(mean, acc)
 
   def accumulated(params, batch):

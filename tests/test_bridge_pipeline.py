@@ -97,3 +97,23 @@ def test_tensor_parallel_groups_are_found_and_match_torch(llama):
                      tp_dims(bridged.program, rules, plan.tp))
   loss, grads = built.loss_and_grad(bridged.program.params, bridged.program.batch)
   _check(bridged, loss, grads, torch_loss, torch_grads)
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_their_labelled_tokens():
+  # An HF LM loss is a mean over the labelled tokens: rows with 15, 1, 0 and 13 labels (row 2
+  # has none). Micro-batches of one row each must be weighted by their token counts, and the
+  # empty one (0/0) must count for nothing, to give torch's whole-batch loss and gradients.
+  model, batch = testing.tiny_causal_lm("llama", layers=LAYERS), testing.lm_batch()
+  batch["labels"][2] = -100
+  out = model(**batch)
+  out.loss.backward()
+  torch_grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
+  bridged = bridge_model(model, batch, optax.adamw(1e-3))
+  prog = bridged.program
+  assert prog.loss_weight is not None
+  assert float(prog.loss_weight(prog.batch)) == float((batch["labels"][:, 1:] != -100).sum())
+  from passes.step import build_step
+  for plan in (Plan(dp=2, mb=2), Plan(mb=4)):
+    built = build_step(prog, plan, jax.devices()[:plan.num_devices])
+    loss, grads = built.loss_and_grad(prog.params, prog.batch)
+    _check(bridged, loss, grads, out.loss.item(), torch_grads)

@@ -182,3 +182,18 @@ def test_meta_device_model_gives_shapes_only():
   assert compiled.memory_analysis().argument_size_in_bytes > 4 * prog.num_params
   with pytest.raises(ValueError, match="ShapeDtypeStruct"):
     bridged.to_torch(prog.params)
+
+
+def test_loss_weight_only_for_a_ratio_of_sums_over_the_batch():
+  model, batch = _mlp()  # an MSE over the examples: micro-batches weigh the same
+  assert bridge_model(model, batch, optax.sgd(0.1), loss_fn=testing.mse_loss).program.loss_weight is None
+  # a sum divided by a count of the batch: weighted by that count
+  def masked(outputs, b):
+    keep = (b["y"][:, 0] > 0).float()
+    return ((outputs - b["y"]) ** 2).sum(-1).mul(keep).sum() / keep.sum()
+  prog = bridge_model(model, batch, optax.sgd(0.1), loss_fn=masked).program
+  assert float(prog.loss_weight(prog.batch)) == float((batch["y"][:, 0] > 0).sum())
+  # a divisor that reads the parameters is not a weight of the batch
+  def by_norm(outputs, b):
+    return ((outputs - b["y"]) ** 2).sum() / outputs.abs().sum()
+  assert bridge_model(model, batch, optax.sgd(0.1), loss_fn=by_norm).program.loss_weight is None
