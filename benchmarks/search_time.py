@@ -56,7 +56,8 @@ def main():
   cache = tempfile.mkdtemp(prefix="ap_xla_bench_cache_")
   rows = {"100M": run(MODEL_100M, args.batch, opts, capacity, args.threads, cache)}
   rows["100M again"] = run(MODEL_100M, args.batch, opts, capacity, args.threads, cache)
-  # Depth scaling: the same width with 8 and 64 blocks, pipeline stages pinned to exercise it.
+  # Depth scaling: the same width with 8 and 64 blocks. Stages stay 'auto' (1, 2, 4, 8 in both:
+  # the same candidates), micro-batches are pinned to keep the run short.
   depth_opts = SearchOptions(num_micro_batches=4, mixed_precision=False, distribute_parameter=False)
   for layers in (8, 64):
     cfg = LlamaConfig(vocab=1024, dim=256, layers=layers, heads=8, ffn=512, seq=64)

@@ -12,3 +12,12 @@ os.environ.setdefault("AP_XLA_CACHE_DIR", tempfile.mkdtemp(prefix="ap_xla_test_c
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same steps (a search, then the chosen plan again; the same plan in
+# several checks, notebooks and subprocesses included): XLA's persistent compilation cache
+# serves the repeats. One folder per test run, set here in the environment so the xdist
+# workers and the subprocesses the tests start share it; never the user's.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ap_xla_test_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
