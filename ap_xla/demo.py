@@ -1,7 +1,7 @@
 """The demo: a Llama-style text-summarization fine-tune with the torch one-liner.
 
 A plain PyTorch training loop (Hugging Face LlamaForCausalLM, torch AdamW) on 8 simulated
-devices whose per-device memory (AP_XLA_DEVICE_MEMORY, 64 MiB here) the replicated model and
+devices whose per-device memory (AP_XLA_DEVICE_MEMORY, 48 MiB here) the replicated model and
 its optimizer state exceed. With Advanced Parallelization (the default) the candidates and the
 chosen configuration are logged and the loss falls; with `--no-ap` the same script runs with a
 plain data-parallel plan, as MoAI does without the AP line, and stops with the out-of-memory
@@ -19,7 +19,7 @@ import random
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("AP_XLA_DEVICE_MEMORY", "64MiB")
+os.environ.setdefault("AP_XLA_DEVICE_MEMORY", "48MiB")
 
 PAD, BOS, EOS = 256, 257, 258
 VOCAB = 259
@@ -79,8 +79,10 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--seq", type=int, default=192)
   ap.add_argument("--lr", type=float, default=3e-3)
+  ap.add_argument("--show", type=int, default=8, help="candidates shown after the first step")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+  logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
 
   import torch
   import ap_xla
@@ -95,7 +97,7 @@ def main(argv=None):
   model = build_model()
   n = sum(p.numel() for p in model.parameters())
   print(f"model: LlamaForCausalLM, {n:,} parameters ({n * 4 / 2**20:.1f} MiB fp32; with AdamW state "
-        f"and gradients about {n * 16 / 2**20:.0f} MiB replicated); per-device memory "
+        f"and gradients {n * 16 / 2**20:.0f} MiB replicated); per-device memory "
         f"{os.environ['AP_XLA_DEVICE_MEMORY']} on 8 simulated devices")
   optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
   data = batches(args.batch, args.seq)
@@ -107,6 +109,10 @@ def main(argv=None):
       optim.step()
       optim.zero_grad()
       print(f"step {step + 1:3d}  loss {loss.item():.4f}")
+      if step == 0 and not args.no_ap:
+        report = ap_xla.plan_report(model)
+        print(f"\nthe search's best candidates (of {len(report.candidates)}; "
+              f"ap_xla.plan_report(model).table() lists them all):\n{report.table(limit=args.show)}\n")
   except ap_xla.OutOfMemoryError as e:
     print(f"\n{e}")
     return 1

@@ -186,6 +186,10 @@ def test_mlp_loop_matches_torch(caplog):
     losses = loop(model, adamw(model), batches, 5)
     assert all(type(p) is APParam for p in model.parameters())
     assert torch.nn.Module.__call__ is intercept._ap_call
+    report = ap_xla.plan_report(model)  # what AP chose, and every candidate it looked at
+    assert report is not None and f"ap-xla took over Regressor: {report.plan}" in caplog.text
+    assert report.candidates[0].plan == report.plan and report.candidates[0].verdict == "chosen"
+    assert "Plan(" in report.table(limit=3) and ap_xla.plan_report(ref) is None
   assert_close(losses, ref_losses, LOSS_TOL, "losses")
   assert_close(params_of(model), params_of(ref), PARAM_TOL, "state_dict")
   assert "ap-xla plan for Regressor with batch 16" in caplog.text

@@ -68,6 +68,23 @@ def sync_to_torch(model) -> bool:
   return True
 
 
+def plan_report(model):
+  """The search report behind the plan `model` trains with, or None if ap-xla does not train it.
+
+  A `SearchResult`: `.plan`, and `.candidates`, every candidate with its per-device memory,
+  estimated step time and verdict or rejection reason (`.table()` prints them).
+
+  Example:
+    >>> loss = model(**batch).loss   # the first training call searches the plan
+    >>> print(ap_xla.plan_report(model).table(limit=10))
+  """
+  from ap_xla.torch_frontend import intercept
+  session = intercept.session_of(model)
+  if session is None or session.current is None:
+    return None
+  return session.phase.report
+
+
 def save_checkpoint(model, optimizer, directory, *, data_position=None, max_to_keep=None) -> str:
   """Saves the training state of a model trained by the one-liner (orbax, atomic, sharded).
 
