@@ -12,7 +12,7 @@ from passes import cost_model, hlo_stats, memory
 from passes.hardware import HardwareProfile
 from passes.plan import TENSOR, Plan
 from passes.program import BLOCKS, POST, PRE, Program
-from passes.report import COMPILE_ERROR, FEASIBLE, OVER_BUDGET, CandidateResult
+from passes.report import COMPILE_ERROR, FEASIBLE, OVER_BUDGET, CandidateResult, fmt_bytes
 from passes.step import build_step
 from passes.tp_rules import TPRules, derive_tp_rules
 
@@ -81,7 +81,7 @@ class Evaluator:
     if mem.total > self.budget_bytes:
       over = mem.total - self.budget_bytes
       return CandidateResult(plan, OVER_BUDGET, mem.total, cost.total_s,
-                             reason=f"over budget by {over / 2**20:.1f} MiB", compile_s=dt, details=details)
+                             reason=f"over budget by {fmt_bytes(over)}", compile_s=dt, details=details)
     return CandidateResult(plan, FEASIBLE, mem.total, cost.total_s, compile_s=dt, details=details)
 
 

@@ -22,7 +22,7 @@ from passes import hardware as hw_lib
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
 from passes.plan import Plan
 from passes.program import Program
-from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult,
+from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
                            NoCandidateError, OutOfMemoryError, SearchResult, out_of_memory_message, rank)
 from passes.staging import staged_evaluate
 from passes.space import AUTO, SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
@@ -259,8 +259,8 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   plans, skipped = enumerate_plans(len(devices), batch, abstract.num_blocks, options, tp_ok, pipeline_ok)
   check_pinned_tp(len(devices), options, tp_ok)
   log.info("Generated %d parallelization candidates (%d left out) for %r on %d devices (%s, "
-           "budget %.2f GiB per device).", len(plans), len(skipped), abstract, len(devices), hw.name,
-           budget / 2**30)
+           "budget %s per device).", len(plans), len(skipped), abstract, len(devices), hw.name,
+           fmt_bytes(budget))
   for s in skipped:
     log.debug("left out %s: %s", s.plan, s.reason)
   if not plans:  # bad input, not a memory shortage: say why each candidate was left out
