@@ -12,7 +12,13 @@ resident size before the run, over the device count, with glibc mapping every bu
 128 KiB so the resident size follows what is live; the smaller of the last two of three
 runs) and the difference.
 
-Run: .venv/bin/python benchmarks/cpu_dot_scratch.py
+What it shows (see benchmarks/RESULTS.md): canonical dots compile to YNNPACK fusions, whose
+memory is in the buffer assignment; a dot with its left operand contracted on dim 0 runs as
+XLA:CPU's DotThunk, an Eigen thread-pool contraction that packs operand slices in memory of
+its own (on one device about 2 x 256 x (m + n) x 4 bytes). With several simulated devices
+on few cores, each device's share depends on how their dots overlap in time.
+
+Run: .venv/bin/python benchmarks/cpu_dot_scratch.py   (XLA_FLAGS=--xla_force_host_platform_device_count=1 for one device)
 """
 from __future__ import annotations
 
