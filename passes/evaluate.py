@@ -29,7 +29,14 @@ def derive_program_tp(program: Program) -> TPRules:
 
 
 def tp_dims(program: Program, rules: TPRules | None, tp: int) -> PyTree | None:
-  """Per-leaf dim to shard over 'tensor' for a TP degree (None: no tensor parallelism)."""
+  """Per-leaf dim to shard over 'tensor' for a TP degree (None: no tensor parallelism).
+
+  Block weights follow the Megatron rules derived from the dataflow. In a layered program the
+  pre and post matrices (token embedding, LM head) are sharded too, along their largest
+  dimension (`edge_tp_dim`): for those that is the vocabulary, and GSPMD inserts the
+  collectives a vocabulary-parallel embedding and softmax need. Left replicated, they made
+  every TP plan of a small model slower than pure data parallelism (benchmarks/plan_quality.py).
+  """
   if tp == 1 or rules is None:
     return None
   def dim(spec):
@@ -37,9 +44,19 @@ def tp_dims(program: Program, rules: TPRules | None, tp: int) -> PyTree | None:
   is_spec = lambda x: isinstance(x, P)
   if program.layers is None:
     return jax.tree.map(dim, rules.specs(tp), is_leaf=is_spec)
-  return {PRE: jax.tree.map(lambda _: None, program.params[PRE]),
+  edge = lambda x: edge_tp_dim(x.shape, tp)
+  return {PRE: jax.tree.map(edge, program.params[PRE]),
           BLOCKS: jax.tree.map(dim, rules.specs(tp, prefix=(None,)), is_leaf=is_spec),
-          POST: jax.tree.map(lambda _: None, program.params[POST])}
+          POST: jax.tree.map(edge, program.params[POST])}
+
+
+def edge_tp_dim(shape: tuple, tp: int) -> int | None:
+  """The dim of a pre/post parameter to shard over 'tensor': its largest when it divides by
+  `tp` (the first of equals); None for vectors and scalars, which stay replicated."""
+  if len(shape) < 2:
+    return None
+  d = max(range(len(shape)), key=lambda i: (shape[i], -i))
+  return d if shape[d] % tp == 0 else None
 
 
 def compile_plan(program: Program, plan: Plan, devices, dims):

@@ -96,6 +96,8 @@ def test_llama_plan_matches_single_device(llama, name):
   if plan.tp > 1:  # the TP rules really sharded block weights
     specs = [s.spec for s in jax.tree.leaves(built.param_shardings["blocks"])]
     assert sum("tensor" in tuple(s) for s in specs) >= 7  # q, k, v, o, gate, up, down
+    edge = [tuple(s.spec) for k in ("pre", "post") for s in jax.tree.leaves(built.param_shardings[k])]
+    assert sum("tensor" in s for s in edge) == 2  # the embedding and the LM head, vocab-parallel
 
 
 def test_flat_mlp_tp_and_fsdp_match(llama):

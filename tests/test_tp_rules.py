@@ -185,3 +185,12 @@ def test_bad_arguments():
   rules = _rules(MLP())
   with pytest.raises(TypeError, match="prefix"):
     rules.specs(2, prefix="stage")
+
+
+def test_edge_tp_dim_shards_the_largest_dim_when_it_divides():
+  from passes.evaluate import edge_tp_dim
+  assert edge_tp_dim((4096, 128), 8) == 0  # token embedding [vocab, dim]: vocabulary-parallel
+  assert edge_tp_dim((128, 4096), 8) == 1  # LM head kernel [dim, vocab]
+  assert edge_tp_dim((64, 64), 4) == 0  # the first of equals
+  assert edge_tp_dim((50257, 768), 2) is None  # GPT-2's vocabulary does not divide: replicated
+  assert edge_tp_dim((128,), 2) is None  # norms and biases stay replicated
