@@ -1,5 +1,6 @@
 """Tests run on 8 simulated CPU devices; the flag must be set before jax is imported."""
 import os
+import signal
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,6 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Keep test searches out of the user's plan cache (~/.cache/ap_xla).
 os.environ.setdefault("AP_XLA_CACHE_DIR", tempfile.mkdtemp(prefix="ap_xla_test_cache_"))
+
+# The Ctrl-C tests send SIGINT to this process. A shell without job control starts background
+# commands with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore
+# the interactive default so the suite behaves the same however it is launched.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 

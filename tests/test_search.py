@@ -144,3 +144,13 @@ def test_pinned_tensor_parallel_no_group_can_use_is_a_value_error():
   with pytest.raises(ValueError, match=r"tensor_parallel=8 cannot be used by this program: no tensor-parallel "
                                        r"group of the program divides by tp=8; allowed: \[1\] or 'auto'"):
     ap_xla.search(_tiny_flat_program(batch=8), tensor_parallel=8, mixed_precision=False, progress=False)
+
+
+def test_compile_workers_are_capped_at_the_cpus_the_process_may_use(monkeypatch):
+  import os
+  from passes.search import compile_workers
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+  assert compile_workers(SearchSettings(max_threads=16)) == 2  # MoAI's default on a 2-core host
+  assert compile_workers(SearchSettings(max_threads=1)) == 1
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+  assert compile_workers(SearchSettings(max_threads=16)) == 16
