@@ -176,26 +176,6 @@ def _space(program, n: int, options, tp_rules):
                                                                     pp, mb, dp))
 
 
-def _no_candidate_message(n: int, batch: int, left_out) -> str:
-  by_reason: dict[str, list] = {}
-  for c in left_out:
-    by_reason.setdefault(c.reason, []).append(c.plan)
-  lines = [f"no parallel plan of these options can use {n} devices with a global batch of {batch}; "
-           f"all {len(left_out)} candidates were left out:"]
-  for i, (reason, plans) in enumerate(by_reason.items()):
-    if i == 12:
-      lines.append(f"  ... and {len(by_reason) - i} more reasons")
-      break
-    lines.append(f"  - {reason}: {plans[0]}" + (f" and {len(plans) - 1} more" if len(plans) > 1 else ""))
-  dps = sorted({c.plan.dp for c in left_out if c.reason.startswith("batch ")})
-  if dps:
-    lines.append(f"  Use a global batch that a data-parallel size in {dps} divides, another device count, "
-                 "or set pinned options to 'auto'.")
-  else:
-    lines.append("  Use another device count or batch, or set pinned options to 'auto'.")
-  return "\n".join(lines)
-
-
 def _run_slices(fn, items, threads: int, stop) -> list:
   """`fn` over `items` on daemon threads, outcomes in order; an exception or Ctrl-C sets `stop`.
 
@@ -259,7 +239,7 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   from passes.plan import Plan
   from passes.report import (CHOSEN, FEASIBLE, SKIPPED, CandidateResult, OutOfMemoryError, SearchResult,
                              out_of_memory_message, rank)
-  from passes.space import AUTO, SearchOptions, divisors
+  from passes.space import AUTO, SearchOptions, divisors, no_candidate_message
   n, auto, log = len(devices), lambda f: getattr(options, f) == AUTO, logging.getLogger("ap_xla")
   stop = threading.Event()
   run = functools.partial(plan_cache.cached_search, directory=directory, enabled=None if cache else False,
@@ -274,10 +254,15 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
 
   def left_out(skipped):
     return [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
+
+  def unusable(gone):  # options that leave no plan to compile: a usage error
+    header = (f"no parallel plan of these options can use {n} devices with a global batch of "
+              f"{program.batch_size}")
+    return UsageError(no_candidate_message(n, program.batch_size, gone, options.pinned(), header), rank(gone))
   if exhaustive:
     plans, skipped = space(options)
     if not plans:
-      raise UsageError(_no_candidate_message(n, program.batch_size, skipped), left_out(skipped))
+      raise unusable(left_out(skipped))
     return run(program, devices, options, settings), []
   hw, capacity = search_pass.resolve_hardware(settings, devices)
   budget = int(capacity * settings.memory_ratio / 100)
@@ -312,7 +297,7 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   if not any(plans for plans, _ in spaces.values()):
     gone = {c.plan: c for phase in phases for o in phase for c in left_out(spaces[o][1])}
     gone = list(gone.values()) + skipped
-    raise UsageError(_no_candidate_message(n, program.batch_size, gone), rank(gone))
+    raise unusable(gone)
   one_thread = dataclasses.replace(settings, max_threads=1)  # the slices run side by side instead
 
   def one(opts):

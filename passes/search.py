@@ -25,7 +25,7 @@ from passes.program import Program
 from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
                            NoCandidateError, OutOfMemoryError, SearchResult, out_of_memory_message, rank)
 from passes.staging import staged_evaluate
-from passes.space import AUTO, SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
+from passes.space import SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
 
 log = logging.getLogger("ap_xla")
 
@@ -38,7 +38,7 @@ class SearchSettings:
   Attributes:
     memory_ratio: percent of device memory a plan may use (MoAI's correction ratio, default 80).
     max_threads: at most this many candidates compiled at once; never more than the CPUs this
-      process may use (`compile_workers`): on 2 cores 16 threads searched 20-25% slower than 2.
+      process may use (`compile_workers`).
     detailed_log: 0 summary, 1 per-candidate lines, 2 also writes `dump_path`.
     dump_path: where detailed_log=2 writes the JSON report.
     capacity_bytes: per-device memory; None: the device's own figure, else the profile's.
@@ -187,18 +187,6 @@ def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSett
   return [results[p] for p in plans]
 
 
-def _pinned(options: SearchOptions) -> dict:
-  pins = {}
-  for f in ("num_stages", "num_micro_batches", "distribute_parameter", "tensor_parallel",
-            "activation_recomputation"):
-    v = getattr(options, f)
-    if v != AUTO:
-      pins[f] = v
-  if not options.pipeline_parallel:
-    pins["pipeline_parallel"] = False
-  return pins
-
-
 def config_line(plan: Plan, global_batch: int) -> str:
   """The chosen configuration, in the words of MoAI's log."""
   return (f"num_stages : {plan.pp}, num_micro_batches : {plan.mb}, batch_per_device : "
@@ -281,7 +269,7 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   if not plans:  # bad input, not a memory shortage: say why each candidate was left out
     left_out = [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
     _dump(settings, left_out, None, budget, capacity, hw, devices, batch, t_start)
-    raise NoCandidateError(no_candidate_message(len(devices), batch, skipped, _pinned(options)), left_out)
+    raise NoCandidateError(no_candidate_message(len(devices), batch, skipped, options.pinned()), left_out)
   evaluate = Evaluator(abstract, devices, hw, budget, tp_rules, compile_fn)
   log.info("Start compilation of the candidates (up to %d at once).", compile_workers(settings))
   t0 = time.perf_counter()
@@ -304,7 +292,7 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   if not ok:
     _dump(settings, ranked, None, budget, capacity, hw, devices, batch, t_start)
     raise OutOfMemoryError(out_of_memory_message(ranked, budget, capacity, settings.memory_ratio,
-                                                 len(devices), batch, _pinned(options)), ranked)
+                                                 len(devices), batch, options.pinned()), ranked)
   t_measure = 0.0
   if settings.measure_top_k > 0:
     from passes import measure  # runs candidates on the devices: only when asked

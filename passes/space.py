@@ -46,6 +46,15 @@ class SearchOptions:
       raise ValueError(f"num_stages={self.num_stages} needs pipeline_parallel=True; set "
                        "pipeline_parallel=True or num_stages='auto'.")
 
+  def pinned(self) -> dict:
+    """The options the user fixed ({name: value}): what un-pinning could widen."""
+    pins = {f: getattr(self, f) for f in ("num_stages", "num_micro_batches", "distribute_parameter",
+                                          "tensor_parallel", "activation_recomputation")
+            if getattr(self, f) != AUTO}
+    if not self.pipeline_parallel:
+      pins["pipeline_parallel"] = False
+    return pins
+
   def recompute_choices(self) -> tuple[str, ...]:
     r = self.activation_recomputation
     if r == AUTO:
@@ -198,19 +207,23 @@ def _check_pins(num_devices, batch_size, num_blocks, o: SearchOptions):
                      "but this program has no block stack (Layers); use 'auto' or False.")
 
 
-def no_candidate_message(num_devices: int, batch_size: int, skipped, pinned: dict | None = None) -> str:
+def no_candidate_message(num_devices: int, batch_size: int, skipped, pinned: dict | None = None,
+                         header: str | None = None) -> str:
   """Why no plan is left to compile: the distinct skip reasons, each with an example plan, and a hint.
 
   Args:
     num_devices, batch_size: what the plans were enumerated for.
     skipped: the `Skipped` records (or CandidateResults) of every left-out plan.
     pinned: the options the user fixed ({name: value}); the hint offers to un-pin them.
+    header: the opening sentence (default: no candidate is left to compile for these devices
+      and this batch).
   """
   by_reason: dict[str, list] = {}
   for sk in skipped:
     by_reason.setdefault(sk.reason, []).append(sk.plan)
-  lines = [f"no parallelization candidate is left to compile for {num_devices} devices and a global "
-           f"batch of {batch_size}: all {len(skipped)} candidates were left out:"]
+  header = header or (f"no parallelization candidate is left to compile for {num_devices} devices and a "
+                      f"global batch of {batch_size}")
+  lines = [f"{header}: all {len(skipped)} candidates were left out:"]
   for i, (reason, plans) in enumerate(by_reason.items()):
     if i == 12:
       lines.append(f"  ... and {len(by_reason) - i} more reasons")
