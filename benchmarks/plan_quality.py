@@ -124,7 +124,7 @@ class Candidate:
     rules = derive_program_tp(prog) if plan.tp > 1 else None
     built = build_step(prog, plan, devices, tp_dims(prog, rules, plan.tp))
     self.compiled = built.lower(prog).compile()
-    self.memory = memory.memory_stats(self.compiled)
+    self.memory = memory.memory_stats(self.compiled, devices[0].platform)
     p_abs, _, _ = built.abstract_inputs(prog)
     # The initializers are compiled now, before any baseline is taken: between a baseline
     # and its peak nothing but the plan's own buffers may appear.

@@ -1,9 +1,22 @@
 """Estimated step time of a compiled candidate: compute plus communication.
 
 The model, per device:
-  compute = HLO flops / peak FLOP/s of the compute dtype (bf16 when the plan is bf16);
+  compute = sum over the step's kernels (`HloStats.kernels`: every fusion, dot, copy... with
+            its run count) of count x max(FLOPs / peak FLOP/s of the compute dtype,
+            bytes moved / memory bandwidth): a roofline per kernel, so an elementwise
+            kernel costs its memory traffic and a large dot its FLOPs. The bf16 peak is used
+            when the plan is bf16. Without kernels (an HloStats built by hand) it is
+            FLOPs / peak.
   comm    = sum over collectives of count x ring-model time (below);
   total   = compute + comm - overlap x min(compute, comm).
+
+Why the traffic term: what separates plans of equal FLOPs is mostly memory-bound work. Data
+parallelism updates the full optimizer state on every device (FSDP and TP update shards);
+tensor parallelism repeats the norms, residuals and softmax of the whole batch on every
+device (data parallelism splits them). On the plan_quality model on 8 simulated CPU devices,
+over the same six measured runs, FLOPs alone gave Spearman 0.70-0.83 and a regret up to 1.14;
+the roofline with the calibrated bandwidth gives 0.78-0.93 and at most 1.04
+(benchmarks/RESULTS.md).
 With the default `overlap=0` nothing overlaps: a pessimistic bound that charges every
 collective in full (XLA's async collectives hide part of it on GPUs).
 
@@ -19,7 +32,7 @@ nodes (partition id // devices_per_node; with no groups known, when n > devices_
 else its intra-node link bandwidth.
 
 Pipeline bubble: the plans are SPMD GPipe programs in which every stage computes on each of
-the M + S - 1 ticks of the schedule (idle ticks compute on padding). The per-device HLO flops
+the M + S - 1 ticks of the schedule (idle ticks compute on padding). The per-device kernels
 therefore already contain the bubble ticks, and so does `compute_s`. `bubble_fraction`
 ((S-1)/(M+S-1)) is reported for the log only and is NOT added to the total again.
 """
@@ -38,12 +51,15 @@ class CostEstimate:
   """Estimated time of one training step, per device.
 
   Attributes:
-    compute_s: dot/convolution FLOPs at the dtype's peak (bubble ticks included, see module doc).
+    compute_s: the kernels' roofline time (bubble ticks included, see module doc).
     comm_s: all collectives under the ring model.
     bubble_fraction: GPipe idle fraction (S-1)/(M+S-1); 0 without pipelining. Informational.
     total_s: compute_s + comm_s - overlap x min(compute_s, comm_s).
     comm_by_kind: seconds per collective kind.
     dtype: the peak FLOP/s entry used for compute.
+    flops_s: the FLOPs alone at that peak (what compute_s would be with infinite bandwidth).
+    memory_bound_s: the part of compute_s where kernels wait on memory (compute_s - the
+      FLOP time of those kernels).
   """
   compute_s: float
   comm_s: float
@@ -51,10 +67,13 @@ class CostEstimate:
   total_s: float
   comm_by_kind: dict = dataclasses.field(default_factory=dict, hash=False)
   dtype: str = "f32"
+  flops_s: float = 0.0
+  memory_bound_s: float = 0.0
 
   def __repr__(self):
     ms = lambda s: f"{s * 1e3:.4g} ms"
-    return (f"CostEstimate(total={ms(self.total_s)}, compute={ms(self.compute_s)}, comm={ms(self.comm_s)}, "
+    return (f"CostEstimate(total={ms(self.total_s)}, compute={ms(self.compute_s)} "
+            f"(memory-bound {ms(self.memory_bound_s)}), comm={ms(self.comm_s)}, "
             f"bubble={self.bubble_fraction:.3g}, dtype={self.dtype!r})")
 
 
@@ -119,14 +138,21 @@ def estimate_step_time(stats: HloStats, plan: Plan, hw: HardwareProfile, dtype_f
   if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
     raise ValueError(f"estimate_step_time: overlap must be a number in [0, 1], got {overlap!r}.")
   dtype = dtype_flops or ("bf16" if plan.bf16 else "f32")
-  compute = stats.flops / hw.peak(dtype)
+  peak = hw.peak(dtype)
+  flops_s = stats.flops / peak
+  if stats.kernels:
+    compute = math.fsum(k.count * max(k.flops / peak, k.bytes / hw.memory_bandwidth) for k in stats.kernels)
+    memory_bound = math.fsum(k.count * max(0.0, k.bytes / hw.memory_bandwidth - k.flops / peak)
+                             for k in stats.kernels)
+  else:
+    compute, memory_bound = flops_s, 0.0
   by_kind: dict[str, float] = {}
   for c in stats.collectives:
     by_kind[c.kind] = by_kind.get(c.kind, 0.0) + c.count * collective_time(c, hw)
   comm = math.fsum(by_kind.values())
   total = compute + comm - overlap * min(compute, comm)
   bubble = gpipe_bubble_fraction(plan.pp, plan.mb) if plan.pp > 1 else 0.0
-  return CostEstimate(compute, comm, bubble, total, by_kind, dtype)
+  return CostEstimate(compute, comm, bubble, total, by_kind, dtype, flops_s, memory_bound)
 
 
 def rank_key(estimate: CostEstimate | float | None, memory_bytes: int | None) -> tuple[float, float]:

@@ -91,7 +91,7 @@ class Evaluator:
       return CandidateResult(plan, COMPILE_ERROR, reason=" ".join(msg)[:2000],
                              compile_s=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
-    mem = memory.memory_stats(compiled)
+    mem = memory.memory_stats(compiled, self.devices[0].platform)
     stats = hlo_stats.analyze_hlo(compiled.as_text())
     cost = cost_model.estimate_step_time(stats, plan, self.hardware)
     details = {"memory": dataclasses.asdict(mem), "cost": _cost_dict(cost), "flops": stats.flops}

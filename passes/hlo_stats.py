@@ -1,9 +1,17 @@
-"""FLOPs and collectives of a compiled program, read from its optimized HLO text.
+"""FLOPs, memory traffic and collectives of a compiled program, read from its optimized HLO.
 
 `compiled.cost_analysis()` counts a while body once; here every computation is counted as
 often as it runs: a while body `known_trip_count` times (nested loops multiply), fusions
 and calls where they are called, the costliest branch of a conditional. All figures are
 per device (the HLO of an SPMD program is the program of one partition).
+
+Kernels: every instruction the program runs on its own (a fusion, a dot, a copy...; not a
+collective, not bookkeeping such as tuple or bitcast) with its FLOPs and the bytes it moves
+to and from memory, for the cost model's roofline. The bytes follow what the kernel touches:
+a slice reads and writes the slice; a dynamic-update-slice writes its update in place; a
+fusion reads each parameter in full unless the parameter is only sliced (then the slices)
+or is the buffer a dynamic-update-slice updates in place (then nothing), and writes its
+result, or only the updates where its root is (a tuple of) dynamic-update-slices.
 """
 from __future__ import annotations
 
@@ -40,6 +48,13 @@ class Collective:
   groups: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
 
+class Kernel(NamedTuple):
+  """Kernels of one kind: FLOPs and bytes moved per run, and runs per step (module doc)."""
+  flops: int
+  bytes: int
+  count: int
+
+
 @dataclasses.dataclass(frozen=True)
 class HloStats:
   """What one step costs per device.
@@ -48,10 +63,17 @@ class HloStats:
     flops: FLOPs of dots and convolutions (2 per multiply-add), loops unrolled.
     collectives: every collective instruction with its run count.
     unknown_trip_counts: while loops without a known trip count (their bodies counted once).
+    kernels: the kernels a step runs (module doc), equal ones merged with their counts added.
   """
   flops: int
   collectives: tuple[Collective, ...] = ()
   unknown_trip_counts: int = 0
+  kernels: tuple[Kernel, ...] = dataclasses.field(default=(), repr=False)
+
+  @property
+  def kernel_bytes(self) -> int:
+    """Bytes all kernels move to and from memory over one step."""
+    return sum(k.bytes * k.count for k in self.kernels)
 
   @property
   def comm_bytes(self) -> int:
@@ -379,7 +401,143 @@ def analyze_hlo(hlo_text: str) -> HloStats:
     return memo[name]
 
   flops, colls, unknown = visit(entry)
-  return HloStats(int(flops), tuple(colls), unknown)
+  return HloStats(int(flops), tuple(colls), unknown, _kernels(comps, entry, shapes, lambda c: visit(c)[0]))
+
+
+# ---------------------------------------------------------------- kernels (memory traffic)
+
+_BOOKKEEPING = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+                          "partition-id", "replica-id", "async-update", "async-done", "opt-barrier"})
+_SLICES = frozenset({"dynamic-slice", "slice", "gather"})
+
+
+def _operand_bytes(ins: _Instr, k: int, shapes: dict) -> int:
+  head, name = ins.operands[k]
+  return shape_bytes(head or shapes.get(name, ""))
+
+
+def _fusion_bytes(ins: _Instr, body: list, shapes: dict) -> int:
+  """Bytes a fusion moves (module doc): its parameters as they are used, and its result."""
+  users: dict[str, list[tuple[_Instr, int]]] = {}
+  for i in body:
+    for k, (_, name) in enumerate(i.operands):
+      users.setdefault(name, []).append((i, k))
+  moved = 0
+  for p in (i for i in body if i.opcode == "parameter"):
+    used = users.get(p.name, [])
+    part = 0
+    for u, k in used:
+      if u.opcode in _SLICES and k == 0:
+        part += shape_bytes(u.shape)
+      elif not (u.opcode == "dynamic-update-slice" and k == 0):
+        part = shape_bytes(p.shape)
+        break
+    moved += min(part, shape_bytes(p.shape))
+  by_name = {i.name: i for i in body}
+  root = body[-1] if body else None  # HLO text prints a computation's ROOT last
+  outs = [by_name.get(n) for _, n in root.operands] if root is not None and root.opcode == "tuple" else [root]
+  for o in outs:
+    if o is not None and o.opcode == "dynamic-update-slice":
+      moved += _operand_bytes(o, 1, shapes)  # written in place: only the update moves
+    elif o is not None:
+      moved += shape_bytes(o.shape)
+  return moved
+
+
+def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[Kernel, ...]:
+  counts: dict[tuple[int, int], int] = {}
+
+  def walk(name: str, times: int, into: dict):
+    for ins in comps.get(name, ()):
+      op = ins.opcode
+      if op in _BOOKKEEPING or op.endswith("-done"):
+        continue
+      if op == "while":
+        body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs).group(1)
+        trip = _TRIP_RE.search(ins.attrs)
+        walk(body, times * (int(trip.group(1)) if trip else 1), into)
+        continue
+      if op == "conditional":
+        m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+        branches = ([b.strip().lstrip("%") for b in m.group(1).split(",")] if m else
+                    re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs))
+        runs = []
+        for b in branches:
+          runs.append({})
+          walk(b, times, runs[-1])
+        if runs:  # the costliest branch, as for FLOPs
+          costly = max(runs, key=lambda r: (sum(f * c for (f, _), c in r.items()), sum(b * c for (_, b), c in r.items())))
+          for key, c in costly.items():
+            into[key] = into.get(key, 0) + c
+        continue
+      if op == "call":
+        for callee in _callees(ins):
+          walk(callee, times, into)
+        continue
+      kind = op[:-len("-start")] if op.endswith("-start") else op
+      if kind in COLLECTIVE_KINDS:
+        continue  # the ring model charges collectives
+      callees = _callees(ins)
+      flops = _flops(ins, shapes) + sum(comp_flops(c) for c in callees)
+      if op == "fusion" and callees:
+        moved = _fusion_bytes(ins, comps.get(callees[0], []), shapes)
+      elif op in _SLICES:
+        moved = 2 * shape_bytes(ins.shape)
+      elif op == "dynamic-update-slice":
+        moved = 2 * _operand_bytes(ins, 1, shapes)
+      else:
+        moved = sum(_operand_bytes(ins, k, shapes) for k in range(len(ins.operands))) + shape_bytes(ins.shape)
+      key = (int(flops), int(moved))
+      into[key] = into.get(key, 0) + times
+
+  walk(entry, 1, counts)
+  return tuple(Kernel(f, b, c) for (f, b), c in sorted(counts.items()))
+
+
+class Dot(NamedTuple):
+  """A dot instruction outside any fusion: m x n result (its last two dims), k contracted."""
+  name: str
+  m: int
+  n: int
+  k: int
+  dtype_bytes: int
+
+
+def unfused_dots(hlo_text: str) -> list[Dot]:
+  """The `dot` instructions a compiled program runs as their own kernels (not in a fusion).
+
+  Only computations reached through control flow (the entry, while bodies and conditions,
+  conditional branches, calls) are searched; a fusion's computation is not. On XLA:CPU
+  these are the dots its YNNPACK fusions do not take (a left operand contracted on dim 0,
+  e.g. weight gradients `x.T @ g`), run as Eigen contractions (`memory.cpu_dot_scratch`).
+  """
+  if not isinstance(hlo_text, str):
+    raise TypeError(f"unfused_dots takes the HLO text (compiled.as_text()), got {type(hlo_text).__name__}.")
+  comps, entry, shapes, _ = _parse_module(hlo_text)
+  out, seen = [], set()
+
+  def visit(name: str):
+    if name in seen:
+      return
+    seen.add(name)
+    for ins in comps.get(name, ()):
+      if ins.opcode == "dot":
+        arrays = _arrays(ins.shape)
+        dtype, dims = arrays[0] if arrays else ("f32", ())
+        m, n = (dims[-2], dims[-1]) if len(dims) >= 2 else (1, dims[0] if dims else 1)
+        lhs = _operand_dims(ins, 0, shapes)
+        cd = re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins.attrs)
+        k = math.prod(lhs[c] for c in _ints(cd.group(1))) if cd else 1
+        out.append(Dot(ins.name, m, n, k, max(_dtype_bits(dtype) // 8, 1)))
+      elif ins.opcode in ("while", "conditional", "call"):
+        names = re.findall(r"\b(?:body|condition|true_computation|false_computation)=%?([\w.\-]+)", ins.attrs)
+        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+        names += [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else []
+        for callee in names + _callees(ins):
+          visit(callee)
+
+  visit(entry)
+  return out
 
 
 def xla_cost_analysis(compiled) -> tuple[float, float]:

@@ -1,15 +1,32 @@
-"""Per-device memory of a compiled program, from XLA's buffer assignment."""
+"""Per-device memory of a compiled program: XLA's buffer assignment, plus on CPU the dots'
+packing memory that the buffer assignment does not hold.
+
+XLA:CPU runs a dot that its YNNPACK fusions do not take (a left operand contracted on dim 0,
+such as a weight gradient `x.T @ g`) as an Eigen thread-pool contraction, which packs slices
+of its operands into memory it allocates itself. `benchmarks/cpu_dot_scratch.py` measured that
+memory on one device at about 2 x 256 x (m + n) x element bytes for an m x n result (k >= 256);
+on 8 simulated devices sharing 2 cores each device's share was at most that (0.45-8.5 MiB).
+`cpu_dot_scratch` charges the largest such dot of a program at 2 x min(k, 256) x (m + n) x
+element bytes: on the plan_quality model the worst memory prediction went from 5.7-6.3% low
+to 3.8% low (benchmarks/RESULTS.md). It errs high where Eigen partitions a dot another way
+(a tall m x 128 result), which only makes a plan look bigger than it is.
+"""
 from __future__ import annotations
 
 import dataclasses
+
+from passes import hlo_stats
+
+# Eigen's contraction packs operand panels of at most this many contracted elements.
+EIGEN_K_BLOCK = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryStats:
   """Per-device bytes of one compiled program.
 
-  `total` = argument + output - alias + temp is the predicted peak: donated arguments that
-  alias outputs are counted once. It predicted the measured peak within ~2% (slightly low)
+  `total` = argument + output - alias + temp + scratch is the predicted peak: donated
+  arguments that alias outputs are counted once. It predicted the measured peak within ~2% (slightly low)
   in FIELD_NOTES; `peak_memory_in_bytes` is not used because it is meaningless on CPU.
 
   Attributes:
@@ -17,32 +34,46 @@ class MemoryStats:
     output: bytes of the results.
     alias: bytes of outputs that reuse a donated argument's buffer.
     temp: bytes of temporaries (activations, gradients, workspace).
-    total: argument + output - alias + temp.
+    scratch: memory the program's kernels allocate outside the buffer assignment (on CPU the
+      largest unfused dot's packing, `cpu_dot_scratch`; 0 elsewhere).
+    total: argument + output - alias + temp + scratch.
   """
   argument: int
   output: int
   alias: int
   temp: int
+  scratch: int = 0
   total: int = dataclasses.field(init=False)
 
   def __post_init__(self):
-    for f in ("argument", "output", "alias", "temp"):
+    for f in ("argument", "output", "alias", "temp", "scratch"):
       v = getattr(self, f)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError(f"MemoryStats.{f} must be a non-negative int, got {v!r}.")
-    object.__setattr__(self, "total", self.argument + self.output - self.alias + self.temp)
+    object.__setattr__(self, "total", self.argument + self.output - self.alias + self.temp + self.scratch)
 
   def __repr__(self):
     mib = lambda b: f"{b / 2**20:.4g} MiB"
     return (f"MemoryStats(total={mib(self.total)}, argument={mib(self.argument)}, output={mib(self.output)}, "
-            f"alias={mib(self.alias)}, temp={mib(self.temp)})")
+            f"alias={mib(self.alias)}, temp={mib(self.temp)}, scratch={mib(self.scratch)})")
 
 
-def memory_stats(compiled) -> MemoryStats:
+def cpu_dot_scratch(hlo_text: str) -> int:
+  """Per-device bytes of the largest Eigen packing of a CPU program's unfused dots (module doc)."""
+  return max((2 * min(d.k, EIGEN_K_BLOCK) * (d.m + d.n) * d.dtype_bytes for d in hlo_stats.unfused_dots(hlo_text)),
+             default=0)
+
+
+def memory_stats(compiled, platform: str | None = None) -> MemoryStats:
   """Reads `compiled.memory_analysis()` (sizes are per device).
 
+  Args:
+    compiled: a compiled program (`jax.jit(f).lower(...).compile()`).
+    platform: the devices' platform ('cpu', 'gpu', ...); on 'cpu' the unfused dots' packing
+      memory is added (`cpu_dot_scratch`). None: buffer assignment only.
+
   Example:
-    >>> memory_stats(jax.jit(f).lower(x).compile()).total
+    >>> memory_stats(jax.jit(f).lower(x).compile(), 'cpu').total
 
   Raises:
     ValueError: the backend gives no memory analysis.
@@ -51,5 +82,6 @@ def memory_stats(compiled) -> MemoryStats:
   if ma is None:
     raise ValueError("memory_stats: this backend returned no memory_analysis() for the compiled program; "
                      "the memory of a candidate cannot be predicted without it.")
+  scratch = cpu_dot_scratch(compiled.as_text()) if platform == "cpu" else 0
   return MemoryStats(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
-                     alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes))
+                     alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes), scratch=scratch)

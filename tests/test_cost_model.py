@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from passes import cost_model
 from passes.cost_model import CostEstimate, collective_time, estimate_step_time, rank_key
 from passes.hardware import HardwareProfile, get_profile
-from passes.hlo_stats import Collective, HloStats, analyze_hlo
+from passes.hlo_stats import Collective, HloStats, Kernel, analyze_hlo
 from passes.plan import Plan
 
 # Round figures so the expected times can be written by hand.
@@ -97,6 +97,27 @@ def test_errors_name_the_parameter():
     cost_model.gpipe_bubble_fraction(2, 0)
 
 
+def test_roofline_charges_each_kernel_its_flops_or_its_bytes():
+  # HW: 1e12 FLOP/s f32, 4e12 bf16, 1e12 B/s. A dot-like kernel bound by FLOPs run twice, an
+  # elementwise one bound by memory, one in between.
+  kernels = (Kernel(flops=2 * 10**9, bytes=10**6, count=2), Kernel(flops=0, bytes=4 * 10**9, count=1),
+             Kernel(flops=10**9, bytes=3 * 10**9, count=1))
+  stats = HloStats(flops=5 * 10**9, kernels=kernels)
+  est = estimate_step_time(stats, Plan(), HW)
+  assert est.compute_s == pytest.approx(2 * 2e-3 + 4e-3 + 3e-3)
+  assert est.memory_bound_s == pytest.approx(4e-3 + (3e-3 - 1e-3))
+  assert est.flops_s == pytest.approx(5e-3) and est.total_s == pytest.approx(est.compute_s)
+  assert "memory-bound" in repr(est)
+  # bf16 quarters the FLOP time only: the first kernel becomes 0.5 ms, the others stay memory-bound
+  bf16 = estimate_step_time(stats, Plan(bf16=True), HW)
+  assert bf16.compute_s == pytest.approx(2 * 0.5e-3 + 4e-3 + 3e-3) and bf16.dtype == "bf16"
+  # more bandwidth, less time for memory-bound kernels only
+  fast = estimate_step_time(stats, Plan(), get_profile(HW, memory_bandwidth=4e12))
+  assert fast.compute_s == pytest.approx(2 * 2e-3 + 1e-3 + 1e-3)
+  # an HloStats without kernels (built by hand) is charged its FLOPs
+  assert estimate_step_time(HloStats(flops=5 * 10**9), Plan(), HW).compute_s == pytest.approx(5e-3)
+
+
 def test_rank_key_cheaper_first_then_less_memory():
   def est(t):
     return CostEstimate(t, 0.0, 0.0, t)
@@ -120,7 +141,9 @@ def test_real_program_data_parallel_vs_replicated():
       jax.ShapeDtypeStruct((64, 64), jnp.float32), jax.ShapeDtypeStruct((256, 64), jnp.float32)).compile().as_text()),
       Plan(), h100)
   assert one.comm_s == 0.0 and set(dp.comm_by_kind) == {"all-reduce"}
-  assert dp.compute_s == pytest.approx(one.compute_s / 8)  # forward and backward dots split 8 ways
+  assert dp.flops_s == pytest.approx(one.flops_s / 8)  # forward and backward dots split 8 ways
+  # the replicated weight's gradient and its update are not split: less than 8x faster
+  assert one.compute_s / 8 < dp.compute_s < one.compute_s and dp.compute_s >= dp.flops_s
   grad_bytes = 64 * 64 * 4
   assert dp.comm_s >= 2 * 7 / 8 * grad_bytes / h100.link_bandwidth + 14 * h100.link_latency
   assert math.isclose(dp.total_s, dp.compute_s + dp.comm_s)
@@ -169,8 +192,9 @@ def test_pipelined_llama_cost_includes_the_bubble_and_the_stage_transfers():
   est, est_d = estimate_step_time(c, piped, HW), estimate_step_time(d, piped, HW)
   flat_a, flat_b = estimate_step_time(a, Plan(), HW), estimate_step_time(b, Plan(), HW)
   # the bubble ticks are in the compute time (and reported, not added again) ...
-  assert est.compute_s == pytest.approx(c.flops / HW.peak("f32"))
-  assert est_d.compute_s - est.compute_s == pytest.approx((M + S - 1) / M * (flat_b.compute_s - flat_a.compute_s))
+  assert est.flops_s == pytest.approx(c.flops / HW.peak("f32")) and est.compute_s >= est.flops_s
+  assert est_d.flops_s - est.flops_s == pytest.approx((M + S - 1) / M * (flat_b.flops_s - flat_a.flops_s))
+  assert est_d.compute_s > est.compute_s  # the memory traffic of the extra blocks' ticks too
   assert est.bubble_fraction == pytest.approx((S - 1) / (M + S - 1))
   # ... and the stage-to-stage transfers in the communication time
   one = collective_time(Collective("collective-permute", B // M * T * D * 4, 2, groups=((0, 1),)), HW)

@@ -85,6 +85,63 @@ def test_memory_stats_of_a_sharded_array():
     memory.memory_stats(NoAnalysis())
 
 
+def test_kernels_move_what_they_touch():
+  x = jax.ShapeDtypeStruct((1024, 256), jnp.float32)  # 1 MiB
+  ew = analyze_hlo(jax.jit(lambda x: x * 2 + 1).lower(x).compile().as_text())
+  assert ew.kernels == (hlo_stats.Kernel(flops=0, bytes=2 * 2**20, count=1),)  # read once, write once
+
+  row = 4096 * 4
+  buf = jax.ShapeDtypeStruct((16, 4096), jnp.float32)
+
+  def read_rows(b):  # a loop reading one row per trip: a slice, not the whole buffer
+    return jax.lax.fori_loop(0, 16, lambda i, acc: acc + jnp.sin(jax.lax.dynamic_index_in_dim(b, i, keepdims=False)),
+                             jnp.zeros(4096))
+
+  def write_rows(b):  # a loop updating one row in place per trip
+    return jax.lax.fori_loop(0, 16, lambda i, acc: jax.lax.dynamic_update_index_in_dim(acc, jnp.cos(acc[i]), i, 0), b)
+
+  for fn, per_trip in ((read_rows, 3 * row), (write_rows, 2 * row)):  # (+ a 4-byte index)
+    stats = analyze_hlo(jax.jit(fn, donate_argnums=0 if fn is write_rows else ()).lower(buf).compile().as_text())
+    body = max(stats.kernels, key=lambda k: k.bytes)
+    assert body.count == 16 and per_trip <= body.bytes <= per_trip + 64, stats.kernels
+    assert stats.kernel_bytes < 16 * 4096 * 4 * 4  # far from the whole buffer on every trip
+
+  # a dot's FLOPs are in its kernel, collectives are not kernels (the ring model charges them)
+  mesh = _mesh((8,), ("d",))
+  w = _sds((64, 64), mesh, P())
+  xs = _sds((256, 64), mesh, P("d"))
+  grad = analyze_hlo(jax.jit(jax.grad(lambda w, x: jnp.sum(x @ w))).lower(w, xs).compile().as_text())
+  assert sum(k.flops * k.count for k in grad.kernels) == grad.flops > 0 and grad.collectives
+
+
+def test_cpu_dot_scratch_charges_the_largest_unfused_dot():
+  # A weight gradient x.T @ g contracts the left operand on dim 0: XLA:CPU runs it as an Eigen
+  # contraction outside any fusion; the canonical x @ w goes into a YNNPACK fusion.
+  x = jax.ShapeDtypeStruct((1024, 128), jnp.float32)
+  g = jax.ShapeDtypeStruct((1024, 512), jnp.float32)
+  w = jax.ShapeDtypeStruct((128, 512), jnp.float32)
+  grad = jax.jit(lambda x, g: x.T @ g).lower(x, g).compile()
+  dots = hlo_stats.unfused_dots(grad.as_text())
+  assert [(d.m, d.n, d.k, d.dtype_bytes) for d in dots] == [(128, 512, 1024, 4)]
+  plain = memory.memory_stats(grad)
+  cpu = memory.memory_stats(grad, "cpu")
+  assert plain.scratch == 0 and cpu.scratch == 2 * 256 * (128 + 512) * 4  # k capped at Eigen's 256 block
+  assert cpu.total == plain.total + cpu.scratch and "scratch=" in repr(cpu)
+  assert memory.memory_stats(grad, "gpu").scratch == 0
+  fwd = jax.jit(lambda x, w: x @ w).lower(x, w).compile()
+  assert memory.cpu_dot_scratch(fwd.as_text()) == 0, hlo_stats.unfused_dots(fwd.as_text())
+
+  # one inside a loop body is found too; k below the block size is charged as it is
+  def loop(x, g):
+    return jax.lax.fori_loop(0, 3, lambda i, acc: acc + x[:64].T @ g[:64], jnp.zeros((128, 512)))
+  looped = jax.jit(loop).lower(x, g).compile()
+  assert memory.cpu_dot_scratch(looped.as_text()) == 2 * 64 * (128 + 512) * 4
+  with pytest.raises(ValueError, match=r"MemoryStats.scratch must be a non-negative int, got -1"):
+    memory.MemoryStats(1, 1, 0, 0, -1)
+  with pytest.raises(TypeError, match="unfused_dots takes the HLO text"):
+    hlo_stats.unfused_dots(grad)
+
+
 # ------------------------------------------------------------------ literal HLO
 
 def _module(*body, header="num_partitions=8", extra=""):

@@ -43,7 +43,9 @@ def test_budget_forces_a_memory_saving_plan(probe, caplog):
   assert res2.chosen.memory_bytes <= budget
   # the chosen plan's compiled memory really is under the budget
   compiled = compile_plan(prog.abstract(), res2.plan, jax.devices(), None)
-  assert memory.memory_stats(compiled).total <= budget
+  cpu = memory.memory_stats(compiled, "cpu")
+  assert cpu.total <= budget and res2.chosen.memory_bytes == cpu.total  # the search charges the CPU dots' scratch
+  assert res2.chosen.details["memory"]["scratch"] == cpu.scratch
   assert any(c.plan == res.plan and c.verdict == "over_budget" for c in res2.candidates)
   text = caplog.text
   order = ["parallelization candidates", "Start compilation", "Complete compilation",
