@@ -9,7 +9,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from passes import cost_model, hlo_stats, memory
-from passes.hardware import HardwareProfile
+from passes.hardware import HardwareProfile, is_host_profile
 from passes.plan import TENSOR, Plan
 from passes.program import BLOCKS, POST, PRE, Program
 from passes.report import COMPILE_ERROR, FEASIBLE, OVER_BUDGET, CandidateResult, fmt_bytes
@@ -91,7 +91,10 @@ class Evaluator:
       return CandidateResult(plan, COMPILE_ERROR, reason=" ".join(msg)[:2000],
                              compile_s=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
-    mem = memory.memory_stats(compiled, self.devices[0].platform)
+    # XLA:CPU's dot scratch is charged to runs on these CPU devices, not to another target
+    # simulated on them (ap-xla plan --hardware h100).
+    platform = self.devices[0].platform
+    mem = memory.memory_stats(compiled, platform if platform != "cpu" or is_host_profile(self.hardware) else None)
     stats = hlo_stats.analyze_hlo(compiled.as_text())
     cost = cost_model.estimate_step_time(stats, plan, self.hardware)
     details = {"memory": dataclasses.asdict(mem), "cost": _cost_dict(cost), "flops": stats.flops}

@@ -254,6 +254,13 @@ def detect_profile(devices) -> HardwareProfile:
   return _BUILTINS["a100"]
 
 
+def is_host_profile(profile: HardwareProfile) -> bool:
+  """Whether a profile describes host (CPU) devices: the built-in 'cpu', or one calibrated on
+  CPU devices ('calibrated-cpu-...'). A GPU profile used on simulated CPU devices (`ap-xla plan
+  --hardware h100`) is not: XLA:CPU's own memory needs are then not the target's."""
+  return profile.name == "cpu" or profile.name.startswith("calibrated-cpu-")
+
+
 def device_memory_bytes(device) -> int | None:
   """The device's own memory limit (`memory_stats()['bytes_limit']`), or None if it has none."""
   try:

@@ -345,6 +345,14 @@ def _callees(ins: _Instr) -> list[str]:
   return [n.strip().lstrip("%") for group in names for n in group.split(",") if n.strip()]
 
 
+def _branches(ins: _Instr) -> list[str]:
+  """The branch computations of a conditional."""
+  m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+  if m:
+    return [b.strip().lstrip("%") for b in m.group(1).split(",")]
+  return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs)
+
+
 def analyze_hlo(hlo_text: str) -> HloStats:
   """Per-device FLOPs and collectives of `compiled.as_text()`, with loops unrolled.
 
@@ -387,9 +395,7 @@ def analyze_hlo(hlo_text: str) -> HloStats:
         unknown += trip is None
         add(body, int(trip.group(1)) if trip else 1)
       elif op == "conditional":
-        m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-        branches = ([b.strip().lstrip("%") for b in m.group(1).split(",")] if m else
-                    re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs))
+        branches = _branches(ins)
         if branches:
           add(max(branches, key=lambda b: visit(b)[0]), 1)
       elif op in ("async-update", "async-done"):
@@ -409,6 +415,7 @@ def analyze_hlo(hlo_text: str) -> HloStats:
 _BOOKKEEPING = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
                           "partition-id", "replica-id", "async-update", "async-done", "opt-barrier"})
 _SLICES = frozenset({"dynamic-slice", "slice", "gather"})
+_SEE_THROUGH = frozenset({"bitcast", "convert", "reshape"})
 
 
 def _operand_bytes(ins: _Instr, k: int, shapes: dict) -> int:
@@ -417,28 +424,46 @@ def _operand_bytes(ins: _Instr, k: int, shapes: dict) -> int:
 
 
 def _fusion_bytes(ins: _Instr, body: list, shapes: dict) -> int:
-  """Bytes a fusion moves (module doc): its parameters as they are used, and its result."""
+  """Bytes a fusion moves (module doc): its parameters as they are used, and its result.
+
+  Bitcasts and converts are looked through: XLA:CPU updates a bf16 buffer as
+  convert(dynamic-update-slice(convert(buffer), ...)), which a GPU does in place.
+  """
   users: dict[str, list[tuple[_Instr, int]]] = {}
   for i in body:
     for k, (_, name) in enumerate(i.operands):
       users.setdefault(name, []).append((i, k))
+
+  def uses(name: str) -> list[tuple[_Instr, int]]:
+    out = []
+    for u, k in users.get(name, []):
+      out.extend(uses(u.name) if u.opcode in _SEE_THROUGH else [(u, k)])
+    return out
+
   moved = 0
   for p in (i for i in body if i.opcode == "parameter"):
-    used = users.get(p.name, [])
+    full = shape_bytes(p.shape)
     part = 0
-    for u, k in used:
+    for u, k in uses(p.name):
       if u.opcode in _SLICES and k == 0:
         part += shape_bytes(u.shape)
       elif not (u.opcode == "dynamic-update-slice" and k == 0):
-        part = shape_bytes(p.shape)
+        part = full
         break
-    moved += min(part, shape_bytes(p.shape))
+    moved += min(part, full)
   by_name = {i.name: i for i in body}
+
+  def source(i: _Instr | None) -> _Instr | None:
+    while i is not None and i.opcode in _SEE_THROUGH and i.operands:
+      i = by_name.get(i.operands[0][1])
+    return i
+
   root = body[-1] if body else None  # HLO text prints a computation's ROOT last
   outs = [by_name.get(n) for _, n in root.operands] if root is not None and root.opcode == "tuple" else [root]
   for o in outs:
-    if o is not None and o.opcode == "dynamic-update-slice":
-      moved += _operand_bytes(o, 1, shapes)  # written in place: only the update moves
+    src = source(o)
+    if src is not None and src.opcode == "dynamic-update-slice":
+      moved += _operand_bytes(src, 1, shapes)  # written in place: only the update moves
     elif o is not None:
       moved += shape_bytes(o.shape)
   return moved
@@ -458,11 +483,8 @@ def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[Kernel,
         walk(body, times * (int(trip.group(1)) if trip else 1), into)
         continue
       if op == "conditional":
-        m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-        branches = ([b.strip().lstrip("%") for b in m.group(1).split(",")] if m else
-                    re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs))
         runs = []
-        for b in branches:
+        for b in _branches(ins):
           runs.append({})
           walk(b, times, runs[-1])
         if runs:  # the costliest branch, as for FLOPs
@@ -530,10 +552,8 @@ def unfused_dots(hlo_text: str) -> list[Dot]:
         k = math.prod(lhs[c] for c in _ints(cd.group(1))) if cd else 1
         out.append(Dot(ins.name, m, n, k, max(_dtype_bits(dtype) // 8, 1)))
       elif ins.opcode in ("while", "conditional", "call"):
-        names = re.findall(r"\b(?:body|condition|true_computation|false_computation)=%?([\w.\-]+)", ins.attrs)
-        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-        names += [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else []
-        for callee in names + _callees(ins):
+        names = re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", ins.attrs)
+        for callee in names + (_branches(ins) if ins.opcode == "conditional" else []) + _callees(ins):
           visit(callee)
 
   visit(entry)

@@ -105,6 +105,20 @@ def test_kernels_move_what_they_touch():
     body = max(stats.kernels, key=lambda k: k.bytes)
     assert body.count == 16 and per_trip <= body.bytes <= per_trip + 64, stats.kernels
     assert stats.kernel_bytes < 16 * 4096 * 4 * 4  # far from the whole buffer on every trip
+  # XLA:CPU updates a bf16 buffer as convert(dynamic-update-slice(convert(buffer))): still in place
+  text = jax.jit(write_rows, donate_argnums=0).lower(jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)).compile().as_text()
+  stats = analyze_hlo(text)
+  update = [k for k in stats.kernels if "dynamic-update-slice" in text and k.count == 16 and k.bytes > 64]
+  # the update fusion moves a row each way (f32 after the converts); XLA:CPU's copy of the
+  # loop-carried buffer on every trip is a real copy and is charged as one
+  assert any(k.bytes <= 2 * 4096 * 4 + 64 for k in update), stats.kernels
+  assert all(k.bytes in (range(2 * 4096 * 2, 2 * 4096 * 4 + 65)) or k.bytes == 2 * 16 * 4096 * 2 for k in update)
+
+  # a conditional is charged its costlier branch
+  big = jax.ShapeDtypeStruct((1 << 18,), jnp.float32)
+  cond = analyze_hlo(jax.jit(lambda p, x: jax.lax.cond(p, lambda x: jnp.sin(x) * 2, lambda x: x[:8].sum() + x, x))
+                     .lower(jax.ShapeDtypeStruct((), jnp.bool_), big).compile().as_text())
+  assert cond.kernel_bytes >= 2 * (1 << 18) * 4
 
   # a dot's FLOPs are in its kernel, collectives are not kernels (the ring model charges them)
   mesh = _mesh((8,), ("d",))

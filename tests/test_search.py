@@ -3,6 +3,7 @@ import json
 import logging
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import ap_xla
@@ -156,3 +157,21 @@ def test_compile_workers_are_capped_at_the_cpus_the_process_may_use(monkeypatch)
   assert compile_workers(SearchSettings(max_threads=1)) == 1
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
   assert compile_workers(SearchSettings(max_threads=16)) == 16
+
+
+def test_cpu_dot_scratch_is_charged_on_cpu_profiles_only():
+  """ap-xla plan simulates an H100 on CPU devices: XLA:CPU's dot scratch is not the target's."""
+  from passes.evaluate import Evaluator
+  from passes.hardware import get_profile, is_host_profile
+  from passes.plan import Plan
+  grad = jax.jit(lambda x, g: x.T @ g).lower(jax.ShapeDtypeStruct((1024, 128), jnp.float32),
+                                             jax.ShapeDtypeStruct((1024, 512), jnp.float32)).compile()
+  scratch = memory.cpu_dot_scratch(grad.as_text())
+  assert scratch > 0
+  for hw, charged in ((get_profile("cpu"), scratch), (get_profile("cpu", name="calibrated-cpu-cpu-8"), scratch),
+                      (get_profile("h100"), 0)):
+    ev = Evaluator(None, tuple(jax.devices()), hw, 2**40, None, compile_fn=lambda *a: grad)
+    r = ev(Plan())
+    assert r.details["memory"]["scratch"] == charged, hw.name
+    assert r.memory_bytes == memory.memory_stats(grad).total + charged
+  assert not is_host_profile(get_profile("a100")) and is_host_profile(get_profile("cpu"))
