@@ -14,9 +14,9 @@ Why the traffic term: what separates plans of equal FLOPs is mostly memory-bound
 parallelism updates the full optimizer state on every device (FSDP and TP update shards);
 tensor parallelism repeats the norms, residuals and softmax of the whole batch on every
 device (data parallelism splits them). On the plan_quality model on 8 simulated CPU devices,
-over the same six measured runs, FLOPs alone gave Spearman 0.70-0.83 and a regret up to 1.14;
-the roofline with the calibrated bandwidth gives 0.78-0.93 and at most 1.04
-(benchmarks/RESULTS.md).
+over six measured runs, FLOPs alone gave Spearman 0.70-0.83 and a regret up to 1.14; the
+roofline with the calibrated bandwidth, against the same measurements, 0.78-0.93 and at most
+1.04, and in two new runs 0.850 and 0.826, regret 1.000 and 1.071 (benchmarks/RESULTS.md).
 With the default `overlap=0` nothing overlaps: a pessimistic bound that charges every
 collective in full (XLA's async collectives hide part of it on GPUs).
 
