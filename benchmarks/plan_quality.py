@@ -20,9 +20,9 @@ tensor parallel, TP x DP), are run:
           memory is measured in a fresh process of its own (`--isolate-memory`, the
           default), after one untimed run of the same plan there: in the process that ran
           the search, the heap the compiles left behind added 0.4-3.3 MiB per device to
-          the plans (2-14%), which is not theirs; two fresh-process runs agreed within 3%. On GPU it is the device's
-          peak_bytes_in_use, measured in a fresh process per run (`--isolate`, the default
-          there) because the peak counter cannot be reset.
+          the plans (2-14%), which is not theirs; two fresh-process runs agreed within 3%.
+          On GPU it is the device's peak_bytes_in_use, measured in a fresh process per run
+          (`--isolate`, the default there) because the peak counter cannot be reset.
 
 Printed: a table of predicted vs measured time and memory per candidate, the Spearman rank
 correlation of predicted vs measured time, the regret of the chosen plan (its measured time /

@@ -93,9 +93,10 @@ class Evaluator:
     dt = time.perf_counter() - t0
     # XLA:CPU's dot scratch is charged to runs on these CPU devices, not to another target
     # simulated on them (ap-xla plan --hardware h100).
-    platform = self.devices[0].platform
-    mem = memory.memory_stats(compiled, platform if platform != "cpu" or is_host_profile(self.hardware) else None)
     stats = hlo_stats.analyze_hlo(compiled.as_text())
+    platform = self.devices[0].platform
+    mem = memory.memory_stats(compiled, platform if platform != "cpu" or is_host_profile(self.hardware) else None,
+                              stats)
     cost = cost_model.estimate_step_time(stats, plan, self.hardware)
     details = {"memory": dataclasses.asdict(mem), "cost": _cost_dict(cost), "flops": stats.flops}
     if mem.total > self.budget_bytes:

@@ -55,6 +55,15 @@ class Kernel(NamedTuple):
   count: int
 
 
+class Dot(NamedTuple):
+  """A dot instruction outside any fusion: m x n result (its last two dims), k contracted."""
+  name: str
+  m: int
+  n: int
+  k: int
+  dtype_bytes: int
+
+
 @dataclasses.dataclass(frozen=True)
 class HloStats:
   """What one step costs per device.
@@ -64,11 +73,13 @@ class HloStats:
     collectives: every collective instruction with its run count.
     unknown_trip_counts: while loops without a known trip count (their bodies counted once).
     kernels: the kernels a step runs (module doc), equal ones merged with their counts added.
+    unfused_dots: the dots run as kernels of their own (`unfused_dots`), every branch's.
   """
   flops: int
   collectives: tuple[Collective, ...] = ()
   unknown_trip_counts: int = 0
   kernels: tuple[Kernel, ...] = dataclasses.field(default=(), repr=False)
+  unfused_dots: tuple[Dot, ...] = dataclasses.field(default=(), repr=False)
 
   @property
   def kernel_bytes(self) -> int:
@@ -407,7 +418,8 @@ def analyze_hlo(hlo_text: str) -> HloStats:
     return memo[name]
 
   flops, colls, unknown = visit(entry)
-  return HloStats(int(flops), tuple(colls), unknown, _kernels(comps, entry, shapes, lambda c: visit(c)[0]))
+  kernels, dots = _kernels(comps, entry, shapes, lambda c: visit(c)[0])
+  return HloStats(int(flops), tuple(colls), unknown, kernels, dots)
 
 
 # ---------------------------------------------------------------- kernels (memory traffic)
@@ -469,8 +481,20 @@ def _fusion_bytes(ins: _Instr, body: list, shapes: dict) -> int:
   return moved
 
 
-def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[Kernel, ...]:
+def _dot(ins: _Instr, shapes: dict) -> Dot:
+  arrays = _arrays(ins.shape)
+  dtype, dims = arrays[0] if arrays else ("f32", ())
+  m, n = (dims[-2], dims[-1]) if len(dims) >= 2 else (1, dims[0] if dims else 1)
+  lhs = _operand_dims(ins, 0, shapes)
+  cd = re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins.attrs)
+  k = math.prod(lhs[c] for c in _ints(cd.group(1))) if cd else 1
+  return Dot(ins.name, m, n, k, max(_dtype_bits(dtype) // 8, 1))
+
+
+def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[tuple[Kernel, ...], tuple[Dot, ...]]:
+  """The step's kernels (module doc), and its unfused dots from every branch."""
   counts: dict[tuple[int, int], int] = {}
+  dots: list[Dot] = []
 
   def walk(name: str, times: int, into: dict):
     for ins in comps.get(name, ()):
@@ -499,6 +523,8 @@ def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[Kernel,
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if kind in COLLECTIVE_KINDS:
         continue  # the ring model charges collectives
+      if op == "dot":
+        dots.append(_dot(ins, shapes))
       callees = _callees(ins)
       flops = _flops(ins, shapes) + sum(comp_flops(c) for c in callees)
       if op == "fusion" and callees:
@@ -513,51 +539,21 @@ def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[Kernel,
       into[key] = into.get(key, 0) + times
 
   walk(entry, 1, counts)
-  return tuple(Kernel(f, b, c) for (f, b), c in sorted(counts.items()))
-
-
-class Dot(NamedTuple):
-  """A dot instruction outside any fusion: m x n result (its last two dims), k contracted."""
-  name: str
-  m: int
-  n: int
-  k: int
-  dtype_bytes: int
+  return tuple(Kernel(f, b, c) for (f, b), c in sorted(counts.items())), tuple(dots)
 
 
 def unfused_dots(hlo_text: str) -> list[Dot]:
   """The `dot` instructions a compiled program runs as their own kernels (not in a fusion).
 
-  Only computations reached through control flow (the entry, while bodies and conditions,
-  conditional branches, calls) are searched; a fusion's computation is not. On XLA:CPU
-  these are the dots its YNNPACK fusions do not take (a left operand contracted on dim 0,
-  e.g. weight gradients `x.T @ g`), run as Eigen contractions (`memory.cpu_dot_scratch`).
+  Only computations reached through control flow (the entry, while bodies, every branch of a
+  conditional, calls) are searched; a fusion's computation is not. On XLA:CPU these are the
+  dots its YNNPACK fusions do not take (a left operand contracted on dim 0, e.g. weight
+  gradients `x.T @ g`), run as Eigen contractions (`memory.cpu_dot_scratch`). The same list
+  is `analyze_hlo(hlo_text).unfused_dots`.
   """
   if not isinstance(hlo_text, str):
     raise TypeError(f"unfused_dots takes the HLO text (compiled.as_text()), got {type(hlo_text).__name__}.")
-  comps, entry, shapes, _ = _parse_module(hlo_text)
-  out, seen = [], set()
-
-  def visit(name: str):
-    if name in seen:
-      return
-    seen.add(name)
-    for ins in comps.get(name, ()):
-      if ins.opcode == "dot":
-        arrays = _arrays(ins.shape)
-        dtype, dims = arrays[0] if arrays else ("f32", ())
-        m, n = (dims[-2], dims[-1]) if len(dims) >= 2 else (1, dims[0] if dims else 1)
-        lhs = _operand_dims(ins, 0, shapes)
-        cd = re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins.attrs)
-        k = math.prod(lhs[c] for c in _ints(cd.group(1))) if cd else 1
-        out.append(Dot(ins.name, m, n, k, max(_dtype_bits(dtype) // 8, 1)))
-      elif ins.opcode in ("while", "conditional", "call"):
-        names = re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", ins.attrs)
-        for callee in names + (_branches(ins) if ins.opcode == "conditional" else []) + _callees(ins):
-          visit(callee)
-
-  visit(entry)
-  return out
+  return list(analyze_hlo(hlo_text).unfused_dots)
 
 
 def xla_cost_analysis(compiled) -> tuple[float, float]:

@@ -27,8 +27,9 @@ class MemoryStats:
   """Per-device bytes of one compiled program.
 
   `total` = argument + output - alias + temp + scratch is the predicted peak: donated
-  arguments that alias outputs are counted once. It predicted the measured peak within ~2% (slightly low)
-  in FIELD_NOTES; `peak_memory_in_bytes` is not used because it is meaningless on CPU.
+  arguments that alias outputs are counted once. It predicted the measured peak within ~2%
+  (slightly low) in FIELD_NOTES; `peak_memory_in_bytes` is not used because it is
+  meaningless on CPU.
 
   Attributes:
     argument: bytes of the parameters (this device's shards).
@@ -59,19 +60,25 @@ class MemoryStats:
             f"alias={mib(self.alias)}, temp={mib(self.temp)}, scratch={mib(self.scratch)})")
 
 
-def cpu_dot_scratch(hlo_text: str) -> int:
-  """Per-device bytes of the largest Eigen packing of a CPU program's unfused dots (module doc)."""
-  return max((2 * min(d.k, EIGEN_K_BLOCK) * (d.m + d.n) * d.dtype_bytes for d in hlo_stats.unfused_dots(hlo_text)),
-             default=0)
+def cpu_dot_scratch(hlo: str | hlo_stats.HloStats) -> int:
+  """Per-device bytes of the largest Eigen packing of a CPU program's unfused dots (module doc).
+
+  Args:
+    hlo: the program's HLO text (`compiled.as_text()`) or its `hlo_stats.analyze_hlo`.
+  """
+  dots = hlo.unfused_dots if isinstance(hlo, hlo_stats.HloStats) else hlo_stats.unfused_dots(hlo)
+  return max((2 * min(d.k, EIGEN_K_BLOCK) * (d.m + d.n) * d.dtype_bytes for d in dots), default=0)
 
 
-def memory_stats(compiled, platform: str | None = None) -> MemoryStats:
+def memory_stats(compiled, platform: str | None = None, stats: hlo_stats.HloStats | None = None) -> MemoryStats:
   """Reads `compiled.memory_analysis()` (sizes are per device).
 
   Args:
     compiled: a compiled program (`jax.jit(f).lower(...).compile()`).
     platform: the devices' platform ('cpu', 'gpu', ...); on 'cpu' the unfused dots' packing
       memory is added (`cpu_dot_scratch`). None: buffer assignment only.
+    stats: the program's `hlo_stats.analyze_hlo`, when the caller has it (the HLO is then
+      not parsed again).
 
   Example:
     >>> memory_stats(jax.jit(f).lower(x).compile(), 'cpu').total
@@ -83,6 +90,6 @@ def memory_stats(compiled, platform: str | None = None) -> MemoryStats:
   if ma is None:
     raise ValueError("memory_stats: this backend returned no memory_analysis() for the compiled program; "
                      "the memory of a candidate cannot be predicted without it.")
-  scratch = cpu_dot_scratch(compiled.as_text()) if platform == "cpu" else 0
+  scratch = cpu_dot_scratch(stats if stats is not None else compiled.as_text()) if platform == "cpu" else 0
   return MemoryStats(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
                      alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes), scratch=scratch)
