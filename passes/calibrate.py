@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from passes import hardware as hw_lib
+from passes.compat import auto_mesh
 from passes.hardware import HardwareProfile
 
 log = logging.getLogger("ap_xla")
@@ -142,7 +143,7 @@ def _memory_sample(mesh: Mesh, nbytes: int, reps: int) -> Sample:
 def _collective_sample(devices, kind: str, group: int, nbytes: int, loops: int, reps: int) -> Sample:
   """Seconds of one psum (or all-gather) over groups of `group` devices, all groups at once."""
   n_dev = len(devices)
-  mesh = Mesh(np.array(devices, dtype=object).reshape(n_dev // group, group), ("rest", "group"))
+  mesh = auto_mesh(np.array(devices, dtype=object).reshape(n_dev // group, group), ("rest", "group"))
   spec = P(("rest", "group"))
   if kind == "all-reduce":
     elems = max(nbytes // 4, 1)  # the reduced array
@@ -224,7 +225,7 @@ def run_calibration(devices=None, quick: bool = False) -> Calibration:
     raise ValueError("run_calibration needs at least one device, got none.")
   n_dev = len(devices)
   gpu_like = devices[0].platform != "cpu"
-  mesh = Mesh(np.array(devices, dtype=object), ("d",))
+  mesh = auto_mesh(np.array(devices, dtype=object), ("d",))
   reps = 3 if quick else 7
   if gpu_like:
     mm_sizes, mem_bytes, big = ((4096,) if quick else (2048, 4096, 8192)), 1 << 30, 64 << 20
