@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -279,6 +280,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(threadName)s] %(message)s", datefmt="%H:%M:%S")
+  logging.getLogger("jax").setLevel(logging.WARNING)
   try:
     doc = STEPS[args.step](args)
   except Exception as e:

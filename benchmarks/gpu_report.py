@@ -198,7 +198,7 @@ def summary(doc: dict) -> tuple[str, dict]:
 
   pq = doc.get("plan_quality") or {}
   f = pq.get("figures")
-  lines.append("\n2. plan quality on the GPU:")
+  lines.append("\n2. plan quality on the device:")
   if f:
     lines.append(f"   {f['model']}: {_count(f['params'])} parameters, batch {f['batch']} x {f['seq']} tokens, bf16 "
                  f"mixed precision; budget {_size(f['budget_bytes'])} of {_size(f['capacity_bytes'])}; "
@@ -220,7 +220,7 @@ def summary(doc: dict) -> tuple[str, dict]:
       lines.append(f"   {label:40} {r['source']:22} {r['est_s'] * 1e3:9.2f} {r['measured_s'] * 1e3:9.2f} "
                    f"{r['iqr']:5.2f} {mem(r['predicted_bytes']):>8} {mem(r.get('measured_bytes')):>8} {err:>7}")
     lines.append("   (* the search's choice; est: the cost model; meas: median step; mem err: (predicted - measured) "
-                 "/ measured peak_bytes_in_use)")
+                 "/ measured peak (a GPU's peak_bytes_in_use))")
     lines.append(f"   Spearman(est, measured) {_g(f['spearman'])} over {f['measured']} plans (target >= 0.7; over "
                  f"the search's feasible ones alone: {_g(f['spearman_search_feasible'])}); regret {_g(f['regret'], '{:.3f}')} "
                  f"(best measured: {f['best_measured']}; target <= 1.10)")

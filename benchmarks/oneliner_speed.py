@@ -28,7 +28,7 @@ import time
 MODELS = {
     "tiny": (128, 32, 64, 2, 4, 32, 4),           # the dry run's
     "demo": (259, 256, 688, 4, 8, 192, 32),       # the demo's model, 3.3M parameters
-    "llama-170m": (32000, 1024, 2816, 8, 16, 1024, 8),
+    "llama-120m": (32000, 1024, 2816, 4, 16, 1024, 8),  # the GPU check's: 117M parameters
 }
 
 
@@ -46,7 +46,7 @@ def build_model(name: str, attn: str, seed: int = 0):
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--ap", action="store_true", help="add MoAI's AP line (run under `ap-xla run`)")
-  ap.add_argument("--model", choices=sorted(MODELS), default="llama-170m")
+  ap.add_argument("--model", choices=sorted(MODELS), default="llama-120m")
   ap.add_argument("--attn", default="sdpa", help="HF attention implementation (default sdpa)")
   ap.add_argument("--device", default="cpu", help="torch device of the model (plain torch: cuda)")
   ap.add_argument("--amp", action="store_true", help="plain torch: bf16 autocast on --device")

@@ -30,4 +30,5 @@ else
   fi
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+py=$(command -v "$py")
 exec "$py" benchmarks/gpu_check.py --python "$py" "$@"
