@@ -247,12 +247,22 @@ def step_pq_run(args) -> dict:
   from plan_quality import Candidate  # benchmarks/plan_quality.py
   plan = Plan.from_dict(json.loads(args.plan))
   devices = jax.devices()
-  program = llama_program(pq_config(args.model), args.batch, abstract=True)
+  program = llama_program(pq_config(args.model), args.batch, abstract=True, name=f"llama ({args.model})")
   out = {"plan": plan.to_dict()}
+  events = {"requests": 0, "hits": 0}
+
+  def count(event, **_):  # the step should come from the persistent cache the search filled
+    if event == "/jax/compilation_cache/compile_requests_use_cache":
+      events["requests"] += 1
+    elif event == "/jax/compilation_cache/cache_hits":
+      events["hits"] += 1
+
+  jax.monitoring.register_event_listener(count)
   try:
     t0 = time.perf_counter()
     cand = Candidate(program, plan, devices)
-    out.update(compile_s=time.perf_counter() - t0, predicted_bytes=cand.memory.total)
+    out.update(compile_s=time.perf_counter() - t0, predicted_bytes=cand.memory.total,
+               cache_requests=events["requests"], cache_hits=events["hits"])
     if devices[0].platform == "cpu":
       cand.run(0, 1, True)  # as plan_quality's child: the runtime's threads start on first use
     out.update(cand.run(args.warmup, args.steps, True))

@@ -77,6 +77,7 @@ def plan_quality_figures(found: dict, runs: list[dict], calibration: dict | None
       row["measured_bytes"] = r.get("measured_bytes")
       row["child_predicted_bytes"] = r.get("predicted_bytes")
       row["compile_s"] = r.get("compile_s")
+      row["cache"] = f"{r.get('cache_hits', '?')}/{r.get('cache_requests', '?')}"
       row["loss"] = r.get("loss")
       if row["measured_bytes"] and row["predicted_bytes"]:
         row["memory_err"] = (row["predicted_bytes"] - row["measured_bytes"]) / row["measured_bytes"]
@@ -192,6 +193,8 @@ def summary(doc: dict) -> tuple[str, dict]:
     for k, c in cal["compare"].items():
       scale, unit = units[k]
       lines.append(f"   {k:18} {c['builtin'] / scale:12.4g} {c['measured'] / scale:12.4g} {c['ratio']:7.3f}  {unit}")
+    lines.append("   (measured memory_bytes is the allocator's limit: jax takes 75% of a GPU's memory unless "
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise; f32 matmuls run at jax's default precision)")
     head["calibration"] = {k: round(c["ratio"], 4) for k, c in cal["compare"].items()}
   else:
     lines.append(f"   {cal.get('status', 'not run')}: {cal.get('error', '')[:300]}")
@@ -209,7 +212,7 @@ def summary(doc: dict) -> tuple[str, dict]:
     unit, scale = ("GiB", 2**30) if f["capacity_bytes"] >= 2**30 else ("MiB", 2**20)
     mem = lambda b: "-" if b is None else f"{b / scale:.2f}"
     lines.append(f"   {'plan':40} {'source':22} {'est ms':>9} {'meas ms':>9} {'IQR':>5} {'pred ' + unit:>8} "
-                 f"{'meas ' + unit:>8} {'mem err':>7}")
+                 f"{'meas ' + unit:>8} {'mem err':>7} {'compile':>8}")
     for r in sorted(f["rows"], key=lambda r: r.get("measured_s", float("inf"))):
       label = plan_repr(r["plan"]) + (" *" if r["verdict"] == "chosen" else "")
       if "measured_s" not in r:
@@ -218,9 +221,11 @@ def summary(doc: dict) -> tuple[str, dict]:
         continue
       err = _g(r.get("memory_err"), "{:+.1%}")
       lines.append(f"   {label:40} {r['source']:22} {r['est_s'] * 1e3:9.2f} {r['measured_s'] * 1e3:9.2f} "
-                   f"{r['iqr']:5.2f} {mem(r['predicted_bytes']):>8} {mem(r.get('measured_bytes')):>8} {err:>7}")
+                   f"{r['iqr']:5.2f} {mem(r['predicted_bytes']):>8} {mem(r.get('measured_bytes')):>8} {err:>7} "
+                   f"{_g(r.get('compile_s'), '{:.1f}'):>6} s  cache {r['cache']}")
     lines.append("   (* the search's choice; est: the cost model; meas: median step; mem err: (predicted - measured) "
-                 "/ measured peak (a GPU's peak_bytes_in_use))")
+                 "/ measured peak (a GPU's peak_bytes_in_use); compile: the run's compiles, cache: hits/requests "
+                 "of the persistent compilation cache)")
     lines.append(f"   Spearman(est, measured) {_g(f['spearman'])} over {f['measured']} plans (target >= 0.7; over "
                  f"the search's feasible ones alone: {_g(f['spearman_search_feasible'])}); regret {_g(f['regret'], '{:.3f}')} "
                  f"(best measured: {f['best_measured']}; target <= 1.10)")

@@ -59,6 +59,8 @@ def test_dry_run_figures(dry_run):
   for r in f["rows"]:
     assert r["measured_s"] > 0 and r["measured_bytes"] > 0
     assert r["child_predicted_bytes"] == r["predicted_bytes"]  # the run compiled what the search judged
+    hits, requests = map(int, r["cache"].split("/"))
+    assert hits >= 1, r  # ... and found it in the persistent cache the search filled
   o = doc["oneliner"]["figures"]
   assert o["tokens_per_s_ratio"] > 0 and o["ap"]["search_s"] > 0
   # The same script, model, seed and batches both ways, bf16 both ways: the first losses agree.
