@@ -215,3 +215,45 @@ def test_carried_wheels_need_nothing_else():
           if top in sys.stdlib_module_names or top == "torchax":
             continue
           assert {_normal(x) for x in dists.get(top, [])} & image, f"torchax/{f} imports {top}"
+
+
+def test_summary_of_a_run_with_failures():
+  """The rarer branches (a failed step, a run out of memory, a plan left out for time) summarize
+  without error: a GPU run happens once."""
+  plan = lambda mb, rc: {"dp": 1, "tp": 1, "pp": 1, "mb": mb, "recompute": rc, "fsdp": False, "bf16": True}
+  cand = lambda p, verdict, est, mem: {"plan": p, "verdict": verdict, "est_time_s": est, "memory_bytes": mem,
+                                       "details": {"flops": 3e12}}
+  found = {"model": "llama-1b", "params": 1_032_931_328, "batch": 16, "config": {"seq": 2048}, "model_flops": 2e15,
+           "profile_source": "calibrated", "profile": {"peak_flops": {"bf16": 8e14}},
+           "result": {"plan": plan(1, "full"), "budget_bytes": 48 * 2**30, "capacity_bytes": 60 * 2**30,
+                      "timings": {"total": 80.0},
+                      "candidates": [cand(plan(1, "full"), "chosen", 1.3, 40 * 2**30),
+                                     cand(plan(16, "none"), "feasible", 1.5, 30 * 2**30),
+                                     cand(plan(1, "none"), "over_budget", 1.0, 300 * 2**30),
+                                     cand(plan(2, "full"), "pruned", None, None)]},
+           "extra": [cand(plan(2, "full"), "chosen", 1.4, 30 * 2**30)]}
+  entries = gpu_report.plans_to_run(found)
+  runs = [{**entries[0], "status": "ok", "times": [1.5, 1.6, 1.4], "measured_bytes": 41 * 2**30,
+           "predicted_bytes": 40 * 2**30, "compile_s": 3.0, "cache_hits": 1, "cache_requests": 4},
+          {**entries[1], "status": "failed", "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory", "oom": True},
+          {**entries[2], "status": "not run", "error": "time budget"}]
+  calibration = {"status": "ok", "builtin": {"name": "h100", "peak_flops": {"bf16": 989.4e12}},
+                 "calibrated": {"peak_flops": {"bf16": 7.9e14}},
+                 "compare": {"bf16_flops": {"builtin": 989.4e12, "measured": 7.9e14, "ratio": 0.8}}}
+  f = gpu_report.plan_quality_figures(found, runs, calibration)
+  assert f["feasible_oom"] == ["Plan(mb=16, recompute='none', bf16)"] and f["measured"] == 1
+  assert f["spearman"] is None and f["regret"] == 1.0
+  assert f["mfu"]["datasheet"] == pytest.approx(2e15 / 1.5 / 989.4e12)
+  doc = {"dry_run": False, "date": "2026-12-06", "budget_s": 470, "seconds": 400.0,
+         "steps": [{"step": "env", "status": "ok", "seconds": 9.0}, {"step": "oneliner-torch", "status": "timeout",
+                                                                     "seconds": 35.0}],
+         "env": {"versions": {"jax": "0.11.2"}, "device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu",
+                 "device_count": 1},
+         "calibration": calibration, "plan_quality": {"figures": f},
+         "oneliner": {"ap": {"status": "ok"}, "torch": {"status": "timeout", "error": "killed after 35 s"},
+                      "figures": {}}}
+  text, head = gpu_report.summary(doc)
+  assert "out of memory" in text and "Plan(mb=16, recompute='none', bf16)" in text
+  assert "not run (time): 1" in text and "timeout: killed after 35 s" in text
+  assert head["all_ok"] is False and head["oom"]["feasible_oom"] and "oneliner" not in head
+  json.dumps(head)
