@@ -199,19 +199,22 @@ def step_pq_search(args) -> dict:
     kwargs["capacity_bytes"] = capacity
     print(f"dry run: replicated plan {sizes[0]} B, smallest {sizes[1]} B: capacity {capacity} B", flush=True)
   print(f"searching {program!r} on {len(devices)} {devices[0].device_kind} with the {source} profile; "
-        f"{len(space)} plans also searched alone, {args.extra_threads} at once", flush=True)
+        f"plans searched alone: {f'all, {args.extra_threads} at once' if args.extra_threads else 'the pruned ones, after it'}",
+        flush=True)
   doc = {"model": args.model, "config": dataclasses.asdict(cfg), "batch": batch, "params": program.num_params,
          "model_flops": model_flops(cfg, batch), "profile": dataclasses.asdict(profile), "profile_source": source,
          "extra": []}
   path = os.path.join(args.work, "search.json")
-  pool = concurrent.futures.ThreadPoolExecutor(args.extra_threads)
-  futures = {p: pool.submit(_pinned, program, devices, p, kwargs) for p in space}
+  pool = concurrent.futures.ThreadPoolExecutor(max(args.extra_threads, 1))
+  futures = {p: pool.submit(_pinned, program, devices, p, kwargs) for p in space} if args.extra_threads else {}
   t0 = time.perf_counter()
   res = ap_xla.search(program, devices, **kwargs)
   doc.update(result=res.to_json(), search_s=time.perf_counter() - t0)
   print(res.table(), flush=True)
   _write(path, doc)  # the runs can start from this even if the plans alone run out of time
   pruned = {c.plan for c in res.candidates if c.verdict == PRUNED}
+  if not args.extra_threads:  # --extra-threads 0: only the pruned plans, one at a time, after the search
+    futures = {p: pool.submit(_pinned, program, devices, p, kwargs) for p in space if p in pruned}
   for p, f in futures.items():
     if p not in pruned:
       f.cancel()  # compiled by the search already (if not started yet)
@@ -284,7 +287,8 @@ def main(argv=None) -> int:
                   help="per-device memory for the search (default: the device's; 'auto': the dry run's, halfway "
                        "between the replicated and the smallest plan)")
   ap.add_argument("--compile-timeout", type=float, default=None)
-  ap.add_argument("--extra-threads", type=int, default=4)
+  ap.add_argument("--extra-threads", type=int, default=4,
+                  help="pq-search: plans searched alone at once, beside the search (0: only the pruned ones, after it)")
   ap.add_argument("--plan", help="pq-run: the plan as JSON")
   ap.add_argument("--batch", type=int, help="pq-run: the global batch pq-search chose")
   ap.add_argument("--steps", type=int, default=5)
