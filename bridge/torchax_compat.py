@@ -1,15 +1,20 @@
-"""Imports torchax under torch 2.13, whose ATen dropped overloads torchax still names.
+"""Imports torchax on every torch ap-xla supports (2.11 to 2.13); the torch/torchax differences.
 
-torchax 0.0.13 reads about 20 named-tensor overloads (`aten.prod.dim_Dimname`,
-`aten.std.names_dim`, ...) while it is imported and while its default environment builds
-its op table; torch 2.13 removed them, so the attribute lookups raise. During those two
-steps only, a missing overload whose name marks it as a named-tensor (Dimname) overload
-resolves to an inert placeholder; the patch is removed as soon as torchax is loaded.
-The export graphs we lower never contain named-tensor ops (torch.export rejects them),
-so the placeholders are never looked up afterwards.
-
-Remove this module once `import torchax; torchax.default_env()` works on its own: the
-test `test_bridge_torchax_compat.py::test_shim_still_needed` fails on that day.
+torchax 0.0.13 (the newest on PyPI) reads about 20 named-tensor overloads
+(`aten.prod.dim_Dimname`, `aten.std.names_dim`, ...) while it is imported and while its default
+environment builds its op table.
+  - torch 2.11 and 2.12 still have them: torchax imports as it is and nothing is patched
+    (`named_overloads_removed()` is False; the GPU machine runs torch 2.11).
+  - torch 2.13 removed them, so those attribute lookups raise. During those two steps only, a
+    missing overload whose name marks it as a named-tensor (Dimname) overload resolves to an
+    inert placeholder; the patch is removed as soon as torchax is loaded. The export graphs we
+    lower never contain named-tensor ops (torch.export rejects them), so the placeholders are
+    never looked up afterwards.
+torchax fixed this upstream after 0.0.13 (google/torchax#102, `torchax/_torch_compat.py`: the
+two overloads are registered only when present). Remove the shim once a torchax release with
+that fix is pinned: `test_bridge_torchax_compat.py::test_shim_still_needed` fails on that day.
+Other torch-version checks in torchax 0.0.13 (`torch.__version__ >= "2.2"` in export.py, a
+string comparison) take the same branch on 2.11, 2.12 and 2.13.
 """
 from __future__ import annotations
 
@@ -64,10 +69,16 @@ def _placeholders_for_removed_overloads(log: list[str]):
     torch._ops.OpOverloadPacket.__getattr__ = original
 
 
+def named_overloads_removed() -> bool:
+  """Whether this torch lacks the named-tensor (Dimname) overloads torchax 0.0.13 names (2.13+)."""
+  return not hasattr(torch.ops.aten.prod, "dim_Dimname")
+
+
 @functools.cache
 def _load() -> tuple[Any, tuple[str, ...]]:
   placeholders: list[str] = []
-  with _lock, _placeholders_for_removed_overloads(placeholders):
+  shim = _placeholders_for_removed_overloads(placeholders) if named_overloads_removed() else contextlib.nullcontext()
+  with _lock, shim:
     import torchax
     import torchax.decompositions  # noqa: F401  (reads removed overloads at import)
     import torchax.export  # noqa: F401

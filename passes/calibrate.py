@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from passes import hardware as hw_lib
+from passes.compat import auto_mesh
 from passes.hardware import HardwareProfile
 
 log = logging.getLogger("ap_xla")
@@ -124,8 +125,11 @@ def _matmul_samples(mesh: Mesh, sizes: Sequence[int], dtypes: Sequence[str], rep
   for dtype in dtypes:
     dt = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
     for n in sizes:
-      # [devices, n, n]: every device multiplies its own [n, n] block by itself.
-      x = jax.device_put(jnp.full((n_dev, n, n), 1.0 / n, dt), NamedSharding(mesh, spec))
+      # [devices, n, n]: every device multiplies its own [n, n] block by itself. Random values,
+      # not a constant: an H200's bf16 matmul was seen 13% faster on zeros than on random data
+      # (2026-10-28), and a constant matrix toggles as few bits.
+      make = lambda key, n=n, dt=dt: (jax.random.normal(key, (n_dev, n, n), jnp.float32) / n ** 0.5).astype(dt)
+      x = jax.jit(make, out_shardings=NamedSharding(mesh, spec))(jax.random.PRNGKey(n))
       fn = _per_device(mesh, lambda a: jnp.einsum("dij,djk->dik", a, a), spec)
       out.append(Sample(f"matmul-{dtype}", n, 1, _median_time(functools.partial(fn, x), reps)))
   return out
@@ -142,7 +146,7 @@ def _memory_sample(mesh: Mesh, nbytes: int, reps: int) -> Sample:
 def _collective_sample(devices, kind: str, group: int, nbytes: int, loops: int, reps: int) -> Sample:
   """Seconds of one psum (or all-gather) over groups of `group` devices, all groups at once."""
   n_dev = len(devices)
-  mesh = Mesh(np.array(devices, dtype=object).reshape(n_dev // group, group), ("rest", "group"))
+  mesh = auto_mesh(np.array(devices, dtype=object).reshape(n_dev // group, group), ("rest", "group"))
   spec = P(("rest", "group"))
   if kind == "all-reduce":
     elems = max(nbytes // 4, 1)  # the reduced array
@@ -224,7 +228,7 @@ def run_calibration(devices=None, quick: bool = False) -> Calibration:
     raise ValueError("run_calibration needs at least one device, got none.")
   n_dev = len(devices)
   gpu_like = devices[0].platform != "cpu"
-  mesh = Mesh(np.array(devices, dtype=object), ("d",))
+  mesh = auto_mesh(np.array(devices, dtype=object), ("d",))
   reps = 3 if quick else 7
   if gpu_like:
     mm_sizes, mem_bytes, big = ((4096,) if quick else (2048, 4096, 8192)), 1 << 30, 64 << 20

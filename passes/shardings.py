@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from passes.compat import auto_mesh
 from passes.plan import DATA, MESH_AXES, STAGE, TENSOR, Plan
 from passes.program import BLOCKS, Program
 
@@ -19,7 +20,7 @@ def make_mesh(plan: Plan, devices) -> Mesh:
   if len(devices) < plan.num_devices:
     raise ValueError(f"{plan} needs {plan.num_devices} devices, got {len(devices)}.")
   arr = np.array(devices[:plan.num_devices], dtype=object).reshape(plan.pp, plan.dp, plan.tp)
-  return Mesh(arr, MESH_AXES)
+  return auto_mesh(arr, MESH_AXES)
 
 
 def _fsdp_dim(shape, taken: set[int], dp: int, skip_leading: bool) -> int | None:

@@ -21,14 +21,15 @@ import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from jax.sharding import PartitionSpec as P
 
+from passes.compat import CALL_PRIMITIVES
 from passes.plan import TENSOR
 
 PyTree = Any
 log = logging.getLogger("ap_xla")
 
-# Calls whose sub-jaxpr takes exactly the call's operands: traced through as if inlined.
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+# Calls whose sub-jaxpr takes exactly the call's operands: traced through as if inlined
+# (their names differ across jax versions: passes/compat.py).
+_CALLS = CALL_PRIMITIVES
 # Ops that keep a parameter's layout (a derived value still "is" the parameter).
 _UNARY = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint"}
 _ELEMENTWISE = _UNARY | {
