@@ -81,7 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  """Runs `ap-xla`; returns the exit code (0 ok, 1 planning failed, 2 bad arguments, 130 Ctrl-C)."""
+  """Runs `ap-xla`; returns the exit code (0 ok, 1 planning failed, 2 bad arguments, 130 Ctrl-C).
+
+  Run as the program (`argv` None), it ends the process itself when XLA compiles it abandoned
+  (after Ctrl-C or a timeout) still run, with the same code (see `passes.compile_threads`).
+  """
+  code = _main(argv)
+  threads = sys.modules.get("passes.compile_threads")  # imported only if something compiled
+  return threads.leave(code) if argv is None and threads is not None else code
+
+
+def _main(argv) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "run":
     launcher = importlib.import_module("ap_xla.launcher")  # imports torch: only for `run`
@@ -103,6 +113,9 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
   try:
     return _plan(args)
+  except KeyboardInterrupt:  # before or after the search (`_plan` handles one during it)
+    print(f"{PROG} plan: interrupted.", file=sys.stderr)
+    return 130
   finally:
     log.setLevel(level)
     log.removeHandler(handler)
@@ -198,8 +211,9 @@ def _run_slices(fn, items, threads: int, stop) -> list:
         done.put((i, fn(item), None))
       except BaseException as e:  # handed to the caller's thread, which re-raises it
         done.put((i, None, e))
+  from passes import compile_threads  # the slices compile: the exit hook must know them
   for _ in range(min(max(1, threads), len(items))):
-    threading.Thread(target=worker, daemon=True, name="ap_xla_slice").start()
+    compile_threads.start(worker, "ap_xla_slice")
   outs = {}
   try:
     while len(outs) < len(items):
@@ -238,7 +252,7 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   from passes.evaluate import derive_program_tp
   from passes.plan import Plan
   from passes.report import (CHOSEN, FEASIBLE, SKIPPED, CandidateResult, OutOfMemoryError, SearchResult,
-                             out_of_memory_message, rank)
+                             no_plan_error, rank)
   from passes.space import AUTO, SearchOptions, divisors, no_candidate_message
   n, auto, log = len(devices), lambda f: getattr(options, f) == AUTO, logging.getLogger("ap_xla")
   stop = threading.Event()
@@ -325,9 +339,8 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   ok = sum(c.verdict == FEASIBLE for c in ranked)
   if not ok:
     pins = {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(SearchOptions(), k)}
-    msg = out_of_memory_message(ranked, budget, capacity, settings.memory_ratio, n, program.batch_size, pins)
-    err = OutOfMemoryError(msg + (f"\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)"
-                                  if notes else ""), ranked)
+    err = no_plan_error(ranked, budget, capacity, settings.memory_ratio, n, program.batch_size, pins,
+                        f"\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)" if notes else "")
     err.from_cache = all(getattr(o, "from_cache", False) for o in searched)
     raise err
   ranked[0] = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=f"fastest estimate among {ok} feasible")
@@ -346,7 +359,7 @@ def _fail(message, code: int) -> int:
 
 def _plan(args) -> int:
   import jax  # after simulate_devices
-  from passes.report import OutOfMemoryError
+  from passes.report import NothingCompiledError, OutOfMemoryError
   from passes.search import config_line
   try:
     spec, program, hw, options, settings = _inputs(args)
@@ -368,7 +381,8 @@ def _plan(args) -> int:
   except (UsageError, OutOfMemoryError) as e:  # not any ValueError: one from inside the search is a bug
     usage = isinstance(e, UsageError)
     if args.json:
-      doc.update(error="bad_arguments" if usage else "out_of_memory", message=str(e),
+      doc.update(error="bad_arguments" if usage else "nothing_compiled" if isinstance(e, NothingCompiledError)
+                 else "out_of_memory", message=str(e),
                  from_cache=getattr(e, "from_cache", False), candidates=[c.to_json() for c in e.results])
       print(json.dumps(doc, indent=1))
     elif not usage and e.results:  # the reasons "see the reasons in the report" refers to

@@ -36,7 +36,8 @@ from ap_xla import env
 from passes import search as search_pass
 from passes.evaluate import compile_plan
 from passes.program import Program
-from passes.report import TIMEOUT, CandidateResult, OutOfMemoryError, SearchResult
+from passes.report import (TIMEOUT, CandidateResult, NothingCompiledError, OutOfMemoryError, SearchResult,
+                           nothing_compiled)
 from passes.space import SearchOptions
 
 log = logging.getLogger("ap_xla")
@@ -159,7 +160,8 @@ def read_entry(path: str, key: str) -> SearchResult | OutOfMemoryError | None:
         oom = doc["out_of_memory"]
         if not isinstance(oom["message"], str):
           raise TypeError("the message is not a string")
-        outcome = OutOfMemoryError(oom["message"], [CandidateResult.from_json(c) for c in oom["candidates"]])
+        cands = [CandidateResult.from_json(c) for c in oom["candidates"]]
+        outcome = (NothingCompiledError if nothing_compiled(cands) else OutOfMemoryError)(oom["message"], cands)
         outcome.from_cache = True
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       problem = f"corrupt: the stored result is malformed ({type(e).__name__}: {e})"
