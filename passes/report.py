@@ -10,7 +10,8 @@ from passes.plan import Plan
 # Verdicts, best first: the order the report lists them in.
 CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED = (
     "chosen", "feasible", "over_budget", "pruned", "compile_error", "timeout", "skipped")
-_ORDER = {v: i for i, v in enumerate((CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED))}
+VERDICTS = (CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED)
+_ORDER = {v: i for i, v in enumerate(VERDICTS)}
 
 GiB = 1024 ** 3
 
