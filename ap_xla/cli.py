@@ -27,21 +27,25 @@ import threading
 import time
 
 PROG = "ap-xla"
+# XLA:CPU (jaxlib 0.10.2) compiles for at most 2048 host devices: at 2049 every compile fails
+# with "Multiprocess computations aren't implemented on the CPU backend" (and starting 8192
+# devices takes 38 s, 1,000,000 never finishes). Measured on this project's machine.
+MAX_SIMULATED_DEVICES = 2048
 AUTO = ("auto",)
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def _arg(name, kind, words=()):
-  """An argparse type: a positive int or a bool (`kind`), or one of the literal `words`."""
+def _arg(name, kind, words=(), lo=1):
+  """An argparse type: an int >= `lo` or a bool (`kind`), or one of the literal `words`."""
   def parse(v):
     key = v.strip().lower()
     if key in words:
       return key
     if kind is bool and key in _BOOLS:
       return _BOOLS[key]
-    if kind is int and key.isdigit() and int(key) > 0:
+    if kind is int and key.isdigit() and int(key) >= lo:
       return int(key)
-    what = "true or false" if kind is bool else "a positive int"
+    what = "true or false" if kind is bool else "a positive int" if lo == 1 else f"an int >= {lo}"
     raise argparse.ArgumentTypeError(f"{name} must be {what}{' or ' + repr(list(words)) if words else ''}, "
                                      f"got {v!r}")
   return parse
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
   o("--no-pipeline-parallel", dest="pipeline_parallel", action="store_false", help="no pipeline stages")
   r = p.add_argument_group("output and search").add_argument
   r("--json", action="store_true", help="print one JSON document on stdout instead of the table")
-  r("--top", type=int, default=20, help="candidates shown in the table (0: all; default 20)")
+  r("--top", type=_arg("--top", int, lo=0), default=20, help="candidates shown in the table (0: all; default 20)")
   r("--max-threads", type=_arg("--max-threads", int), help="compiles at once (default: the CPU count)")
   r("--exhaustive", action="store_true", help="search every candidate, not the quick space (see quick_search)")
   r("--no-cache", action="store_true", help="search even if the plan cache has this plan")
@@ -103,6 +107,10 @@ def _main(argv) -> int:
     return int(e.code or 0)
   if args.command != "plan":
     return parser.print_help(sys.stderr) or 2
+  if args.devices > MAX_SIMULATED_DEVICES:
+    return _fail(f"--devices {args.devices}: at most {MAX_SIMULATED_DEVICES} devices can be simulated here (XLA's "
+                 f"CPU backend compiles for no more); plan for {MAX_SIMULATED_DEVICES} or fewer, e.g. one "
+                 "pipeline or data-parallel group of the cluster.", 2)
   if not getattr(sys.modules.get("jax._src.xla_bridge"), "_backends", None):  # not started: can set the count
     simulate_devices(args.devices)
   log = logging.getLogger("ap_xla")
@@ -149,7 +157,12 @@ def _inputs(args):
   name = args.hardware.strip()
   load = hardware.load_profile if name.endswith(".json") or os.sep in name else hardware.get_profile
   hw = parse("--hardware", load, name)
-  capacity = args.device_memory and parse("--device-memory", hardware.parse_bytes, args.device_memory)
+  capacity = None
+  if args.device_memory is not None:
+    capacity = parse("--device-memory", hardware.parse_bytes, args.device_memory)
+    if capacity <= 0:
+      raise ValueError(f"--device-memory {args.device_memory!r} is not valid: expected a positive size such "
+                       "as '40GB' or '80GiB'.")
   if args.memory_ratio is not None and not 0 < args.memory_ratio <= 100:
     raise ValueError(f"--memory-ratio must be a percentage in (0, 100], got {args.memory_ratio:g}.")
   options = SearchOptions(pipeline_parallel=args.pipeline_parallel, num_stages=args.num_stages,
@@ -161,6 +174,17 @@ def _inputs(args):
     threads = min(16, os.cpu_count() or 1)
   settings = env.read_settings(hardware=hw, capacity_bytes=capacity, memory_ratio=args.memory_ratio,
                                max_threads=threads)
+  if settings.measure_top_k:
+    var = env._get("MEASURE_TOP_K", os.environ)
+    raise ValueError(f"{var[0] if var else 'AP_XLA_MEASURE_TOP_K'}={settings.measure_top_k}: `{PROG} plan` "
+                     f"compiles for {hw.name} on simulated CPU devices, so running the candidates would time "
+                     "the CPU, not the target; unset it here (measure on the target machine with "
+                     "ap_xla.search there).")
+  from ap_xla import plan_cache  # read the cache's variables now: a bad one is a usage error, not a traceback
+  if not args.no_cache:
+    plan_cache.cache_enabled()
+  if args.cache_dir is None:
+    plan_cache.cache_dir()
   return spec, program, hw, options, settings
 
 

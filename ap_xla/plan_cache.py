@@ -37,6 +37,7 @@ import numpy as np
 
 from ap_xla import env, plan_cache_check
 from passes import search as search_pass
+from passes.devices import check_devices
 from passes.evaluate import compile_plan
 from passes.program import Program
 from passes.report import (TIMEOUT, CandidateResult, NothingCompiledError, OutOfMemoryError, SearchResult,
@@ -286,7 +287,7 @@ def cached_search(program: Program, devices=None, options: SearchOptions | None 
   """
   options = options or SearchOptions()
   settings = settings or search_pass.SearchSettings()
-  devices = tuple(devices if devices is not None else jax.devices())
+  devices = check_devices(devices)
   if not (cache_enabled() if enabled is None else enabled):
     return search_fn(program, devices, options, settings, compile_fn=compile_fn)
   doc = key_document(program, devices, options, settings)

@@ -20,6 +20,7 @@ import jax
 
 from passes import compile_threads
 from passes import hardware as hw_lib
+from passes.devices import check_devices
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
 from passes.plan import Plan
 from passes.program import Program
@@ -265,11 +266,14 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   t_start = time.perf_counter()
   options = options or SearchOptions()
   settings = settings or SearchSettings()
-  devices = tuple(devices if devices is not None else jax.devices())
+  devices = check_devices(devices)
   abstract = program.abstract()
   hw, capacity = resolve_hardware(settings, devices)
   budget = int(capacity * settings.memory_ratio / 100)
   batch = abstract.batch_size
+  if settings.measure_top_k:
+    from passes import measure
+    measure.check_measurable(hw, devices, settings.measure_top_k)  # before minutes of compiling
 
   tp_rules = None
   if options.tensor_parallel != 1 and len(devices) > 1:
