@@ -108,8 +108,8 @@ def _tree_difference(got: PyTree, want: PyTree) -> str:
   """What differs between two pytrees' structures, by key path ('missing key ['labels']', ...)."""
   paths = lambda t: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)}
   have, need = paths(got), paths(want)
-  parts = [f"missing {sorted(need - have)}"] if need - have else []
-  parts += [f"unexpected {sorted(have - need)}"] if have - need else []
+  parts = [f"missing {', '.join(sorted(need - have))}"] if need - have else []
+  parts += [f"unexpected {', '.join(sorted(have - need))}"] if have - need else []
   if not parts:  # same leaf paths, other containers (a tuple for a list, a dict for a dataclass, ...)
     parts = [f"got {jax.tree.structure(got)}, expected {jax.tree.structure(want)}"]
   return "; ".join(parts)
