@@ -16,6 +16,6 @@ from passes.space import SearchOptions
 __all__ = [
     "enable_advanced_parallelization", "disable_advanced_parallelization", "search", "parallelize",
     "Trainer", "Plan", "Program", "Layers", "SearchResult", "CandidateResult", "OutOfMemoryError",
-    "NothingCompiledError", "SearchOptions", "program_from_linen", "program_from_nnx", "sync_to_torch", "UnsupportedUsageError",
-    "save_checkpoint", "load_checkpoint", "plan_report",
+    "NothingCompiledError", "SearchOptions", "program_from_linen", "program_from_nnx", "sync_to_torch",
+    "UnsupportedUsageError", "save_checkpoint", "load_checkpoint", "plan_report",
 ]

@@ -73,7 +73,8 @@ def test_ctrl_c_during_compilation_exits_130_every_time():
       shutil.rmtree(t, ignore_errors=True)
   for status, _, err in runs:
     assert status == 130, f"exit status {status} (negative: killed by that signal)\n{err[-3000:]}"
-    assert err.rstrip().splitlines()[-1] == "ap-xla plan: interrupted; nothing was stored for the searches under way."
+    last = err.rstrip().splitlines()[-1]
+    assert last == "ap-xla plan: interrupted; nothing was stored for the searches under way.", err[-3000:]
     assert "Traceback" not in err and "FATAL" not in err
   # The process waits up to compile_threads.GRACE_S for a compile under way before leaving without
   # it: at least one run had one (the case that aborted), or this test would not test it.
@@ -115,14 +116,18 @@ BAD = {
                            "AP_XLA_DUMP_PATH='{tmp}' names the folder"),
     "hardware missing": ([], {"AP_XLA_HARDWARE": "{tmp}/nope.json"},
                          "AP_XLA_HARDWARE='{tmp}/nope.json' is not valid: Cannot read hardware profile file"),
-    "hardware negative": ([json.dumps(dict(_H100, memory_bandwidth=-1))], {"AP_XLA_HARDWARE": "{tmp}/profile.json"},
+    "hardware negative": ([json.dumps(dict(_H100, memory_bandwidth=-1))],
+                          {"AP_XLA_HARDWARE": "{tmp}/profile.json"},
                           "AP_XLA_HARDWARE='{tmp}/profile.json' is not valid: Invalid hardware profile file "
                           "'{tmp}/profile.json': field 'memory_bandwidth' must be a positive number, got -1"),
-    "device memory 0": (["--device-memory", "0"], {}, "--device-memory '0' is not valid: expected a positive size"),
+    "device memory 0": (["--device-memory", "0"], {},
+                        "--device-memory '0' is not valid: expected a positive size"),
     "measure a simulated target": ([], {"AP_XLA_MEASURE_TOP_K": "2", "AP_XLA_MEMORY_RATIO": "50"},
-                                   "AP_XLA_MEASURE_TOP_K=2: `ap-xla plan` compiles for h100 on simulated CPU devices"),
+                                   "AP_XLA_MEASURE_TOP_K=2: `ap-xla plan` compiles for h100 on simulated CPU "
+                                   "devices"),
     "top -1": (["--top", "-1"], {}, "argument --top: --top must be an int >= 0, got '-1'"),
-    "a million devices": (["--devices", "1000000"], {}, "--devices 1000000: at most 2048 devices can be simulated"),
+    "a million devices": (["--devices", "1000000"], {},
+                          "--devices 1000000: at most 2048 devices can be simulated"),
 }
 
 

@@ -48,7 +48,8 @@ def test_bad_devices_are_refused_naming_them(program, devices, exc, match):
 
 def test_measuring_a_simulated_target_is_refused_before_compiling(program):
   settings = SearchSettings(capacity_bytes=2**30, hardware="h100", progress=False, measure_top_k=2)
-  with pytest.raises(ValueError, match="measure_top_k=2 .* on these cpu devices .* for the hardware profile 'h100'"):
+  match = "measure_top_k=2 .* on these cpu devices .* for the hardware profile 'h100'"
+  with pytest.raises(ValueError, match=match):
     search_pass.search(program, None, OPTS, settings, compile_fn=_never)
 
 

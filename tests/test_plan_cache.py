@@ -125,8 +125,8 @@ BAD_ENTRIES = {
     "a plan for 64 devices": (lambda s, k: _edited(s, k, lambda r: r["plan"].update(dp=64)),
                               "the chosen plan Plan(dp=64, tp=1, pp=1, mb=1, recompute='none', fsdp=False) "
                               "uses 64 devices; this search is for 8"),
-    "a plan the options exclude": (lambda s, k: _edited(s, k, lambda r: (r["plan"].update(fsdp=True),
-                                                                        r["candidates"][0]["plan"].update(fsdp=True))),
+    "a plan the options exclude": (lambda s, k: _edited(s, k, lambda r: [c.update(fsdp=True) for c in (
+        r["plan"], r["candidates"][0]["plan"])]),
                                    "does not honour the option distribute_parameter=False"),
     "another budget": (lambda s, k: _edited(s, k, lambda r: r.update(budget_bytes=1)),
                        "its budget_bytes is 1, this search's is"),
