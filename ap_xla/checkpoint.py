@@ -321,6 +321,8 @@ def restore(directory, params: PyTree, opt_state: PyTree, *, step: int | None = 
     >>> ckpt = checkpoint.restore('/ckpt', params, opt)
   """
   directory = _check_directory(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise CheckpointError(f"{directory} is a file, not a checkpoint directory; pass the directory given to save().")
   available = steps(directory)
   if not available:
     raise FileNotFoundError(f"no committed checkpoint in {directory}.")

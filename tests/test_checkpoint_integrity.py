@@ -133,6 +133,9 @@ def test_a_folder_that_is_not_a_checkpoint(saved, tmp_path):
   with pytest.raises(CheckpointError, match=f"{tmp_path / 'runs'} is not a checkpoint directory written by "
                                             r"ap_xla: its step folder .*/5 holds \['logs'\]"):
     saved["trainer"].restore(tmp_path / "runs")
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(CheckpointError, match=f"{tmp_path / 'a_file'} is a file, not a checkpoint directory"):
+    saved["trainer"].restore(tmp_path / "a_file")
 
 
 def test_a_checkpoint_without_checksums_restores_with_a_warning(saved, tmp_path, caplog):

@@ -40,7 +40,8 @@ def _run(tmp, *args, **env):
 
 
 def _interrupted_run(tmp: str, delay_s: float) -> tuple[int, float, str]:
-  """Runs a search, sends SIGINT `delay_s` after it starts compiling; (status, s from SIGINT to exit, stderr)."""
+  """Runs a search, sends SIGINT `delay_s` after it starts compiling; (status, s from SIGINT to exit,
+  stderr)."""
   err_path = os.path.join(tmp, "stderr")
   with open(err_path, "w") as err:
     proc = subprocess.Popen([AP_XLA, *TINY], stdout=subprocess.DEVNULL, stderr=err, env=_env(tmp), cwd=ROOT)
@@ -71,14 +72,14 @@ def test_ctrl_c_during_compilation_exits_130_every_time():
   finally:
     for t in tmps:
       shutil.rmtree(t, ignore_errors=True)
-  for status, _, err in runs:
+  for status, dt, err in runs:
     assert status == 130, f"exit status {status} (negative: killed by that signal)\n{err[-3000:]}"
     last = err.rstrip().splitlines()[-1]
     assert last == "ap-xla plan: interrupted; nothing was stored for the searches under way.", err[-3000:]
     assert "Traceback" not in err and "FATAL" not in err
-  # The process waits up to compile_threads.GRACE_S for a compile under way before leaving without
-  # it: at least one run had one (the case that aborted), or this test would not test it.
-  assert max(dt for _, dt, _ in runs) > 1.0, [round(dt, 2) for _, dt, _ in runs]
+    # the interrupt came while a candidate compiled (the case that aborted), not after
+    assert "Complete compilation" not in err, err[-3000:]
+    assert dt < 30  # left within compile_threads.GRACE_S of the interrupt (plus a loaded machine's delays)
 
 
 def test_every_compile_timing_out_says_so_and_exits_1_every_time(tmp_path):
