@@ -145,11 +145,12 @@ def _at_exit() -> None:
             "(a compile cannot be cancelled).", file=sys.stderr)
       _end(status)
     return
-  n = len(running())
-  print(f"ap-xla: waiting for {n} abandoned XLA compile(s) to end before exiting (a compile cannot be "
-        "cancelled; Ctrl-C to exit now).", file=sys.stderr)
-  _flush()
   try:
+    if wait(0.5):  # most end at once: no need to say anything
+      return
+    print(f"ap-xla: waiting for {len(running())} abandoned XLA compile(s) to end before exiting (a compile "
+          "cannot be cancelled; Ctrl-C to exit now).", file=sys.stderr)
+    _flush()
     wait(None)
   except KeyboardInterrupt:
     _end(INTERRUPTED)
