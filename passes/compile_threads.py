@@ -35,7 +35,7 @@ from typing import Callable
 
 import jax  # noqa: F401  (imported first: its exit hooks must run after ours)
 
-GRACE_S = 2.0  # how long a process that is leaving waits for compiles to end by themselves
+GRACE_S = 1.0  # how long a process that is leaving waits for compiles to end by themselves
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 _lock = threading.Lock()
