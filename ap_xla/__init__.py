@@ -10,12 +10,12 @@ from ap_xla.torch_frontend import (UnsupportedUsageError, load_checkpoint, plan_
 from ap_xla.trainer import Trainer
 from passes.plan import Plan
 from passes.program import Layers, Program
-from passes.report import CandidateResult, OutOfMemoryError, SearchResult
+from passes.report import CandidateResult, NothingCompiledError, OutOfMemoryError, SearchResult
 from passes.space import SearchOptions
 
 __all__ = [
     "enable_advanced_parallelization", "disable_advanced_parallelization", "search", "parallelize",
     "Trainer", "Plan", "Program", "Layers", "SearchResult", "CandidateResult", "OutOfMemoryError",
-    "SearchOptions", "program_from_linen", "program_from_nnx", "sync_to_torch", "UnsupportedUsageError",
-    "save_checkpoint", "load_checkpoint", "plan_report",
+    "NothingCompiledError", "SearchOptions", "program_from_linen", "program_from_nnx", "sync_to_torch",
+    "UnsupportedUsageError", "save_checkpoint", "load_checkpoint", "plan_report",
 ]

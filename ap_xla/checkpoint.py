@@ -9,7 +9,10 @@ next save clears it). A Ctrl-C during `save` lets the step commit, then raises K
 a second Ctrl-C, or an exception, abandons the step and removes its temporary directory.
 
 Restoring reads each array straight into the shardings of the target, which may belong to a
-different plan or a different number of devices (orbax reshards on read).
+different plan or a different number of devices (orbax reshards on read). Every array's
+content checksum is saved in 'meta' and verified after the restore (`checkpoint_integrity`):
+a step whose files were altered, truncated or deleted raises `DamagedCheckpointError`, which
+names the damaged arrays and the previous committed step to restore instead.
 
 Example:
   >>> from ap_xla import checkpoint
@@ -22,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,12 +38,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ap_xla import checkpoint_integrity as integrity
+from ap_xla.checkpoint_integrity import CheckpointError, DamagedCheckpointError
 from passes.plan import Plan
 
 log = logging.getLogger("ap_xla")
 PyTree = Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-array checksums in 'meta'
 _STATE, _META = "state", "meta"
 _TMP_MARK = ".orbax-checkpoint-tmp"  # a step's temporary directory is '<step>.orbax-checkpoint-tmp...'
 
@@ -84,6 +90,20 @@ def _check_directory(directory) -> str:
   if not isinstance(directory, (str, os.PathLike)):
     raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}.")
   return os.path.abspath(os.fspath(directory))
+
+
+def _check_writable(directory: str) -> None:
+  """Raises before anything is written when `directory` cannot be created or written."""
+  existing = directory
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"cannot save a checkpoint in {directory}: {existing} is a file, not a folder; "
+                             "choose another directory.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "the folder" if existing == directory else f"the folder {existing} it would be created in"
+    raise PermissionError(f"cannot save a checkpoint in {directory}: {what} is not writable by this user; "
+                          "choose a writable directory or change its permissions.")
 
 
 def steps(directory) -> list[int]:
@@ -190,6 +210,8 @@ def save(directory, step: int, params: PyTree, opt_state: PyTree, *, plan: Plan 
 
   Raises:
     ValueError: `step` is not newer than the latest checkpoint, or metadata is not JSON.
+    PermissionError, NotADirectoryError: `directory` cannot be created or written (nothing is
+      written); OSError: writing failed (a full disk, ...); the step is then not kept.
 
   Example:
     >>> checkpoint.save('/ckpt', 100, params, opt_state, plan=plan, data_position=100)
@@ -204,6 +226,8 @@ def save(directory, step: int, params: PyTree, opt_state: PyTree, *, plan: Plan 
           "num_devices": len({d for x in jax.tree.leaves(params) for d in x.sharding.device_set}),
           "process_count": jax.process_count()}
   _check_json(meta)
+  _check_writable(directory)
+  meta["checksums"] = integrity.checksums({"params": params, "opt_state": opt_state})
   with _manager(directory, max_to_keep, writing=True) as m:
     existing = sorted(m.all_steps())
     if existing and step <= existing[-1]:
@@ -216,10 +240,13 @@ def save(directory, step: int, params: PyTree, opt_state: PyTree, *, plan: Plan 
             _STATE: ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
             _META: ocp.args.JsonSave(meta)}), force=True)
         m.wait_until_finished()
-    except BaseException:
+    except BaseException as e:
       if step not in m.all_steps(read=True):
         # a write error or an abandoning interrupt: the step was not committed; leave no half of it
         _remove_temporaries(directory, step)
+      if isinstance(e, OSError):  # a full disk, a folder that turned read-only, ...
+        raise OSError(e.errno, f"saving checkpoint step {step} in {directory} failed: {e.strerror or e}; "
+                      "nothing of this step was kept and the earlier steps are intact") from e
       raise
   path = os.path.join(directory, str(step))
   log.info("Saved checkpoint step %d to %s%s.", step, path, f" ({plan})" if plan else "")
@@ -247,17 +274,7 @@ def _target(tree: PyTree, shardings: PyTree | None, what: str) -> PyTree:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _dotted(path) -> str:
-  """'opt_state.0.mu.w' for any key kinds: orbax's stored tree turns NamedTuple fields into dict keys."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+_dotted = integrity.dotted
 
 
 def _check_compatible(stored: PyTree, target: PyTree, directory: str, step: int) -> None:
@@ -295,12 +312,17 @@ def restore(directory, params: PyTree, opt_state: PyTree, *, step: int | None = 
   Raises:
     FileNotFoundError: no committed checkpoint (or not that step) in `directory`.
     ValueError: the checkpoint's arrays do not match the target's structure or shapes.
+    CheckpointError: `directory` is not a checkpoint directory (a ValueError).
+    DamagedCheckpointError: a file of the step is missing, truncated or altered (an array
+      differs from its saved checksum); it names the damaged items and the previous step.
 
   Example:
     >>> params, opt = built.abstract_inputs(program)[:2]   # ShapeDtypeStructs with shardings
     >>> ckpt = checkpoint.restore('/ckpt', params, opt)
   """
   directory = _check_directory(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise CheckpointError(f"{directory} is a file, not a checkpoint directory; pass the directory given to save().")
   available = steps(directory)
   if not available:
     raise FileNotFoundError(f"no committed checkpoint in {directory}.")
@@ -310,17 +332,36 @@ def restore(directory, params: PyTree, opt_state: PyTree, *, step: int | None = 
     raise FileNotFoundError(f"checkpoint step {step} is not in {directory}; committed steps: {available}.")
   target = {"params": _target(params, param_shardings, "params"),
             "opt_state": _target(opt_state, opt_shardings, "opt_state")}
+  path = os.path.join(directory, str(step))
+  integrity.check_items(directory, step, available, (_STATE, _META))
+  damaged = functools.partial(integrity.damaged, directory, step, available)
   with _manager(directory) as m:
-    stored = m.item_metadata(step)[_STATE]
+    # The metadata first, on its own: an error reading it is then known to be about it.
+    try:
+      meta = m.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception as e:
+      raise damaged(f"its metadata ({os.path.join(path, _META)}) cannot be read: {integrity.short_error(e)}",
+                    [os.path.join(path, _META)]) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+      raise damaged(f"its metadata ({os.path.join(path, _META)}) is not the metadata save() writes "
+                    f"(got {str(meta)[:100]})", [os.path.join(path, _META)])
+    try:
+      stored = m.item_metadata(step)[_STATE]
+    except Exception as e:
+      raise damaged(f"the description of its arrays cannot be read: {integrity.short_error(e)}",
+                    [os.path.join(path, _STATE)]) from None
     if stored is not None:
       _check_compatible(getattr(stored, "tree", stored), target, directory, step)
-    out = m.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target),
-                                                      _META: ocp.args.JsonRestore()}))
-  meta = out[_META]
+    try:
+      state = m.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
+    except Exception as e:  # TensorStore: a data file missing, truncated or undecodable
+      raise damaged(*integrity.read_failure(e, os.path.join(path, _STATE))) from None
+  integrity.verify(state, meta, damaged)
   plan = Plan.from_dict(meta["plan"]) if meta.get("plan") else None
-  ckpt = Checkpoint(step=meta["step"], params=out[_STATE]["params"], opt_state=out[_STATE]["opt_state"],
+  ckpt = Checkpoint(step=meta["step"], params=state["params"], opt_state=state["opt_state"],
                     plan=plan, data_position=meta.get("data_position"), metadata=meta.get("metadata", {}),
-                    path=os.path.join(directory, str(step)))
+                    path=path)
   log.info("Restored checkpoint step %d from %s (written under %s on %s devices).", ckpt.step, ckpt.path,
            plan, meta.get("num_devices"))
   return ckpt
+

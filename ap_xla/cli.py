@@ -27,21 +27,25 @@ import threading
 import time
 
 PROG = "ap-xla"
+# XLA:CPU (jaxlib 0.10.2) compiles for at most 2048 host devices: at 2049 every compile fails
+# with "Multiprocess computations aren't implemented on the CPU backend" (and starting 8192
+# devices takes 38 s, 1,000,000 never finishes). Measured on this project's machine.
+MAX_SIMULATED_DEVICES = 2048
 AUTO = ("auto",)
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def _arg(name, kind, words=()):
-  """An argparse type: a positive int or a bool (`kind`), or one of the literal `words`."""
+def _arg(name, kind, words=(), lo=1):
+  """An argparse type: an int >= `lo` or a bool (`kind`), or one of the literal `words`."""
   def parse(v):
     key = v.strip().lower()
     if key in words:
       return key
     if kind is bool and key in _BOOLS:
       return _BOOLS[key]
-    if kind is int and key.isdigit() and int(key) > 0:
+    if kind is int and key.isdigit() and int(key) >= lo:
       return int(key)
-    what = "true or false" if kind is bool else "a positive int"
+    what = "true or false" if kind is bool else "a positive int" if lo == 1 else f"an int >= {lo}"
     raise argparse.ArgumentTypeError(f"{name} must be {what}{' or ' + repr(list(words)) if words else ''}, "
                                      f"got {v!r}")
   return parse
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
   o("--no-pipeline-parallel", dest="pipeline_parallel", action="store_false", help="no pipeline stages")
   r = p.add_argument_group("output and search").add_argument
   r("--json", action="store_true", help="print one JSON document on stdout instead of the table")
-  r("--top", type=int, default=20, help="candidates shown in the table (0: all; default 20)")
+  r("--top", type=_arg("--top", int, lo=0), default=20, help="candidates shown in the table (0: all; default 20)")
   r("--max-threads", type=_arg("--max-threads", int), help="compiles at once (default: the CPU count)")
   r("--exhaustive", action="store_true", help="search every candidate, not the quick space (see quick_search)")
   r("--no-cache", action="store_true", help="search even if the plan cache has this plan")
@@ -81,7 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  """Runs `ap-xla`; returns the exit code (0 ok, 1 planning failed, 2 bad arguments, 130 Ctrl-C)."""
+  """Runs `ap-xla`; returns the exit code (0 ok, 1 planning failed, 2 bad arguments, 130 Ctrl-C).
+
+  Run as the program (`argv` None), it ends the process itself when XLA compiles it abandoned
+  (after Ctrl-C or a timeout) still run, with the same code (see `passes.compile_threads`).
+  """
+  code = _main(argv)
+  threads = sys.modules.get("passes.compile_threads")  # imported only if something compiled
+  return threads.leave(code) if argv is None and threads is not None else code
+
+
+def _main(argv) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "run":
     launcher = importlib.import_module("ap_xla.launcher")  # imports torch: only for `run`
@@ -93,6 +107,10 @@ def main(argv=None) -> int:
     return int(e.code or 0)
   if args.command != "plan":
     return parser.print_help(sys.stderr) or 2
+  if args.devices > MAX_SIMULATED_DEVICES:
+    return _fail(f"--devices {args.devices}: at most {MAX_SIMULATED_DEVICES} devices can be simulated here (XLA's "
+                 f"CPU backend compiles for no more); plan for {MAX_SIMULATED_DEVICES} or fewer, e.g. one "
+                 "pipeline or data-parallel group of the cluster.", 2)
   if not getattr(sys.modules.get("jax._src.xla_bridge"), "_backends", None):  # not started: can set the count
     simulate_devices(args.devices)
   log = logging.getLogger("ap_xla")
@@ -103,6 +121,9 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
   try:
     return _plan(args)
+  except KeyboardInterrupt:  # before or after the search (`_plan` handles one during it)
+    print(f"{PROG} plan: interrupted.", file=sys.stderr)
+    return 130
   finally:
     log.setLevel(level)
     log.removeHandler(handler)
@@ -136,7 +157,12 @@ def _inputs(args):
   name = args.hardware.strip()
   load = hardware.load_profile if name.endswith(".json") or os.sep in name else hardware.get_profile
   hw = parse("--hardware", load, name)
-  capacity = args.device_memory and parse("--device-memory", hardware.parse_bytes, args.device_memory)
+  capacity = None
+  if args.device_memory is not None:
+    capacity = parse("--device-memory", hardware.parse_bytes, args.device_memory)
+    if capacity <= 0:
+      raise ValueError(f"--device-memory {args.device_memory!r} is not valid: expected a positive size such "
+                       "as '40GB' or '80GiB'.")
   if args.memory_ratio is not None and not 0 < args.memory_ratio <= 100:
     raise ValueError(f"--memory-ratio must be a percentage in (0, 100], got {args.memory_ratio:g}.")
   options = SearchOptions(pipeline_parallel=args.pipeline_parallel, num_stages=args.num_stages,
@@ -148,6 +174,17 @@ def _inputs(args):
     threads = min(16, os.cpu_count() or 1)
   settings = env.read_settings(hardware=hw, capacity_bytes=capacity, memory_ratio=args.memory_ratio,
                                max_threads=threads)
+  if settings.measure_top_k:
+    var = env._get("MEASURE_TOP_K", os.environ)
+    raise ValueError(f"{var[0] if var else 'AP_XLA_MEASURE_TOP_K'}={settings.measure_top_k}: `{PROG} plan` "
+                     f"compiles for {hw.name} on simulated CPU devices, so running the candidates would time "
+                     "the CPU, not the target; unset it here (measure on the target machine with "
+                     "ap_xla.search there).")
+  from ap_xla import plan_cache  # read the cache's variables now: a bad one is a usage error, not a traceback
+  if not args.no_cache:
+    plan_cache.cache_enabled()
+  if args.cache_dir is None:
+    plan_cache.cache_dir()
   return spec, program, hw, options, settings
 
 
@@ -198,8 +235,9 @@ def _run_slices(fn, items, threads: int, stop) -> list:
         done.put((i, fn(item), None))
       except BaseException as e:  # handed to the caller's thread, which re-raises it
         done.put((i, None, e))
+  from passes import compile_threads  # the slices compile: the exit hook must know them
   for _ in range(min(max(1, threads), len(items))):
-    threading.Thread(target=worker, daemon=True, name="ap_xla_slice").start()
+    compile_threads.start(worker, "ap_xla_slice")
   outs = {}
   try:
     while len(outs) < len(items):
@@ -238,7 +276,7 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   from passes.evaluate import derive_program_tp
   from passes.plan import Plan
   from passes.report import (CHOSEN, FEASIBLE, SKIPPED, CandidateResult, OutOfMemoryError, SearchResult,
-                             out_of_memory_message, rank)
+                             no_plan_error, rank)
   from passes.space import AUTO, SearchOptions, divisors, no_candidate_message
   n, auto, log = len(devices), lambda f: getattr(options, f) == AUTO, logging.getLogger("ap_xla")
   stop = threading.Event()
@@ -325,9 +363,8 @@ def quick_search(program, devices, options, settings, *, exhaustive=False, direc
   ok = sum(c.verdict == FEASIBLE for c in ranked)
   if not ok:
     pins = {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(SearchOptions(), k)}
-    msg = out_of_memory_message(ranked, budget, capacity, settings.memory_ratio, n, program.batch_size, pins)
-    err = OutOfMemoryError(msg + (f"\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)"
-                                  if notes else ""), ranked)
+    err = no_plan_error(ranked, budget, capacity, settings.memory_ratio, n, program.batch_size, pins,
+                        f"\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)" if notes else "")
     err.from_cache = all(getattr(o, "from_cache", False) for o in searched)
     raise err
   ranked[0] = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=f"fastest estimate among {ok} feasible")
@@ -346,7 +383,7 @@ def _fail(message, code: int) -> int:
 
 def _plan(args) -> int:
   import jax  # after simulate_devices
-  from passes.report import OutOfMemoryError
+  from passes.report import NothingCompiledError, OutOfMemoryError
   from passes.search import config_line
   try:
     spec, program, hw, options, settings = _inputs(args)
@@ -368,7 +405,8 @@ def _plan(args) -> int:
   except (UsageError, OutOfMemoryError) as e:  # not any ValueError: one from inside the search is a bug
     usage = isinstance(e, UsageError)
     if args.json:
-      doc.update(error="bad_arguments" if usage else "out_of_memory", message=str(e),
+      doc.update(error="bad_arguments" if usage else "nothing_compiled" if isinstance(e, NothingCompiledError)
+                 else "out_of_memory", message=str(e),
                  from_cache=getattr(e, "from_cache", False), candidates=[c.to_json() for c in e.results])
       print(json.dumps(doc, indent=1))
     elif not usage and e.results:  # the reasons "see the reasons in the report" refers to

@@ -1,11 +1,19 @@
-"""Environment variables, read under the `AP_XLA_` prefix and under MoAI's prefix."""
+"""Environment variables, read under the `AP_XLA_` prefix and under MoAI's prefix.
+
+A variable under either prefix that ap-xla does not know (a misspelling such as
+AP_XLA_MEMORY_RATIO) is warned about once per process, with the closest known name.
+"""
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from typing import Callable, Mapping
 
 from passes import hardware
 from passes.search import SearchSettings
+
+log = logging.getLogger("ap_xla")
 
 PREFIXES = ("AP_XLA_", "MOREH_ADVANCED_PARALLELIZATION_")
 
@@ -52,11 +60,10 @@ def _bytes(var: str, value: str) -> int:
 
 def _hardware(var: str, value: str):
   value = value.strip()
-  if os.path.sep in value or value.endswith(".json"):
-    return hardware.load_profile(value)
+  load = hardware.load_profile if os.path.sep in value or value.endswith(".json") else hardware.get_profile
   try:
-    return hardware.get_profile(value)
-  except ValueError as e:
+    return load(value)
+  except (TypeError, ValueError) as e:
     raise ValueError(f"{var}={value!r} is not valid: {e}") from None
 
 
@@ -72,6 +79,67 @@ _READERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
 }
 
 
+# Variables read elsewhere (the plan cache); with _READERS, every name ap-xla knows.
+OTHER_NAMES = ("CACHE_DIR", "PLAN_CACHE")
+_warned: set[str] = set()
+
+
+def known_names() -> tuple[str, ...]:
+  """Every variable name ap-xla reads, without its prefix."""
+  return tuple(_READERS) + OTHER_NAMES
+
+
+def closest_name(name: str, known=None) -> str | None:
+  """The known name (without prefix) closest to `name`: most shared words, then most alike."""
+  known = known_names() if known is None else known
+  words = set(name.split("_"))
+  def score(k):
+    return len(words & set(k.split("_"))), difflib.SequenceMatcher(None, name, k).ratio()
+  best = max(known, key=score)
+  shared, alike = score(best)
+  return best if shared or alike >= 0.6 else None
+
+
+def warn_unknown(environ: Mapping[str, str] | None = None) -> list[str]:
+  """Warns once per process about each AP_XLA_* / MOREH_ADVANCED_PARALLELIZATION_* variable
+  that ap-xla does not read; returns the unknown names found."""
+  environ = os.environ if environ is None else environ
+  known, unknown = set(known_names()), []
+  for var in sorted(environ):
+    prefix = next((p for p in PREFIXES if var.startswith(p)), None)
+    if prefix is None or var[len(prefix):] in known:
+      continue
+    unknown.append(var)
+    if var in _warned:
+      continue
+    _warned.add(var)
+    near = closest_name(var[len(prefix):])
+    hint = f"did you mean {prefix}{near}?" if near else f"known: {', '.join(prefix + k for k in sorted(known))}."
+    log.warning("%s is not a variable ap-xla reads, so it has no effect; %s", var, hint)
+  return unknown
+
+
+def check_output_file(what: str, path: str) -> None:
+  """Raises ValueError, naming `what`, when `path` cannot become a file: it is a folder, it is
+  under a file, or its folder (or the nearest existing one above it) cannot be written."""
+  full = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(full):
+    raise ValueError(f"{what} names the folder {full!r}; give a file path, e.g. "
+                     f"{os.path.join(full, 'autoconfig_log.dump')!r}.")
+  if os.path.lexists(full) and not os.path.isfile(full):
+    raise ValueError(f"{what}: {full!r} exists and is not a regular file; give another file path.")
+  parent = os.path.dirname(full)
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{what}: {full!r} is under {parent!r}, which is a file, not a folder; give a path "
+                     "in a folder.")
+  target = full if os.path.exists(full) else parent
+  if not os.access(target, os.W_OK):
+    raise ValueError(f"{what}: cannot write {full!r}: {target!r} is not writable by this user; give a "
+                     "path in a writable folder.")
+
+
 def read_settings(environ: Mapping[str, str] | None = None, **overrides) -> SearchSettings:
   """SearchSettings from the environment; keyword overrides win.
 
@@ -81,17 +149,28 @@ def read_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sear
   path), AP_XLA_COMPILE_TIMEOUT (seconds per candidate), AP_XLA_DUMP_PATH, AP_XLA_MEASURE_TOP_K
   (run the k best-estimated candidates and choose the measured-fastest; default 0).
 
+  Unknown variables under either prefix are warned about (once each). With a detailed log of
+  2, the dump path is checked now, not after the search.
+
   Raises:
     ValueError: a variable has a bad value; the message names it and what is allowed.
   """
   environ = os.environ if environ is None else environ
-  values = {}
+  warn_unknown(environ)
+  values, names = {}, {}
   for name, (field, read) in _READERS.items():
     hit = _get(name, environ)
     if hit is not None:
       values[field] = read(*hit)
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  return SearchSettings(**values)
+      names[field] = f"{hit[0]}={hit[1]!r}"
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  values.update(overrides)
+  names.update({k: f"SearchSettings.{k}={v!r}" for k, v in overrides.items()})
+  settings = SearchSettings(**values)
+  if settings.detailed_log >= 2:  # the dump is written at the end: a bad path would cost the search
+    check_output_file(names.get("dump_path", f"the detailed log's dump path (AP_XLA_DUMP_PATH, default "
+                                             f"{settings.dump_path!r})"), settings.dump_path)
+  return settings
 
 
 def measure_top_k(environ: Mapping[str, str] | None = None) -> int:

@@ -5,8 +5,10 @@ dtypes of parameters, batch and optimizer state), the devices (platform, kind, c
 hardware profile (every field), the memory capacity and the options and settings that change
 the result. The entry also records a version (this format's, a hash of the search pass's
 source, jax/jaxlib's): a changed pass or a new XLA decides differently, so its entries are
-stale. Entries are read with `json` only (nothing is unpickled or evaluated); a stale, corrupt
-or foreign entry is ignored with a warning and replaced by the next search's result.
+stale. Entries are read with `json` only (nothing is unpickled or evaluated) and never from
+anything but a regular file; a stale, corrupt or foreign entry, or one whose content does not
+fit the search it is read for (`plan_cache_check`: device count, batch, budget, options,
+well-formed candidates), is ignored with a warning and replaced by the next search's result.
 
 An entry holds either the search's result or its out-of-memory outcome (no candidate fits:
 deterministic for the same key, and as costly to find again). Not stored: an outcome with a
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from typing import Any, Callable, Mapping
 
@@ -32,11 +35,13 @@ import jax
 import jaxlib
 import numpy as np
 
-from ap_xla import env
+from ap_xla import env, plan_cache_check
 from passes import search as search_pass
+from passes.devices import check_devices
 from passes.evaluate import compile_plan
 from passes.program import Program
-from passes.report import TIMEOUT, CandidateResult, OutOfMemoryError, SearchResult
+from passes.report import (TIMEOUT, CandidateResult, NothingCompiledError, OutOfMemoryError, SearchResult,
+                           nothing_compiled)
 from passes.space import SearchOptions
 
 log = logging.getLogger("ap_xla")
@@ -47,6 +52,7 @@ FORMAT_VERSION = 2  # 2: entries may hold an out-of-memory outcome
 _RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k")
 _ENTRY_MODE = 0o644  # readable like any cache file (mkstemp creates 0600)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_MAX_ENTRY_BYTES = 256 * 2**20  # far above any search's report; guards against reading a huge file
 
 
 @functools.cache
@@ -132,25 +138,59 @@ def entry_path(directory: str, key: str) -> str:
   return os.path.join(directory, f"plan-{key[:32]}.json")
 
 
-def read_entry(path: str, key: str) -> SearchResult | OutOfMemoryError | None:
+def request(program: Program, doc: Mapping, settings: search_pass.SearchSettings,
+            options: SearchOptions) -> plan_cache_check.Request:
+  """What an entry read for this search must agree with (see `plan_cache_check`)."""
+  capacity = doc["capacity_bytes"]
+  return plan_cache_check.Request(
+      num_devices=doc["devices"]["count"], global_batch=program.batch_size, capacity_bytes=capacity,
+      budget_bytes=int(capacity * settings.memory_ratio / 100), hardware=doc["hardware"]["name"],
+      options=options, num_blocks=program.num_blocks)
+
+
+def _read_json(path: str) -> tuple[Any, str | None]:
+  """(document, None) or (None, problem). Never blocks: a FIFO or device at `path` is a problem."""
+  try:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+  except OSError as e:
+    return None, f"unreadable: {e.strerror}"
+  with os.fdopen(fd, "rb") as f:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      return None, "not a regular file (a folder, FIFO or device is at its path)"
+    if st.st_size > _MAX_ENTRY_BYTES:
+      return None, f"corrupt: {st.st_size} bytes, more than any entry ({_MAX_ENTRY_BYTES})"
+    try:
+      return json.loads(f.read().decode("utf-8")), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      return None, f"corrupt: not valid JSON ({e})"
+    except OSError as e:
+      return None, f"unreadable: {e.strerror}"
+
+
+def read_entry(path: str, key: str, expect: plan_cache_check.Request | None = None
+               ) -> SearchResult | OutOfMemoryError | None:
   """The cached outcome at `path` for `key`; None (with a warning) if absent or unusable.
+
+  Args:
+    path, key: the entry and the key it must hold.
+    expect: the search it is read for; its stored outcome must agree with it (device count,
+      batch, budget, options, well-formed candidates), else it is unusable.
 
   Returns:
     A SearchResult (`from_cache=True`), or the OutOfMemoryError the search raised (its
     `from_cache` attribute True; the caller raises it), or None.
   """
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return None
-  problem = None
-  try:
-    with open(path, encoding="utf-8") as f:
-      doc = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    problem = f"corrupt: not valid JSON ({e})"
-  except OSError as e:
-    problem = f"unreadable: {e.strerror}"
+  doc, problem = _read_json(path)
   if problem is None:
     problem = _check_entry(doc, key)
+  if problem is None and expect is not None:
+    kind = "result" if "result" in doc else "out_of_memory"
+    check = plan_cache_check.check_result if kind == "result" else plan_cache_check.check_out_of_memory
+    why = check(doc[kind], expect)
+    problem = f"corrupt: it does not fit this search: {why}" if why else None
   if problem is None:
     try:
       if "result" in doc:
@@ -159,7 +199,8 @@ def read_entry(path: str, key: str) -> SearchResult | OutOfMemoryError | None:
         oom = doc["out_of_memory"]
         if not isinstance(oom["message"], str):
           raise TypeError("the message is not a string")
-        outcome = OutOfMemoryError(oom["message"], [CandidateResult.from_json(c) for c in oom["candidates"]])
+        cands = [CandidateResult.from_json(c) for c in oom["candidates"]]
+        outcome = (NothingCompiledError if nothing_compiled(cands) else OutOfMemoryError)(oom["message"], cands)
         outcome.from_cache = True
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       problem = f"corrupt: the stored result is malformed ({type(e).__name__}: {e})"
@@ -246,13 +287,13 @@ def cached_search(program: Program, devices=None, options: SearchOptions | None 
   """
   options = options or SearchOptions()
   settings = settings or search_pass.SearchSettings()
-  devices = tuple(devices if devices is not None else jax.devices())
+  devices = check_devices(devices)
   if not (cache_enabled() if enabled is None else enabled):
     return search_fn(program, devices, options, settings, compile_fn=compile_fn)
   doc = key_document(program, devices, options, settings)
   key = fingerprint(doc)
   path = entry_path(directory or cache_dir(), key)
-  hit = read_entry(path, key)
+  hit = read_entry(path, key, request(program, doc, settings, options))
   if isinstance(hit, OutOfMemoryError):
     log.info("Reusing the cached outcome from %s: no candidate fits (search skipped).", path)
     raise hit

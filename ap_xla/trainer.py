@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 
+from passes.devices import check_devices
 from passes.evaluate import derive_program_tp, tp_dims
 from passes.plan import Plan
 from passes.program import Program, is_abstract
@@ -27,7 +28,7 @@ class Trainer:
 
   def __init__(self, program: Program, plan: Plan, devices=None, report: SearchResult | None = None,
                params: PyTree | None = None, opt_state: PyTree | None = None):
-    devices = tuple(devices if devices is not None else jax.devices())
+    devices = check_devices(devices)
     params = program.params if params is None else params
     if is_abstract(params):
       raise ValueError("Trainer needs concrete parameters, but the program's params are "
@@ -46,6 +47,11 @@ class Trainer:
     log.info("Trainer ready: %s on %d devices.", plan, plan.num_devices)
 
   def _check_batch(self, batch):
+    want = jax.tree.structure(self.program.batch)
+    if jax.tree.structure(batch) != want:
+      raise ValueError(f"the batch does not have the program's structure: "
+                       f"{_tree_difference(batch, self.program.batch)}. Pass a batch with the same keys (and "
+                       "nesting) as the example batch the Program was built with.")
     sizes = {x.shape[0] for x in jax.tree.leaves(batch) if getattr(x, "ndim", 0)}
     if len(sizes) != 1:
       raise ValueError(f"every batch leaf needs the same leading (batch) size, got {sorted(sizes)}.")
@@ -96,3 +102,14 @@ class Trainer:
 
   def __repr__(self):
     return f"Trainer({self.plan}, steps={self.step_count})"
+
+
+def _tree_difference(got: PyTree, want: PyTree) -> str:
+  """What differs between two pytrees' structures, by key path ('missing key ['labels']', ...)."""
+  paths = lambda t: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)}
+  have, need = paths(got), paths(want)
+  parts = [f"missing {', '.join(sorted(need - have))}"] if need - have else []
+  parts += [f"unexpected {', '.join(sorted(have - need))}"] if have - need else []
+  if not parts:  # same leaf paths, other containers (a tuple for a list, a dict for a dataclass, ...)
+    parts = [f"got {jax.tree.structure(got)}, expected {jax.tree.structure(want)}"]
+  return "; ".join(parts)

@@ -30,6 +30,28 @@ PyTree = Any
 Timer = Callable[[Plan, Callable[[], None]], float]
 
 
+def check_measurable(hardware, devices, k: int) -> None:
+  """Raises ValueError when measuring `k` candidates on `devices` would not time the target.
+
+  A GPU profile used on CPU devices plans for a simulated target (`ap-xla plan --hardware h100`);
+  timing the candidates there would re-rank the target's plans by the CPU's speed. Likewise
+  a built-in GPU profile on devices of another GPU kind.
+  """
+  from passes import hardware as hw_lib
+  if not k:
+    return
+  platform, kind = devices[0].platform, devices[0].device_kind
+  if platform == "cpu":
+    simulated = not hw_lib.is_host_profile(hardware)
+  else:
+    simulated = hardware.name in hw_lib.PROFILE_NAMES and hw_lib.detect_profile(devices).name != hardware.name
+  if simulated:
+    raise ValueError(f"measure_top_k={k} (AP_XLA_MEASURE_TOP_K) would time the candidates on these {platform} "
+                     f"devices ({kind}), but the plan is for the hardware profile {hardware.name!r}: the "
+                     "timings would not be the target's. Measure on the target devices, or set "
+                     "measure_top_k=0 (AP_XLA_MEASURE_TOP_K unset) to rank by the estimate.")
+
+
 def _random_like(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
   """Arrays of `tree`'s shapes and dtypes made directly in `shardings` (no host copy)."""
   leaves, treedef = jax.tree.flatten(tree)

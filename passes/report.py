@@ -10,7 +10,8 @@ from passes.plan import Plan
 # Verdicts, best first: the order the report lists them in.
 CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED = (
     "chosen", "feasible", "over_budget", "pruned", "compile_error", "timeout", "skipped")
-_ORDER = {v: i for i, v in enumerate((CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED))}
+VERDICTS = (CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED)
+_ORDER = {v: i for i, v in enumerate(VERDICTS)}
 
 GiB = 1024 ** 3
 
@@ -149,6 +150,28 @@ class OutOfMemoryError(RuntimeError):
     self.results = tuple(results)
 
 
+class NothingCompiledError(OutOfMemoryError):
+  """No candidate compiled (each timed out or failed to compile): their memory is unknown.
+
+  A subclass of OutOfMemoryError only so that code handling "no plan" (an exit status, the
+  plan cache, a fallback) handles it too; its message says what happened and what to do.
+  """
+
+
+def no_plan_error(results, budget: int, capacity: int, ratio: float, num_devices: int, batch: int,
+                  pinned: dict, suffix: str = "") -> OutOfMemoryError:
+  """The error of a search without a feasible candidate: NothingCompiledError when none compiled."""
+  message = out_of_memory_message(results, budget, capacity, ratio, num_devices, batch, pinned) + suffix
+  cls = NothingCompiledError if nothing_compiled(results) else OutOfMemoryError
+  return cls(message, results)
+
+
+def nothing_compiled(results) -> bool:
+  """Whether every candidate that was tried failed to compile or timed out (none has a memory figure)."""
+  return (all(r.memory_bytes is None for r in results)
+          and any(r.verdict in (COMPILE_ERROR, TIMEOUT) for r in results))
+
+
 class NoCandidateError(ValueError):
   """The options leave nothing to compile for this program, device count and batch.
 
@@ -163,6 +186,12 @@ class NoCandidateError(ValueError):
 
 def out_of_memory_message(results, budget: int, capacity: int, ratio: float, num_devices: int,
                           batch: int, pinned: dict) -> str:
+  """What a search without a feasible candidate found, and what to do (MoAI's OUT_OF_MEMORY).
+
+  When no candidate compiled at all, memory is not what failed: the message says that instead.
+  """
+  if nothing_compiled(results):
+    return _nothing_compiled_message(results)
   compiled = [r for r in results if r.memory_bytes is not None]
   lines = ["OUT_OF_MEMORY: no parallelization candidate fits in device memory."]
   if compiled:
@@ -182,4 +211,24 @@ def out_of_memory_message(results, budget: int, capacity: int, ratio: float, num
   errors = [r for r in results if r.verdict in (COMPILE_ERROR, TIMEOUT)]
   if errors:
     lines.append(f"  ({len(errors)} candidates failed to compile; first: {errors[0].reason[:200]})")
+  return "\n".join(lines)
+
+
+def _nothing_compiled_message(results) -> str:
+  timeouts = [r for r in results if r.verdict == TIMEOUT]
+  errors = [r for r in results if r.verdict == COMPILE_ERROR]
+  tried = len(timeouts) + len(errors)
+  lines = [f"NO_CANDIDATE_COMPILED: none of the {tried} candidates tried compiled ({len(timeouts)} timed out, "
+           f"{len(errors)} failed to compile), so nothing is known about their memory or speed."]
+  if timeouts:
+    lines.append(f"  first timeout: {timeouts[0].plan}: {timeouts[0].reason[:200]}")
+  if errors:
+    lines.append(f"  first compile error: {errors[0].plan}: {errors[0].reason[:300]}")
+  lines.append("  what to do:")
+  if timeouts:
+    lines.append("  - raise the per-candidate compile time limit (AP_XLA_COMPILE_TIMEOUT, in seconds) or unset "
+                 "it (no limit); a busy machine compiles more slowly;")
+  if errors:
+    lines.append("  - read the compile errors (AP_XLA_DETAILED_LOG=1 lists every candidate with its reason); "
+                 "an error in every plan is usually in the program itself.")
   return "\n".join(lines)

@@ -18,12 +18,14 @@ from typing import Callable, Sequence
 
 import jax
 
+from passes import compile_threads
 from passes import hardware as hw_lib
+from passes.devices import check_devices
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
 from passes.plan import Plan
 from passes.program import Program
 from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
-                           NoCandidateError, OutOfMemoryError, SearchResult, out_of_memory_message, rank)
+                           NoCandidateError, OutOfMemoryError, SearchResult, no_plan_error, rank)
 from passes.staging import staged_evaluate
 from passes.space import SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
 
@@ -119,12 +121,24 @@ def compile_workers(settings: SearchSettings) -> int:
   return max(1, min(settings.max_threads, cpus))
 
 
-def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSettings) -> list[CandidateResult]:
-  """Evaluates plans on daemon worker threads; one past the time limit is recorded as a timeout.
+class _Worker:
+  """One compile thread's state: the plan it compiles and since when; retired once abandoned."""
 
-  Daemon threads, not a ThreadPoolExecutor: an abandoned compile (timed out, or interrupted
-  by Ctrl-C) cannot be cancelled, and the executor's threads would hold up interpreter exit
-  until it finished. A timed-out worker is replaced so the others keep their pace.
+  def __init__(self):
+    self.plan: Plan | None = None
+    self.t0 = 0.0
+    self.retired = False
+    self.thread: threading.Thread | None = None
+
+
+def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSettings) -> list[CandidateResult]:
+  """Evaluates plans on worker threads; one past the time limit is recorded as a timeout.
+
+  A compile cannot be cancelled: a timed-out one is abandoned on its thread, which is retired
+  (it ends when its compile does) and replaced, so the others keep their pace. At most as
+  many abandoned compiles run as there are workers, so memory stays bounded; past that a
+  replacement waits for one of them to end. The threads are started by `compile_threads`,
+  which keeps the process from aborting when it exits while some still compile.
   """
   if not plans:
     return []
@@ -137,32 +151,36 @@ def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSett
   for p in plans:
     todo.put(p)
   done: queue.Queue = queue.Queue()
-  started: dict[Plan, float] = {}
   stop = threading.Event()
 
-  def worker():
-    while not stop.is_set():
+  def work(me: _Worker):
+    while not (stop.is_set() or me.retired or compile_threads.closing()):
       try:
         p = todo.get_nowait()
       except queue.Empty:
         return
-      started[p] = time.perf_counter()
+      me.t0 = time.perf_counter()  # before the plan: the main thread reads the plan first
+      me.plan = p
       try:
-        done.put((p, evaluate(p)))
+        r = evaluate(p)
       except BaseException as e:  # handed to the main thread, which re-raises it
-        done.put((p, e))
+        r = e
+      done.put((p, r))
+      me.plan = None
 
-  def spawn():
-    threading.Thread(target=worker, daemon=True, name="ap_xla_compile").start()
+  def spawn() -> _Worker:
+    me = _Worker()
+    me.thread = compile_threads.start(lambda: work(me), "ap_xla_compile")
+    return me
 
-  for _ in range(min(compile_workers(settings), len(plans))):
-    spawn()
+  n = min(compile_workers(settings), len(plans))
+  active, abandoned = [spawn() for _ in range(n)], []
   results: dict[Plan, CandidateResult] = {}
   limit = settings.compile_timeout_s
   try:
     while len(results) < len(plans):
       try:
-        p, r = done.get(timeout=0.25)
+        p, r = done.get(timeout=0.1)
         if p not in results:  # a timed-out plan may still report later: its verdict stands
           if isinstance(r, BaseException):
             raise r
@@ -173,13 +191,21 @@ def _compile_all(plans: Sequence[Plan], evaluate: Callable, settings: SearchSett
         pass
       if limit is not None:
         now = time.perf_counter()
-        for p, t0 in list(started.items()):
-          if p not in results and now - t0 > limit:
+        for w in list(active):
+          p = w.plan
+          if p is not None and p not in results and now - w.t0 > limit:
             results[p] = CandidateResult(p, TIMEOUT, reason=f"compile exceeded the {limit:g} s limit",
-                                         compile_s=now - t0)
-            spawn()
+                                         compile_s=now - w.t0)
+            w.retired = True
+            active.remove(w)
+            abandoned.append(w)
             if bar is not None:
               bar.update(1)
+      abandoned = [w for w in abandoned if w.thread.is_alive()]
+      while len(active) < n and len(active) + len(abandoned) < 2 * n and not todo.empty():
+        active.append(spawn())
+      if compile_threads.closing():
+        raise RuntimeError("the process is exiting: the search was abandoned")
   finally:
     stop.set()
     if bar is not None:
@@ -231,7 +257,8 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     A `SearchResult`: the chosen plan and every candidate with memory, estimate and verdict.
 
   Raises:
-    OutOfMemoryError: no candidate fits; the message says by how much and what would help.
+    OutOfMemoryError: no candidate fits; the message says by how much and what would help
+      (a `NothingCompiledError` when no candidate compiled at all: each timed out or failed).
     ValueError: an option can never be satisfied for this program and device count; a
       `NoCandidateError` (a ValueError) when the options leave no candidate to compile (its
       message lists the distinct reasons).
@@ -239,11 +266,14 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   t_start = time.perf_counter()
   options = options or SearchOptions()
   settings = settings or SearchSettings()
-  devices = tuple(devices if devices is not None else jax.devices())
+  devices = check_devices(devices)
   abstract = program.abstract()
   hw, capacity = resolve_hardware(settings, devices)
   budget = int(capacity * settings.memory_ratio / 100)
   batch = abstract.batch_size
+  if settings.measure_top_k:
+    from passes import measure
+    measure.check_measurable(hw, devices, settings.measure_top_k)  # before minutes of compiling
 
   tp_rules = None
   if options.tensor_parallel != 1 and len(devices) > 1:
@@ -291,8 +321,7 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
                f"{r.est_time_s * 1e3:.3f} ms" if r.est_time_s else "-", r.verdict, r.reason)
   if not ok:
     _dump(settings, ranked, None, budget, capacity, hw, devices, batch, t_start)
-    raise OutOfMemoryError(out_of_memory_message(ranked, budget, capacity, settings.memory_ratio,
-                                                 len(devices), batch, options.pinned()), ranked)
+    raise no_plan_error(ranked, budget, capacity, settings.memory_ratio, len(devices), batch, options.pinned())
   t_measure = 0.0
   if settings.measure_top_k > 0:
     from passes import measure  # runs candidates on the devices: only when asked

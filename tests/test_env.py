@@ -105,3 +105,57 @@ def test_search_keyword_settings_are_validated_before_searching(kwargs, match):
                     loss_fn=lambda p, b: (b["x"] @ p["w"]).mean())
   with pytest.raises(ValueError, match=match):
     ap_xla.search(program, **kwargs)
+
+
+_PROFILE = {"name": "mine", "memory_bytes": 80 * 10**9, "peak_flops": {"f32": 6.7e13, "bf16": 9.9e14},
+            "memory_bandwidth": 3.35e12, "link_bandwidth": 4.5e11, "link_latency": 5e-6, "devices_per_node": 8,
+            "inter_node_bandwidth": 5e10}
+
+
+@pytest.mark.parametrize("text, match", [
+    (None, "Cannot read hardware profile file .*No such file"),
+    ("{not json", "is not valid JSON"),
+    (lambda: {k: v for k, v in _PROFILE.items() if k != "peak_flops"}, "missing field 'peak_flops'"),
+    (lambda: dict(_PROFILE, devices_per_node=-8), "field 'devices_per_node' must be a positive int, got -8"),
+    ("[1, 2, 3]", "must hold a JSON object, got list"),
+])
+def test_hardware_profile_problems_name_the_variable(text, match, tmp_path):
+  import json
+  path = tmp_path / "profile.json"
+  if text is not None:
+    path.write_text(text if isinstance(text, str) else json.dumps(text()))
+  for var in ("AP_XLA_HARDWARE", "MOREH_ADVANCED_PARALLELIZATION_HARDWARE"):
+    with pytest.raises(ValueError, match=f"^{var}='{path}' is not valid: .*{match}"):
+      env.read_settings({var: str(path)})
+
+
+def test_unknown_variables_are_warned_once_with_the_closest_name(caplog):
+  import logging
+  environ = {"AP_XLA_MEMORY_RATIO": "50", "MOREH_ADVANCED_PARALLELIZATION_DETAILD_LOG": "1",
+             "AP_XLA_ZZZ_QQQ": "1", "AP_XLA_DETAILED_LOG": "1", "OTHER_MEMORY_RATIO": "1"}
+  env._warned.difference_update(environ)
+  with caplog.at_level(logging.WARNING, logger="ap_xla"):
+    for _ in range(3):
+      assert env.read_settings(environ).detailed_log == 1
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 3, warnings  # once each, however often the settings are read
+  assert ("AP_XLA_MEMORY_RATIO is not a variable ap-xla reads, so it has no effect; did you mean "
+          "AP_XLA_MEMORY_USAGE_CORRECTION_RATIO?") in warnings
+  assert any("MOREH_ADVANCED_PARALLELIZATION_DETAILD_LOG" in w and
+             "did you mean MOREH_ADVANCED_PARALLELIZATION_DETAILED_LOG?" in w for w in warnings)
+  assert any(w.startswith("AP_XLA_ZZZ_QQQ is not") and "known: AP_XLA_CACHE_DIR" in w for w in warnings)
+
+
+def test_dump_path_is_checked_before_the_search(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  cases = [(str(tmp_path), "names the folder"),
+           (str(a_file / "log.dump"), f"is under '{a_file}', which is a file, not a folder")]
+  for path, match in cases:
+    with pytest.raises(ValueError, match=f"AP_XLA_DUMP_PATH='{path}'.*{match}"):
+      env.read_settings({"AP_XLA_DETAILED_LOG": "2", "AP_XLA_DUMP_PATH": path})
+    with pytest.raises(ValueError, match=f"SearchSettings.dump_path='{path}'.*{match}"):
+      env.read_settings({}, detailed_log=2, dump_path=path)
+    assert env.read_settings({"AP_XLA_DUMP_PATH": path}).dump_path == path  # not written below level 2
+  ok = env.read_settings({"AP_XLA_DETAILED_LOG": "2", "AP_XLA_DUMP_PATH": str(tmp_path / "new" / "log.dump")})
+  assert ok.dump_path.endswith("log.dump")  # a folder that does not exist yet is created when written

@@ -115,8 +115,34 @@ BAD_ENTRIES = {
                       "stale: written by"),
     "other key": (lambda s, k: json.dumps(_valid_entry(s, "0" * 64)), "foreign: it holds the plan for key"),
     "bad result": (lambda s, k: json.dumps(dict(_valid_entry(s, k), result={"plan": {"dp": 0}})),
-                   "corrupt: the stored result is malformed"),
+                   "corrupt: it does not fit this search: its num_devices is None"),
+    # valid JSON in the right format and key, with content no search of this request produced
+    "memory not a number": (lambda s, k: _edited(s, k, lambda r: r["candidates"][0].update(memory_bytes="lots")),
+                            "candidate 0's memory_bytes 'lots' is not a byte count"),
+    "estimate not a number": (lambda s, k: _edited(s, k, lambda r: r["candidates"][0].update(est_time_s="fast")),
+                              "candidate 0's est_time_s 'fast' is not a number of seconds"),
+    "no candidates": (lambda s, k: _edited(s, k, lambda r: r.update(candidates=[])), "it holds no candidates"),
+    "a plan for 64 devices": (lambda s, k: _edited(s, k, lambda r: r["plan"].update(dp=64)),
+                              "the chosen plan Plan(dp=64, tp=1, pp=1, mb=1, recompute='none', fsdp=False) "
+                              "uses 64 devices; this search is for 8"),
+    "a plan the options exclude": (lambda s, k: _edited(s, k, lambda r: [c.update(fsdp=True) for c in (
+        r["plan"], r["candidates"][0]["plan"])]),
+                                   "does not honour the option distribute_parameter=False"),
+    "another budget": (lambda s, k: _edited(s, k, lambda r: r.update(budget_bytes=1)),
+                       "its budget_bytes is 1, this search's is"),
+    "feasible over budget": (lambda s, k: _edited(s, k, lambda r: r["candidates"][0].update(memory_bytes=2**40)),
+                             "candidate 0 is chosen with 1099511627776 bytes, over the budget"),
+    "an out-of-memory entry with a fit": (lambda s, k: json.dumps(dict(
+        {x: y for x, y in _valid_entry(s, k).items() if x != "result"},
+        out_of_memory={"message": "OUT_OF_MEMORY", "candidates": s.to_json()["candidates"]})),
+        "it says nothing fits, but candidate 0 is chosen"),
 }
+
+
+def _edited(searched, key, edit):
+  entry = _valid_entry(searched, key)
+  edit(entry["result"])
+  return json.dumps(entry)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
@@ -135,6 +161,25 @@ def test_bad_entries_are_warned_about_and_replaced(case, program, searched, tmp_
   assert plan_cache.read_entry(path, key).plan == searched.plan  # replaced by a valid entry
   again, _, _ = _run(program, tmp_path, search_fn=fake)
   assert again.from_cache and fake.calls == 1
+
+
+def test_an_entry_path_that_is_not_a_file_never_hangs(program, searched, tmp_path, caplog):
+  """A FIFO at the entry's path: opened without blocking, warned about, replaced by a file."""
+  import stat
+  import threading
+  key = _key(program)
+  path = plan_cache.entry_path(str(tmp_path), key)
+  os.mkfifo(path)
+  out = {}
+  fake = Counting(lambda *a, **k: searched)
+  with caplog.at_level(logging.WARNING, logger="ap_xla"):
+    t = threading.Thread(target=lambda: out.update(res=_run(program, tmp_path, search_fn=fake)[0]), daemon=True)
+    t.start()
+    t.join(30)
+  assert not t.is_alive(), "reading a FIFO entry hung"
+  assert fake.calls == 1 and not out["res"].from_cache
+  assert f"Ignoring the plan cache entry {path}: not a regular file" in caplog.text
+  assert stat.S_ISREG(os.stat(path).st_mode) and _run(program, tmp_path, search_fn=fake)[0].from_cache
 
 
 def _partial_dump(obj, f, **kw):
