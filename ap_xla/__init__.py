@@ -2,8 +2,7 @@
 
 The public API, picked name by name.
 """
-from ap_xla.api import parallelize, search
-from ap_xla.config import disable_advanced_parallelization, enable_advanced_parallelization
+from ap_xla.api import disable_advanced_parallelization, enable_advanced_parallelization, parallelize, search
 from ap_xla.flax_adapters import program_from_linen, program_from_nnx
 from ap_xla.torch_frontend import (UnsupportedUsageError, load_checkpoint, plan_report, save_checkpoint,
                                    sync_to_torch)

@@ -434,15 +434,25 @@ def _trained(steps=1):
   return model, opt, batches
 
 
-def test_reading_grad_raises(ap):
-  model, opt, batches = _trained()
-  model(**batches[0])[0].backward()
-  with pytest.raises(UnsupportedUsageError, match=r"layers\.0\.weight\.grad.*clip_grad_norm_"):
-    model.layers[0].weight.grad
-  with pytest.raises(UnsupportedUsageError, match=r"\.grad"):
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-  with pytest.raises(UnsupportedUsageError, match=r"\.grad"):
-    torch.optim.SGD(model.parameters(), lr=0.1).step()  # a second optimizer, made later
+def test_grad_is_a_read_only_view(ap):
+  """`p.grad` reads the accumulated gradient (as torch's); writing through it is refused (clipping
+  has its own compiled path: test_torch_clipping.py)."""
+  ref, model = twins()
+  batches = mlp_batches()
+  opts = adamw(ref), adamw(model)
+  for m, o in ((ref, opts[0]), (model, opts[1])):
+    loop(m, o, batches, 1)
+    m(**batches[0])[0].backward()
+  w, w_ref = model.layers[0].weight, ref.layers[0].weight
+  assert w.grad is not None and w.grad.shape == w_ref.grad.shape and w.grad.dtype == w_ref.grad.dtype
+  assert_close(w.grad.detach(), w_ref.grad, 1e-6, "p.grad")
+  assert float(w.grad.norm()) == pytest.approx(float(w_ref.grad.norm()), rel=1e-5)
+  with pytest.raises(UnsupportedUsageError, match=r"layers\.0\.weight\.grad is a read-only view"):
+    w.grad.mul_(0.5)
+  with pytest.raises(UnsupportedUsageError, match=r"setting `layers\.0\.weight\.grad`"):
+    w.grad = torch.zeros_like(w_ref)
+  opts[1].zero_grad()
+  assert w.grad is None
 
 
 def test_optimizer_problems_raise_at_takeover(ap):

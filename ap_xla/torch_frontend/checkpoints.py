@@ -142,8 +142,8 @@ def _session(model, optimizer, what):
     raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}.")
   if not isinstance(optimizer, torch.optim.Optimizer):
     raise TypeError(f"{what}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-  from ap_xla.torch_frontend import intercept
-  session = intercept.session_of(model)
+  from ap_xla.torch_frontend import registry
+  session = registry.session_of(model)
   if session is not None and session.optimizer is not optimizer:
     raise ValueError(f"{what}: this {type(optimizer).__name__} is not the optimizer ap-xla trains "
                      f"{type(model).__name__} with; pass that one.")
@@ -173,7 +173,7 @@ def _restore_into_torch(model, optimizer, directory, step, names):
   from bridge.lowering import to_jax
   from bridge.program import training_transform
   from ap_xla.torch_frontend import optim_state
-  from ap_xla.torch_frontend.session import _flat_names
+  from ap_xla.torch_frontend.bridges import flat_names as _flat_names
 
   tensors = dict(model.named_parameters(remove_duplicate=False))
   flat = _flat_names(names)
