@@ -335,7 +335,7 @@ class Session:
     if self.acc is None:
       return 0.0
     scale = np.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    return float(self._grad_fn("norm", selected & self.index.where.keys(), p)(self.acc, scale))
+    return float(self._grad_fn("norm", frozenset(selected & self.index.where.keys()), p)(self.acc, scale))
 
   def scale_grads(self, coef: float) -> None:
     """Multiplies every gradient by `coef` (applied inside the next update)."""
@@ -347,7 +347,7 @@ class Session:
     if self.acc is None:
       return
     scale = np.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    fn = self._grad_fn("clamp", selected & self.index.where.keys(), None)
+    fn = self._grad_fn("clamp", frozenset(selected & self.index.where.keys()), None)
     self.acc = fn(self.acc, scale, np.float32(value))
     self.grad_scale = None
 
