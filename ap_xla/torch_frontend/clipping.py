@@ -92,14 +92,39 @@ def grad_norm_fn(index: GradIndex, selected: frozenset, p: float):
   return jax.jit(fn)
 
 
+def _masks(index: GradIndex, selected: frozenset) -> list:
+  """Per accumulator leaf: (stacked, bool mask over its names) of the selected, untied names."""
+  out = []
+  for leaf in index.leaves:
+    names = leaf if isinstance(leaf, tuple) else (leaf,)
+    out.append((isinstance(leaf, tuple), np.array([n in selected and n not in index.tied for n in names])))
+  return out
+
+
+def _where(stacked: bool, mask: np.ndarray, new, old):
+  if stacked:
+    return jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+  return new if mask[0] else old
+
+
+def scale_fn(index: GradIndex, selected: frozenset, shardings):
+  """`fn(acc, coef) -> acc` with the selected names' gradients multiplied by `coef` (all copies
+  of a tied tensor: the update sums them)."""
+  rows = _masks(index, selected)
+  tied_leaves = {i for n in index.tied & selected for i, _ in index.where[n]}
+
+  def fn(acc, coef):
+    flat, treedef = jax.tree.flatten(acc)
+    out = [g * coef.astype(g.dtype) if i in tied_leaves else _where(stacked, mask, g * coef.astype(g.dtype), g)
+           for i, (g, (stacked, mask)) in enumerate(zip(flat, rows))]
+    return jax.tree.unflatten(treedef, out)
+  return jax.jit(fn, out_shardings=shardings, donate_argnums=(0,))
+
+
 def clamp_fn(index: GradIndex, selected: frozenset, shardings):
   """`fn(acc, scale, value) -> acc` with the selected gradients (times scale) clamped to
   [-value, value]; a tied tensor's summed gradient is clamped and kept in its first copy."""
-  rows = []
-  for i, leaf in enumerate(index.leaves):
-    names = leaf if isinstance(leaf, tuple) else (leaf,)
-    mask = np.array([n in selected and n not in index.tied for n in names])
-    rows.append((isinstance(leaf, tuple), mask))
+  rows = _masks(index, selected)
   tied = sorted(index.tied & selected)
 
   def fn(acc, scale, value):
@@ -107,12 +132,7 @@ def clamp_fn(index: GradIndex, selected: frozenset, shardings):
     out = []
     for g, (stacked, mask) in zip(flat, rows):
       g = g * scale.astype(g.dtype)
-      clamped = jnp.clip(g, -value.astype(g.dtype), value.astype(g.dtype))
-      if stacked:
-        m = mask.reshape((-1,) + (1,) * (g.ndim - 1))
-        out.append(jnp.where(m, clamped, g))
-      else:
-        out.append(clamped if mask[0] else g)
+      out.append(_where(stacked, mask, jnp.clip(g, -value.astype(g.dtype), value.astype(g.dtype)), g))
     for n in tied:
       total = index.gradient([x * scale.astype(x.dtype) for x in flat], n)
       (first_i, _), *others = index.where[n]
@@ -179,8 +199,8 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 
 def _scale_all(ours: dict, rest: list, max_norm: float, total: torch.Tensor, foreach) -> None:
   coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-  for mirror in ours:
-    mirror.session.scale_grads(float(coef))
+  for mirror, names in ours.items():
+    mirror.session.scale_grads(frozenset(names), float(coef))
   if rest:
     _ORIGINALS["clip_grads_with_norm_"](rest, max_norm, total, foreach)
 

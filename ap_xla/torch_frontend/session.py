@@ -321,34 +321,43 @@ class Session:
     dtype = self.mirror.params[name].dtype
     return out_lib.to_torch(g).to(dtype)
 
-  def _grad_fn(self, kind: str, selected: frozenset, arg):
+  def _grad_fn(self, kind: str, selected: frozenset, arg=None):
     key = (kind, selected, arg, id(self.phase))
     if key not in self._grad_fns:
       if kind == "norm":
         self._grad_fns[key] = clipping.grad_norm_fn(self.index, selected, arg)
       else:
-        self._grad_fns[key] = clipping.clamp_fn(self.index, selected, self.phase.param_shardings)
+        make = clipping.clamp_fn if kind == "clamp" else clipping.scale_fn
+        self._grad_fns[key] = make(self.index, selected, self.phase.param_shardings)
     return self._grad_fns[key]
 
-  def grad_norm(self, selected: frozenset, p: float) -> float:
-    """The p-norm of the gradients of the torch names `selected` (0 without gradients)."""
+  def _selected(self, names: frozenset) -> frozenset:
+    return frozenset(names & self.index.where.keys())
+
+  def grad_norm(self, names: frozenset, p: float) -> float:
+    """The p-norm of the gradients of the torch names `names` (0 without gradients)."""
     if self.acc is None:
       return 0.0
     scale = np.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    return float(self._grad_fn("norm", frozenset(selected & self.index.where.keys()), p)(self.acc, scale))
+    return float(self._grad_fn("norm", self._selected(names), p)(self.acc, scale))
 
-  def scale_grads(self, coef: float) -> None:
-    """Multiplies every gradient by `coef` (applied inside the next update)."""
-    if self.acc is not None:
+  def scale_grads(self, names: frozenset, coef: float) -> None:
+    """Multiplies the gradients of `names` by `coef`: for all of them, inside the next update
+    (fused with it); for some, now."""
+    if self.acc is None or coef == 1.0:
+      return
+    selected = self._selected(names)
+    if selected == frozenset(self.index.where):
       self.grad_scale = (1.0 if self.grad_scale is None else self.grad_scale) * coef
+    else:
+      self.acc = self._grad_fn("scale", selected)(self.acc, np.float32(coef))
 
-  def clamp_grads(self, selected: frozenset, value: float) -> None:
-    """Clamps the gradients of `selected` to [-value, value]."""
+  def clamp_grads(self, names: frozenset, value: float) -> None:
+    """Clamps the gradients of `names` to [-value, value]."""
     if self.acc is None:
       return
     scale = np.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    fn = self._grad_fn("clamp", frozenset(selected & self.index.where.keys()), None)
-    self.acc = fn(self.acc, scale, np.float32(value))
+    self.acc = self._grad_fn("clamp", self._selected(names))(self.acc, scale, np.float32(value))
     self.grad_scale = None
 
   # -- calls without gradients ---------------------------------------------------------------
