@@ -295,6 +295,29 @@ def test_lr_schedulers_are_honoured_exactly(ap):
   assert_close(params_of(model2), params_of(ref2), PARAM_TOL, "SGD params")
 
 
+def test_model_wrappers_and_hf_schedulers():
+  """DataParallel / torch.compile wrappers train the module they wrap; transformers' warm-up
+  schedules (linear, cosine, constant) are followed; against plain torch, unwrapped."""
+  from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                            get_linear_schedule_with_warmup)
+  batches = mlp_batches()
+  cases = ((get_linear_schedule_with_warmup, torch.nn.DataParallel, {"num_training_steps": 6}),
+           (get_cosine_schedule_with_warmup, torch.compile, {"num_training_steps": 6}),
+           (get_constant_schedule_with_warmup, lambda m: m, {}))
+
+  def run(m, wrap, make_sched, kwargs):
+    opt = adamw(m)
+    return loop(wrap(m), opt, batches, 5, sched=make_sched(opt, num_warmup_steps=2, **kwargs))
+  for make_sched, wrap, kwargs in cases:
+    ref, model = twins()
+    want = run(ref, lambda m: m, make_sched, kwargs)
+    with enabled(distribute_parameter=False, pipeline_parallel=False):
+      got = run(model, wrap, make_sched, kwargs)
+      assert intercept.session_of(model) is not None  # the wrapped module is the one taken over
+    assert_close(got, want, LOSS_TOL, f"{make_sched.__name__} losses")
+    assert_close(params_of(model), params_of(ref), PARAM_TOL, f"{make_sched.__name__} params")
+
+
 # -- the torch side: state_dict, direct reads, in-place edits ---------------------------------
 
 def test_state_dict_save_and_direct_reads(ap, tmp_path):

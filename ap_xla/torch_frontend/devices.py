@@ -41,6 +41,7 @@ import inspect
 import logging
 import threading
 import time
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -249,7 +250,9 @@ def _disabled_scaler_init(original):
 
 def _unpinned_iter_init(original):
   def __init__(self, loader):
-    original(self, loader)
+    with warnings.catch_warnings():  # torch's "no accelerator is found" for pin_memory=True: by design here
+      warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
+      original(self, loader)
     self._pin_memory = False  # nothing to pin for: batches stay host tensors
   return __init__
 
