@@ -73,7 +73,7 @@ def test_clipping_matches_torch():
     losses, norms = clip_loop(model, batches)
     session = registry.session_of(model)
     assert (session.phase.plan.dp, session.phase.plan.fsdp) == (8, True)
-    assert session.index.tied  # the tied embedding / LM head is in two leaves
+    assert session.grads.index.tied  # the tied embedding / LM head is in two leaves
     np.testing.assert_allclose(norms, want_norms, rtol=NORM_REL)
     np.testing.assert_allclose(losses, want_losses, atol=LOSS_TOL)
     for (k, v), (_, w) in zip(model.state_dict().items(), ref.state_dict().items()):
@@ -86,7 +86,7 @@ def test_clipping_matches_torch():
     assert isinstance(total, torch.Tensor) and total.dtype == torch.float32 and total.item() > 0
     with pytest.raises(ValueError, match="norm_type must be a positive number or inf"):
       torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, norm_type=-1)
-    session.scale_grads(frozenset(session.index.where), float("nan"))
+    session.grads.scale_by(frozenset(session.grads.index.where), float("nan"))
     with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
       torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
   finally:

@@ -24,6 +24,7 @@ Modules, one concern each (imports go down this list, never up):
   sync           `APParam`: torch parameters kept consistent with the JAX state
   grads          `p.grad` as a read-only view of the accumulated gradient
   clipping       `clip_grad_norm_` / `clip_grad_value_` compiled into the update
+  accumulator    the gradient accumulator (backward adds, zero_grad clears, p.grad and clips read it)
   optimizer      the optimizer instance standing in for the compiled update
   phases         a plan compiled for one batch; the plan choice
   bridges        the bridged programs of a model, per input signature

@@ -176,7 +176,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
   p = float(norm_type)
   if not (p > 0 or math.isinf(p)) or math.isnan(p):
     raise ValueError(f"clip_grad_norm_: norm_type must be a positive number or inf, got {norm_type!r}.")
-  norms = [float(m.session.grad_norm(frozenset(names), p)) for m, names in ours.items()]
+  norms = [float(m.session.grads.norm(frozenset(names), p)) for m, names in ours.items()]
   plain = _torch_norm(rest, p, foreach)
   if plain is not None:
     norms.append(float(plain))
@@ -200,7 +200,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 def _scale_all(ours: dict, rest: list, max_norm: float, total: torch.Tensor, foreach) -> None:
   coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
   for mirror, names in ours.items():
-    mirror.session.scale_grads(frozenset(names), float(coef))
+    mirror.session.grads.scale_by(frozenset(names), float(coef))
   if rest:
     _ORIGINALS["clip_grads_with_norm_"](rest, max_norm, total, foreach)
 
@@ -209,7 +209,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
   """torch's `clip_grad_value_`, with the gradients of taken-over models clamped on their devices."""
   ours, rest = _split(parameters)
   for mirror, names in ours.items():
-    mirror.session.clamp_grads(frozenset(names), float(clip_value))
+    mirror.session.grads.clamp(frozenset(names), float(clip_value))
   if rest:
     _ORIGINALS["clip_grad_value_"](rest, clip_value, foreach)
 

@@ -15,7 +15,9 @@ What a takeover changes on the user's objects is undone by `release()` of each m
 run by `uninstall()`): the parameters' class (`sync.APParam`), a state-dict pre-hook on each
 submodule, and on the optimizer instance its `step` / `zero_grad` and two state-dict hooks
 (`optimizer.py`). Finding the optimizer and checking its schedulers reads
-`gc.get_objects()` (`adapters.py`).
+`gc.get_objects()` (`adapters.py`); `torch.nn.Module.zero_grad()` is recognised by its frame
+when it reads `p.grad` (`sync.TorchMirror.handle_module_zero_grad`), and honoured as clearing
+the accumulator.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ parallelism when AP is off) and from then on runs:
     clip coefficient of any `clip_grad_norm_` since the last step (`optimizer.py`,
     `clipping.py`);
   * `optimizer.zero_grad()` / `model.zero_grad()` as clearing the accumulator;
-  * `p.grad` as a read-only view of the accumulator (`grads.py`);
+  * `p.grad` as a read-only view of the gradient accumulator (`accumulator.py`, `grads.py`);
   * a forward under `torch.no_grad()` in training mode as the bridged forward in JAX; in
     eval mode, or with inputs the training call did not have, as the torch module itself
     on parameters brought up to date (exact, not compiled).
@@ -27,16 +27,15 @@ import logging
 from typing import Any
 
 import jax
-import numpy as np
 import torch
 
-from ap_xla.torch_frontend import checkpoints, clipping, device_memory, optim_state
+from ap_xla.torch_frontend import checkpoints, device_memory, optim_state
+from ap_xla.torch_frontend.accumulator import Accumulator
 from ap_xla.torch_frontend import outputs as out_lib
 from ap_xla.torch_frontend import phases as phase_lib
 from ap_xla.torch_frontend.bridges import BridgeCache, Bridged, flat_names
 from ap_xla.torch_frontend.calls import Call, bind_call, describe, jax_batch
 from ap_xla.torch_frontend.errors import UnsupportedUsageError
-from ap_xla.torch_frontend.grads import GradView
 from ap_xla.torch_frontend.optimizer import OptimizerTakeover
 from ap_xla.torch_frontend.sync import TorchMirror, internal, register_state_dict_sync
 from passes.program import abstractify
@@ -83,11 +82,7 @@ class Session:
     self.steps = checkpoints.resumed_step(optimizer)  # 0 unless load_checkpoint ran before the takeover
     self._planned: dict = {}
     self.current: _Planned | None = None
-    self.acc = None            # accumulated gradients (None: cleared)
-    self.grad_scale = None     # pending clip coefficient (None: 1)
-    self.grad_epoch = 0        # bumped when the accumulator is cleared
     self.opt_state = None
-    self._grad_fns: dict = {}
     self._eager_logged: set = set()
     self.anchor = torch.zeros((), requires_grad=True)
 
@@ -99,12 +94,13 @@ class Session:
     from bridge import state
     self.labels = state.group_tree(optimizer, model, names)
     self.params = first.bridged.program.params
-    self.index = clipping.GradIndex(names)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     managed = {n: tensors[n] for n in flat_names(names)}
+    self.grads = Accumulator(names, lambda: self.phase, lambda n: managed[n].dtype)
     self._requires_grad = {n: p.requires_grad for n, p in managed.items()}
     self.mirror = TorchMirror(managed, write=lambda: self.bridges.io.to_torch(self.params),
-                              read=self._read_torch, zero_grad=self.zero_grad, grad_view=self._grad_view,
+                              read=self._read_torch, zero_grad=self.zero_grad,
+                              grad_view=lambda p: self.grads.view(p, self.mirror.name_of(p)),
                               session=self)
     self._activate(self._phase_for(first, call, mixed_precision))
     self._load_optimizer_state(resumed)
@@ -172,13 +168,12 @@ class Session:
       self.opt_state = phase.built.init_opt(self.params)
     else:
       self.opt_state = jax.device_put(self.opt_state, phase.built.opt_shardings)
-    if self.acc is not None:
-      self.acc = jax.device_put(self.acc, phase.param_shardings)
+    self.grads.place(phase.param_shardings)
     self.current = planned
 
   def training_state(self) -> tuple:
     """(params, optimizer state, accumulated gradients): what the devices hold for this model."""
-    return self.params, self.opt_state, self.acc
+    return self.params, self.opt_state, self.grads.grads
 
   # -- torch <-> JAX -------------------------------------------------------------------------
   def _read_torch(self) -> None:
@@ -259,16 +254,10 @@ class Session:
       raise UnsupportedUsageError(
           "backward was called a second time through the same loss (retain_graph=True); ap-xla "
           "adds a forward's gradients once. Run the forward again for another backward.")
-    s = float(grad_output) * pending.rescale
     grads, pending.grads = pending.grads, None
     if pending.phase is not self.phase:
       grads = jax.device_put(grads, self.phase.param_shardings)
-    self._fold_grad_scale()
-    scale = jax.numpy.float32(s)
-    if self.acc is None:
-      self.acc = grads if s == 1.0 else self.phase.scale(grads, scale)
-    else:
-      self.acc = self.phase.accumulate(self.acc, grads, scale)
+    self.grads.add(grads, float(grad_output) * pending.rescale)
 
   def step(self, closure=None):
     """`optimizer.step()`: the compiled update with each param group's lr now."""
@@ -280,85 +269,18 @@ class Session:
     self.mirror.absorb_torch_edits()
     self.mirror.check_no_torch_grads()
     self.optimizer._opt_called = True  # what torch's step wrapper records for LR schedulers
-    if self.acc is None:  # no parameter has a gradient: torch skips them all
+    if self.grads.grads is None:  # no parameter has a gradient: torch skips them all
       return loss
     lrs = phase_lib.group_lrs(self.optimizer)
-    gscale = jax.numpy.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    self.params, self.opt_state = self.phase.update(self.params, self.opt_state, self.acc, lrs, gscale)
+    self.params, self.opt_state = self.phase.update(self.params, self.opt_state, self.grads.grads, lrs,
+                                                    self.grads.pending_scale)
     self.mirror.jax_changed()
     self.steps += 1
     return loss
 
   def zero_grad(self, set_to_none: bool = True) -> None:
     """`optimizer.zero_grad()`: clears the accumulator (zeros when set_to_none=False)."""
-    self.acc = None if set_to_none else self.phase.zeros(self.params)
-    self.grad_scale = None
-    self.grad_epoch += 1
-
-  # -- gradients as torch sees them: p.grad and clipping --------------------------------------
-  def _fold_grad_scale(self) -> None:
-    """Applies a pending clip coefficient to the accumulator (before it changes otherwise)."""
-    if self.grad_scale is not None and self.acc is not None:
-      self.acc = self.phase.scale(self.acc, jax.numpy.float32(self.grad_scale))
-    self.grad_scale = None
-
-  def _grad_view(self, param: torch.nn.Parameter) -> GradView | None:
-    name = self.mirror.name_of(param)
-    if self.acc is None or name not in self.index.where:
-      return None
-    epoch = self.grad_epoch
-    return GradView(param, name, lambda: self.read_grad(name, epoch))
-
-  def read_grad(self, name: str, epoch: int) -> torch.Tensor:
-    """The gradient of `name` as a torch tensor (what torch's `.grad` would hold now)."""
-    if epoch != self.grad_epoch or self.acc is None:
-      raise UnsupportedUsageError(
-          f"this {name}.grad was read before the gradients were cleared (zero_grad()); ap-xla does "
-          "not keep cleared gradients. Read p.grad again after the next backward.")
-    g = self.index.gradient(jax.tree.leaves(self.acc), name)
-    if self.grad_scale is not None:
-      g = g * self.grad_scale
-    dtype = self.mirror.params[name].dtype
-    return out_lib.to_torch(g).to(dtype)
-
-  def _grad_fn(self, kind: str, selected: frozenset, arg=None):
-    key = (kind, selected, arg, id(self.phase))
-    if key not in self._grad_fns:
-      if kind == "norm":
-        self._grad_fns[key] = clipping.grad_norm_fn(self.index, selected, arg)
-      else:
-        make = clipping.clamp_fn if kind == "clamp" else clipping.scale_fn
-        self._grad_fns[key] = make(self.index, selected, self.phase.param_shardings)
-    return self._grad_fns[key]
-
-  def _selected(self, names: frozenset) -> frozenset:
-    return frozenset(names & self.index.where.keys())
-
-  def grad_norm(self, names: frozenset, p: float) -> float:
-    """The p-norm of the gradients of the torch names `names` (0 without gradients)."""
-    if self.acc is None:
-      return 0.0
-    scale = np.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    return float(self._grad_fn("norm", self._selected(names), p)(self.acc, scale))
-
-  def scale_grads(self, names: frozenset, coef: float) -> None:
-    """Multiplies the gradients of `names` by `coef`: for all of them, inside the next update
-    (fused with it); for some, now."""
-    if self.acc is None or coef == 1.0:
-      return
-    selected = self._selected(names)
-    if selected == frozenset(self.index.where):
-      self.grad_scale = (1.0 if self.grad_scale is None else self.grad_scale) * coef
-    else:
-      self.acc = self._grad_fn("scale", selected)(self.acc, np.float32(coef))
-
-  def clamp_grads(self, names: frozenset, value: float) -> None:
-    """Clamps the gradients of `names` to [-value, value]."""
-    if self.acc is None:
-      return
-    scale = np.float32(1.0 if self.grad_scale is None else self.grad_scale)
-    self.acc = self._grad_fn("clamp", self._selected(names))(self.acc, scale, np.float32(value))
-    self.grad_scale = None
+    self.grads.clear(set_to_none, self.params)
 
   # -- calls without gradients ---------------------------------------------------------------
   def forward_only(self, model, args, kwargs):
