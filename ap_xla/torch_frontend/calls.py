@@ -62,7 +62,10 @@ def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Call:
     else:
       batch[name] = value
   forced = {}
-  if "use_cache" in sig.parameters and "use_cache" not in batch:
+  takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+  has_cache = "use_cache" in sig.parameters or (  # e.g. a peft PeftModel passing **kwargs on
+      takes_kwargs and hasattr(getattr(model, "config", None), "use_cache"))
+  if has_cache and "use_cache" not in batch:
     # A KV cache is an output torch.export cannot return and training does not use.
     batch["use_cache"] = False
     forced["past_key_values"] = (
