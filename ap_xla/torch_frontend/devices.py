@@ -33,6 +33,9 @@ parallel plan runs behind it. ap-xla presents the same, with the plan's devices 
   * **DataLoader pinning** is off (`_BaseDataLoaderIter` pins nothing, starts no pin thread).
 
 Everything here is undone by `uninstall()` (the mode popped, every attribute restored).
+torch keeps function modes per thread: the rewrite applies on the thread that installed the
+front end (a script's main thread, where its loop runs); a worker thread of the script that
+moves a tensor to "cuda" on a CPU build of torch fails as it would without ap-xla.
 """
 from __future__ import annotations
 
