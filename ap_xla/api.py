@@ -1,17 +1,62 @@
-"""The JAX-native API: search a program's plans, or search and train."""
+"""The public switches and the JAX-native API: turn AP on or off, search a program's plans, or
+search and train."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 
-from ap_xla import config, env, plan_cache
+from ap_xla import config, env, plan_cache, torch_frontend
 from ap_xla.trainer import Trainer
 from passes import search as search_pass
 from passes.program import Program
 from passes.report import SearchResult
 from passes.space import SearchOptions
 
+log = logging.getLogger("ap_xla")
+
 _SETTING_NAMES = {f.name for f in dataclasses.fields(search_pass.SearchSettings)}
 _OPTION_NAMES = {f.name for f in dataclasses.fields(SearchOptions)}
+
+
+def enable_advanced_parallelization(pipeline_parallel=True, num_stages="auto", num_micro_batches="auto",
+                                    activation_recomputation="auto", distribute_parameter="auto",
+                                    mixed_precision=True) -> SearchOptions:
+  """Turns on Advanced Parallelization with MoAI's signature; returns the validated options.
+
+  With torch installed it also installs the torch one-liner (`ap_xla.torch_frontend.install`):
+  the next training forward of a model is planned and trained by ap-xla.
+
+  Args:
+    pipeline_parallel: allow pipeline stages (False removes the dimension).
+    num_stages: pipeline stages, or 'auto'.
+    num_micro_batches: micro-batches per step, or 'auto'.
+    activation_recomputation: True, False or 'auto' (also 'full' / 'dots' policies).
+    distribute_parameter: shard parameters, gradients and optimizer state over data (ZeRO-3), or 'auto'.
+    mixed_precision: bf16 compute with fp32 master weights.
+
+  Raises:
+    ValueError, TypeError: a value is not allowed; the message names the parameter.
+
+  Example:
+    >>> import ap_xla
+    >>> ap_xla.enable_advanced_parallelization(num_stages=2, mixed_precision=False)
+  """
+  opts = SearchOptions(pipeline_parallel=pipeline_parallel, num_stages=num_stages,
+                       num_micro_batches=num_micro_batches,
+                       activation_recomputation=activation_recomputation,
+                       distribute_parameter=distribute_parameter, mixed_precision=mixed_precision)
+  config.set_options(opts)
+  log.info("Advanced Parallelization enabled: %s", opts)
+  if importlib.util.find_spec("torch") is not None:
+    torch_frontend.install()
+  return opts
+
+
+def disable_advanced_parallelization() -> None:
+  """Turns AP off and uninstalls the torch one-liner (every taken-over model goes back to torch)."""
+  config.set_options(None)
+  torch_frontend.uninstall()
 
 
 def _split(kwargs: dict) -> tuple[SearchOptions, search_pass.SearchSettings]:

@@ -2,8 +2,10 @@
 
 The launcher provides MoAI's `torch.moreh.option.enable_advanced_parallelization` (a module
 object in `sys.modules` as `torch.moreh` and `torch.moreh.option`, also set as the attribute
-`torch.moreh`), installs the torch one-liner's patch and runs the script with `runpy` as
-`__main__` with `sys.argv = [script, *args]`.
+`torch.moreh`; `import moreh`, which MoAI's recipes try first, imports an empty `moreh`
+module), installs the torch front end (the model takeover and the "cuda" accelerator as MoAI
+presents it: `ap_xla.torch_frontend.devices`) and runs the script with `runpy` as `__main__`
+with `sys.argv = [script, *args]`.
 
 As on MoAI, a script without the AP line still runs on all devices: each model it trains
 gets a plain data-parallel plan (`Plan(dp=N)`, fp32, no search beyond checking that it
@@ -27,11 +29,11 @@ USAGE = "usage: ap-xla run SCRIPT.py [ARGS...]"
 
 def moreh_modules() -> tuple[types.ModuleType, types.ModuleType]:
   """`torch.moreh` and `torch.moreh.option` as module objects with MoAI's AP switches."""
-  from ap_xla import config
+  from ap_xla import api
 
   option = types.ModuleType("torch.moreh.option", "MoAI's options, as provided by ap-xla.")
-  option.enable_advanced_parallelization = config.enable_advanced_parallelization
-  option.disable_advanced_parallelization = config.disable_advanced_parallelization
+  option.enable_advanced_parallelization = api.enable_advanced_parallelization
+  option.disable_advanced_parallelization = api.disable_advanced_parallelization
 
   def missing(name):
     if name.startswith("__"):
@@ -54,12 +56,16 @@ def install_moreh() -> None:
   sys.modules["torch.moreh"] = moreh
   sys.modules["torch.moreh.option"] = option
   torch.moreh = moreh
+  if "moreh" not in sys.modules:
+    sys.modules["moreh"] = types.ModuleType("moreh", "MoAI's driver module, as provided by ap-xla (empty).")
 
 
 def uninstall_moreh() -> None:
   import torch
   sys.modules.pop("torch.moreh.option", None)
   sys.modules.pop("torch.moreh", None)
+  if getattr(sys.modules.get("moreh"), "__doc__", "").endswith("as provided by ap-xla (empty)."):
+    sys.modules.pop("moreh")
   if hasattr(torch, "moreh"):
     del torch.moreh
 
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
     print(f"ap-xla run: no such script: {script!r}\n{USAGE}", file=sys.stderr)
     return 2
 
-  from ap_xla import config, torch_frontend
+  from ap_xla import api, torch_frontend
   _show_log()
   install_moreh()
   torch_frontend.install(default_plan=True)
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
   finally:
     sys.argv, sys.path[:] = saved_argv, saved_path
     torch_frontend.uninstall()
-    config.disable_advanced_parallelization()
+    api.disable_advanced_parallelization()
     uninstall_moreh()
   return 0
 

@@ -1,16 +1,39 @@
-"""The torch one-liner: an unchanged PyTorch training loop runs with the plan AP chose.
+"""The torch one-liner: an unchanged PyTorch training script runs with the plan AP chose.
 
     import torch, ap_xla
     ap_xla.enable_advanced_parallelization()
-    model = ...; optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = ...cuda(); optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for batch in loader:
       loss = model(**batch).loss        # first call: bridge, search, log the plan
       loss.backward()                   # adds the gradients computed with the loss
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # compiled into the update
       optim.step(); optim.zero_grad()   # the compiled update; clears the accumulator
       print(loss.item())                # the real loss
 
-The one patch is `torch.nn.Module.__call__` (see `intercept.py`). Importing this package
-does not import torch; `install()` and the functions below do.
+Modules, one concern each (imports go down this list, never up):
+  errors         `UnsupportedUsageError`, what cannot be honoured
+  patching       the record of every patched attribute (`Patches`), undone at uninstall
+  registry       the live sessions (model -> `Session`)
+  device_memory  `torch.cuda` memory figures from the plan's devices
+  devices        the accelerator as MoAI presents it ("cuda"; moves are host identities)
+  adapters       accelerate / HF Trainer / DataParallel / torch.compile wrappers seen through
+  calls          the inputs of one forward call, named as the bridge takes them
+  outputs        what a training forward returns (a real loss, other outputs lazily)
+  constants      buffers and frozen parameters baked into the programs
+  optim_state    torch optimizer state <-> optax state
+  sync           `APParam`: torch parameters kept consistent with the JAX state
+  grads          `p.grad` as a read-only view of the accumulated gradient
+  clipping       `clip_grad_norm_` / `clip_grad_value_` compiled into the update
+  accumulator    the gradient accumulator (backward adds, zero_grad clears, p.grad and clips read it)
+  optimizer      the optimizer instance standing in for the compiled update
+  phases         a plan compiled for one batch; the plan choice
+  bridges        the bridged programs of a model, per input signature
+  checkpoints    `save_checkpoint` / `load_checkpoint` (orbax)
+  session        one taken-over model's training state and calls
+  intercept      model takeover at `torch.nn.Module.__call__`
+  installer      `install()` / `uninstall()`: every patch (listed there)
+
+Importing this package does not import torch; `install()` and the functions below do.
 """
 from __future__ import annotations
 
@@ -18,33 +41,21 @@ from ap_xla.torch_frontend.errors import UnsupportedUsageError
 
 
 def install(default_plan: bool = False) -> None:
-  """Patches `torch.nn.Module.__call__` so that training calls run through ap-xla.
+  """Installs the front end (every patch is listed in `installer.py`; `uninstall()` undoes them).
 
   Args:
     default_plan: also take models over without `enable_advanced_parallelization()`, with
       MoAI's default plan (plain data parallelism); `ap-xla run` sets it.
   """
-  from ap_xla.torch_frontend import intercept
-  intercept.install(default_plan)
+  from ap_xla.torch_frontend import installer
+  installer.install(default_plan)
 
 
 def uninstall() -> None:
-  """Removes the patch and gives every taken-over model back to torch (weights written back)."""
+  """Gives every taken-over model back to torch (weights written back) and undoes every patch."""
   import sys
-  if "ap_xla.torch_frontend.intercept" in sys.modules:
-    sys.modules["ap_xla.torch_frontend.intercept"].uninstall()
-
-
-def on_enable() -> None:
-  """Called by `enable_advanced_parallelization()`: installs the patch when torch is installed."""
-  import importlib.util
-  if importlib.util.find_spec("torch") is not None:
-    install()
-
-
-def on_disable() -> None:
-  """Called by `disable_advanced_parallelization()`."""
-  uninstall()
+  if "ap_xla.torch_frontend.installer" in sys.modules:
+    sys.modules["ap_xla.torch_frontend.installer"].uninstall()
 
 
 def sync_to_torch(model) -> bool:
@@ -60,8 +71,8 @@ def sync_to_torch(model) -> bool:
     >>> loss = model(**batch).loss; loss.backward(); optim.step()
     >>> ap_xla.sync_to_torch(model)
   """
-  from ap_xla.torch_frontend import intercept
-  session = intercept.session_of(model)
+  from ap_xla.torch_frontend import registry
+  session = registry.session_of(model)
   if session is None:
     return False
   session.sync_to_torch()
@@ -78,8 +89,8 @@ def plan_report(model):
     >>> loss = model(**batch).loss   # the first training call searches the plan
     >>> print(ap_xla.plan_report(model).table(limit=10))
   """
-  from ap_xla.torch_frontend import intercept
-  session = intercept.session_of(model)
+  from ap_xla.torch_frontend import registry
+  session = registry.session_of(model)
   if session is None or session.current is None:
     return None
   return session.phase.report
@@ -123,5 +134,5 @@ def release(model) -> bool:
   return intercept.release(model)
 
 
-__all__ = ["install", "uninstall", "sync_to_torch", "release", "on_enable", "on_disable",
-           "save_checkpoint", "load_checkpoint", "UnsupportedUsageError"]
+__all__ = ["install", "uninstall", "sync_to_torch", "release", "plan_report", "save_checkpoint",
+           "load_checkpoint", "UnsupportedUsageError"]

@@ -6,6 +6,7 @@ import inspect
 
 import torch
 
+from ap_xla.torch_frontend.adapters import split_loss_kwargs
 from ap_xla.torch_frontend.errors import UnsupportedUsageError
 
 
@@ -16,9 +17,12 @@ class Call:
   Attributes:
     batch: forward argument name -> value (tensors lead with the batch).
     forced: arguments ap-xla added (use_cache=False), with why their outputs are missing.
+    loss_divisor: the HF loss kwarg `num_items_in_batch` (taken out of `batch`; see
+      `adapters.split_loss_kwargs`), or None.
   """
   batch: dict
   forced: dict
+  loss_divisor: float | None = None
 
   @property
   def tensors(self) -> dict:
@@ -58,7 +62,10 @@ def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Call:
     else:
       batch[name] = value
   forced = {}
-  if "use_cache" in sig.parameters and "use_cache" not in batch:
+  takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+  has_cache = "use_cache" in sig.parameters or (  # e.g. a peft PeftModel passing **kwargs on
+      takes_kwargs and hasattr(getattr(model, "config", None), "use_cache"))
+  if has_cache and "use_cache" not in batch:
     # A KV cache is an output torch.export cannot return and training does not use.
     batch["use_cache"] = False
     forced["past_key_values"] = (
@@ -70,9 +77,8 @@ def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Call:
       raise UnsupportedUsageError(
           f"model input {k!r} requires grad; ap-xla computes gradients of the parameters only. "
           "Pass inputs without requires_grad (e.g. .detach()).")
-  return Call(batch, forced)
-
-
+  batch, divisor = split_loss_kwargs(batch)
+  return Call(batch, forced, divisor)
 
 
 def jax_batch(call: Call) -> dict:

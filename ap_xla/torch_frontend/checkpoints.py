@@ -61,6 +61,7 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, di
     ...     ap_xla.save_checkpoint(model, optim, "/ckpt", data_position=i + 1)
   """
   from ap_xla import checkpoint as ckpt_lib
+  model, optimizer = _unwrapped(model, optimizer)
   session = _session(model, optimizer, "save_checkpoint")
   if session is None:
     raise ValueError(
@@ -103,6 +104,7 @@ def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, di
     ...   model(**batch).loss.backward(); optim.step(); optim.zero_grad()
   """
   from ap_xla import checkpoint as ckpt_lib
+  model, optimizer = _unwrapped(model, optimizer)
   session = _session(model, optimizer, "load_checkpoint")
   if step is None:
     step = ckpt_lib.latest_step(directory)
@@ -137,13 +139,22 @@ def resumed_step(optimizer) -> int:
 
 # -- helpers -------------------------------------------------------------------------------
 
+def _unwrapped(model, optimizer):
+  """The module and optimizer inside DataParallel / torch.compile / accelerate wrappers."""
+  from ap_xla.torch_frontend import adapters
+  if isinstance(model, torch.nn.Module):
+    model = adapters.unwrap_module(model)
+  return model, adapters.unwrap_optimizer(optimizer)
+
+
 def _session(model, optimizer, what):
+  """The session training `model`, or None."""
   if not isinstance(model, torch.nn.Module):
     raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}.")
   if not isinstance(optimizer, torch.optim.Optimizer):
     raise TypeError(f"{what}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-  from ap_xla.torch_frontend import intercept
-  session = intercept.session_of(model)
+  from ap_xla.torch_frontend import registry
+  session = registry.session_of(model)
   if session is not None and session.optimizer is not optimizer:
     raise ValueError(f"{what}: this {type(optimizer).__name__} is not the optimizer ap-xla trains "
                      f"{type(model).__name__} with; pass that one.")
@@ -173,7 +184,7 @@ def _restore_into_torch(model, optimizer, directory, step, names):
   from bridge.lowering import to_jax
   from bridge.program import training_transform
   from ap_xla.torch_frontend import optim_state
-  from ap_xla.torch_frontend.session import _flat_names
+  from ap_xla.torch_frontend.bridges import flat_names as _flat_names
 
   tensors = dict(model.named_parameters(remove_duplicate=False))
   flat = _flat_names(names)

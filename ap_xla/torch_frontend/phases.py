@@ -3,10 +3,14 @@
 torch runs a step in three calls: the forward (+ `loss.backward()`), then `optimizer.step()`.
 A phase compiles the plan's pieces to match: `loss_and_grad` (from `passes.step`) at the
 training forward, `accumulate` at each backward (scaled by the backward's grad_output, as
-torch accumulates `.grad`), and `update` at `optimizer.step()` (the optax transform of the
-torch optimizer built at lr 1, each param group's update multiplied by that group's lr at
-this step, which honours any torch LR scheduler exactly: for SGD, Adam and AdamW the lr
-multiplies the final update).
+torch accumulates `.grad`), and `update` at `optimizer.step()` (the gradients times the clip
+coefficient of any `clip_grad_norm_`, then the optax transform of the torch optimizer built
+at lr 1, each param group's update multiplied by that group's lr at this step, which honours
+any torch LR scheduler exactly: for SGD, Adam and AdamW the lr multiplies the final update).
+
+`choose_plan` picks the plan: AP's search with the options of `enable_advanced_parallelization`
+(through the plan cache), or MoAI's plain data parallelism when AP is off; a forward under
+autocast asks for the plan's bf16 mixed precision either way.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ap_xla import api, env
+from ap_xla import config, env, plan_cache
 from passes import search as search_pass
 from passes.evaluate import derive_program_tp, tp_dims
 from passes.plan import Plan
@@ -50,7 +54,8 @@ class Phase:
     report: the search report that chose the plan.
     accumulate: `accumulate(acc, grads, scale) -> acc + scale * grads` (acc donated).
     scale: `scale(grads, s) -> s * grads`.
-    update: `update(params, opt_state, grads, group_lrs) -> (params, opt_state)` (donated).
+    update: `update(params, opt_state, grads, group_lrs, grad_scale) -> (params, opt_state)`
+      (params and state donated; the gradients are multiplied by `grad_scale` first).
     zeros: `zeros(params) -> zeros like params` with the param shardings.
   """
   plan: Plan
@@ -107,7 +112,8 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
   def scale(grads, s):
     return jax.tree.map(lambda g: s.astype(g.dtype) * g, grads)
 
-  def update(params, opt_state, grads, lrs):
+  def update(params, opt_state, grads, lrs, grad_scale):
+    grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u, i: u * lrs[i].astype(u.dtype), updates, labels)
     return optax.apply_updates(params, updates), opt_state
@@ -121,14 +127,22 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
       accumulate=_MeshBound(mesh, jax.jit(accumulate, in_shardings=(pshard, pshard, replicated),
                                           out_shardings=pshard, donate_argnums=(0,))),
       scale=_MeshBound(mesh, jax.jit(scale, in_shardings=(pshard, replicated), out_shardings=pshard)),
-      update=_MeshBound(mesh, jax.jit(update, in_shardings=(pshard, oshard, pshard, replicated),
+      update=_MeshBound(mesh, jax.jit(update, in_shardings=(pshard, oshard, pshard, replicated, replicated),
                                       out_shardings=(pshard, oshard), donate_argnums=(0, 1))),
       zeros=_MeshBound(mesh, jax.jit(zeros, in_shardings=(pshard,), out_shardings=pshard)),
   )
 
 
-def choose_plan(program: Program, devices: Sequence, advanced: bool) -> tuple[SearchResult, tuple]:
+def choose_plan(program: Program, devices: Sequence, advanced: bool,
+                mixed_precision: bool = False) -> tuple[SearchResult, tuple]:
   """The plan for `program`'s batch: AP's search, or MoAI's default plain data parallelism.
+
+  Args:
+    program: the bridged program with this batch.
+    devices: the devices to plan over.
+    advanced: AP's search (False: plain data parallelism, memory checked).
+    mixed_precision: the forward runs under autocast: bf16 compute with fp32 master weights
+      (else the AP options' own `mixed_precision`, or fp32 for plain data parallelism).
 
   Returns:
     (report, devices the plan runs on).
@@ -138,9 +152,13 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool) -> tuple[Se
   """
   devices = tuple(devices)
   batch = program.batch_size
+  settings = env.read_settings()
   if advanced:
+    options = config.current_options() or SearchOptions()
+    if mixed_precision:
+      options = dataclasses.replace(options, mixed_precision=True)
     try:
-      return api.search(program, devices), devices
+      return plan_cache.cached_search(program, devices, options, settings), devices
     except OutOfMemoryError as e:
       usable = _largest_divisor(len(devices), batch)
       if any(r.memory_bytes is not None for r in e.results) or usable == len(devices):
@@ -148,13 +166,14 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool) -> tuple[Se
       # No plan of all devices divides this batch (e.g. a last batch of 3 on 8 devices).
       log.info("No plan over %d devices divides batch %d; planning on %d of them.", len(devices),
                batch, usable)
-      return api.search(program, devices[:usable]), devices[:usable]
+      return plan_cache.cached_search(program, devices[:usable], options, settings), devices[:usable]
   dp = _largest_divisor(len(devices), batch)
-  settings = env.read_settings()
+  options = dataclasses.replace(PLAIN_OPTIONS, mixed_precision=mixed_precision)
   log.info("Advanced Parallelization is off: running %s on %d device(s) with plain data parallelism "
-           "(Plan(dp=%d)), checking that it fits.", program.name, dp, dp)
+           "(Plan(dp=%d)%s), checking that it fits.", program.name, dp, dp,
+           ", bf16 under autocast" if mixed_precision else "")
   try:
-    return search_pass.search(program, devices[:dp], PLAIN_OPTIONS, settings), devices[:dp]
+    return search_pass.search(program, devices[:dp], options, settings), devices[:dp]
   except OutOfMemoryError as e:
     raise OutOfMemoryError(_plain_out_of_memory_message(e.results, settings, devices[:dp], batch),
                            e.results) from None

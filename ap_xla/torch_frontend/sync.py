@@ -6,7 +6,8 @@ objects; their class is switched to `APParam`, a subclass of `nn.Parameter` that
   * brings the torch values up to date before any torch operation reads them (its
     `__torch_function__`), so `model.state_dict()`, `torch.save`, `copy.deepcopy(model)`,
     `p.norm()` or an eager forward all see the trained weights;
-  * refuses `p.grad` (the gradients live in JAX; see `_GRAD_MESSAGE`);
+  * answers `p.grad` with a read-only view of the gradient accumulated in JAX (`grads.py`)
+    and refuses `p.grad = ...` (see `_GRAD_MESSAGE`);
   * lets in-place edits through (`torch.nn.init.*_(p)`, `p.mul_()`, `load_state_dict`):
     they are noticed by `p._version` (or by a `.data` access) and read back into JAX
     before the next training call. An edit made through a stale alias (a tensor taken
@@ -34,12 +35,11 @@ _local = threading.local()
 _OWNERS = WeakIdKeyDictionary()
 
 _GRAD_MESSAGE = (
-    "ap-xla trains this model: reading or setting `{name}.grad` is not supported. The gradients "
-    "are accumulated inside the compiled XLA program (loss.backward() adds them there, "
-    "optimizer.zero_grad() clears them) and are never materialized as torch tensors. Remove "
-    "the code that reads or edits .grad (gradient clipping with torch.nn.utils.clip_grad_norm_, "
-    "gradient logging, a second optimizer's step() over the same parameters), or run the script "
-    "without enable_advanced_parallelization().")
+    "ap-xla trains this model: setting `{name}.grad` is not supported. The gradients are "
+    "accumulated inside the compiled XLA program (loss.backward() adds them there, "
+    "optimizer.zero_grad() or model.zero_grad() clears them) and `{name}.grad` is a read-only view "
+    "of them. Clip with torch.nn.utils.clip_grad_norm_ / clip_grad_value_ (compiled into the "
+    "update), or run the script without enable_advanced_parallelization().")
 
 
 @contextlib.contextmanager
@@ -78,7 +78,7 @@ class APParam(torch.nn.Parameter):
     # torch.nn.Module.zero_grad() reads every p.grad first: honour it as zero_grad.
     if mirror.handle_module_zero_grad():
       return None
-    raise UnsupportedUsageError(_GRAD_MESSAGE.format(name=mirror.name_of(self)))
+    return mirror.grad_view(self)
 
   @grad.setter
   def grad(self, value):
@@ -128,13 +128,18 @@ class TorchMirror:
     write: copies the JAX parameters into the torch parameters.
     read: copies the torch parameters into the JAX state.
     zero_grad: clears the session's gradients (for `torch.nn.Module.zero_grad()`).
+    grad_view: `p -> p.grad` as the session has it (a `GradView`, or None without gradients).
+    session: the session (clipping reaches it through the parameters' mirror).
   """
 
   def __init__(self, params: dict[str, torch.nn.Parameter], write: Callable[[], None],
-               read: Callable[[], None], zero_grad: Callable[[bool], None]):
+               read: Callable[[], None], zero_grad: Callable[[bool], None],
+               grad_view: Callable[[torch.nn.Parameter], torch.Tensor | None], session=None):
     self.params = params
+    self.session = session  # the Session this mirror belongs to (for clipping)
     self._names = {id(p): n for n, p in params.items()}
     self._write, self._read, self._zero_grad = write, read, zero_grad
+    self.grad_view = grad_view
     self.jax_version = 0    # bumped by every optimizer update (and by reading torch edits back)
     self.torch_version = 0  # the jax_version the torch values hold
     self.maybe_edited = False
