@@ -192,6 +192,9 @@ def capture(model: torch.nn.Module, example_batch: Mapping[str, Any],
   folded = rewrites.fold_batched_matmuls(exported.graph)
   if folded:
     notes.append(f"{folded} view-bmm-view chains folded into batched matmuls")
+  fused = sum(1 for n in exported.graph.nodes if n.op == "call_function" and n.target in KEPT_WHOLE)
+  if fused:
+    notes.append(f"{fused} attention calls run as fused attention (bridge.attention)")
   grouped = rewrites.fold_repeat_kv(exported.graph)
   if grouped:
     notes.append(f"{grouped} attention calls on repeated key/value heads run as grouped-query attention")

@@ -57,6 +57,19 @@ def _softmax(x, dim, half_to_float=False):
   return jnp.where(ok, e / jnp.where(ok, total, 1), jnp.nan)
 
 
+def _grouped_mm(input, weight, offs):
+  """transformers::grouped_mm_fallback (mixture-of-experts layers): rows [offs[i-1], offs[i]) of
+  `input` times `weight[i]`, rows past offs[-1] zero; `jax.lax.ragged_dot` computes exactly that."""
+  offs = offs.astype(jnp.int32)
+  sizes = jnp.diff(offs, prepend=jnp.zeros((1,), jnp.int32))
+  return jax.lax.ragged_dot(input, weight.astype(input.dtype), sizes)
+
+
+# Custom (non-ATen) ops of libraries' models, by their registered name.
+NAMED_LOWERINGS: dict[str, Callable] = {
+    "transformers::grouped_mm_fallback": _grouped_mm,
+}
+
 # ATen overloads whose torchax lowering is missing or wrong for export graphs, and the
 # functions bridge.rewrites puts into graphs. The values take JAX arrays (and the graph's
 # Python constants) like torchax's own lowerings.
@@ -92,6 +105,8 @@ def lowering_for(target) -> Callable | None:
     return EXTRA_LOWERINGS[target]
   if target in _PYTHON_TARGETS:
     return target
+  if isinstance(target, torch._ops.OpOverload) and target.name() in NAMED_LOWERINGS:
+    return NAMED_LOWERINGS[target.name()]
   if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
     return None
   table = torchax_compat.aten_lowerings()

@@ -101,6 +101,17 @@ def test_sdpa_matches_torch(case, chunk, monkeypatch):
     assert not np.asarray(out)[1, :, : T - 2].any()  # the fully masked rows: zeros, as torch
 
 
+def test_bf16_inputs_follow_fp32_torch():
+  """Mixed precision: bf16 q, k, v (scores and softmax in fp32 inside); within bf16 rounding."""
+  q, k, v = _inputs(kv_heads=2)
+  mask = _padding_mask()
+  want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).numpy()
+  to = lambda x: jnp.asarray(x.numpy(), jnp.bfloat16)
+  out = jax.jit(lambda *a: attention.sdpa(*a, enable_gqa=True))(to(q), to(k), to(v), jnp.asarray(mask.numpy()))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=0)
+
+
 def test_sdpa_refuses_dropout_and_other_ranks():
   q = jnp.zeros((2, 4, 8, 8))
   with pytest.raises(ValueError, match="dropout_p=0.1 is random"):
@@ -177,6 +188,10 @@ def test_flax_llama_saves_linear_state_per_layer_without_recomputation():
     per_layer[seq] = _block_saved_bytes(prog.layers.block, prog.params["blocks"], hidden, aux)
     assert per_layer[seq] < cfg.heads * seq * seq * 4  # less than one [N, T, T] score array
   assert per_layer[512] / per_layer[256] < 2.05
+  # The search's 'dots' recomputation (passes/step.py) saves the dots without batch dimensions:
+  # the projections, not the attention's (batched) score dots, which its backward recomputes.
+  dots = jax.checkpoint(prog.layers.block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  assert _block_saved_bytes(dots, prog.params["blocks"], hidden, aux) < cfg.heads * 512 * 512 * 4
 
 
 def test_bridged_hf_llama_in_sdpa_attention_saves_linear_state_per_layer():

@@ -41,6 +41,20 @@ def test_to_copy_without_dtype_keeps_the_array():
   assert lowering._to_copy(x, dtype=torch.bfloat16).dtype == jnp.bfloat16
 
 
+def test_grouped_mm_matches_transformers_fallback():
+  """transformers' mixture-of-experts matmul (Mixtral, Qwen-MoE) lowers to jax.lax.ragged_dot."""
+  from transformers.integrations import moe  # registers torch.ops.transformers.grouped_mm_fallback
+  op = torch.ops.transformers.grouped_mm_fallback.default
+  g = torch.Generator().manual_seed(0)
+  x, w = torch.randn(10, 4, generator=g), torch.randn(3, 4, 5, generator=g)
+  offs = torch.tensor([3, 3, 8])  # expert 1 gets no rows; rows 8-9 belong to no expert (zeros)
+  want = op(x, w, offs).numpy()
+  fn = lowering.lowering_for(op)
+  got = fn(jnp.asarray(x.numpy()), jnp.asarray(w.numpy()), jnp.asarray(offs.numpy()))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+  assert not np.asarray(got)[8:].any()
+
+
 class Pooler(torch.nn.Module):
 
   def forward(self, h):

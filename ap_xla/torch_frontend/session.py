@@ -145,7 +145,8 @@ class Session:
           "update them. Give the other parameters their own optimizer, or put them in the model.")
 
   def _bridge_first(self, call: Call) -> _Bridge:
-    from bridge.capture import NoLossError
+    from bridge.capture import CaptureError, NoLossError
+    from bridge.lowering import UnsupportedOperatorError
     from bridge.program import bridge_model
     from bridge.schedules import UnsupportedTorchOptimError
     saved = [g["lr"] for g in self.optimizer.param_groups]
@@ -157,6 +158,11 @@ class Session:
         bridged = bridge_model(self.model, call.batch, optimizer=self.optimizer)
     except UnsupportedTorchOptimError as e:
       raise UnsupportedUsageError(f"ap-xla cannot run this optimizer: {e}") from e
+    except (UnsupportedOperatorError, CaptureError) as e:
+      raise UnsupportedUsageError(
+          f"ap-xla cannot train {type(self.model).__name__}: {e}\nTo train it with plain torch "
+          "instead, run the script without enable_advanced_parallelization() (and not under `ap-xla "
+          "run`).") from e
     except NoLossError as e:
       raise UnsupportedUsageError(
           f"{type(self.model).__name__}'s forward does not return a loss. ap-xla takes the training "
