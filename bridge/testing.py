@@ -26,6 +26,9 @@ CAUSAL_LMS = {
     "cohere": "model.layers",           # parallel block, logit scale, bias-free LayerNorm, tied embeddings
     "granite": "model.layers",          # embedding / residual / attention / logit multipliers
     "mixtral": "model.layers",          # mixture of experts (top-2 of 4 experts, grouped matmul)
+    "qwen3_moe": "model.layers",        # mixture of experts with qk-norm
+    "gpt_oss": None,                    # attention sinks, clamped SwiGLU experts, alternating windows: flat
+    "mamba": "backbone.layers",         # selective state space (no attention), tied embeddings
 }
 
 
@@ -36,7 +39,7 @@ TESTED_CAUSAL_LMS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "p
                      "falcon", "bloom", "starcoder2", "mixtral")
 
 # Architectures whose transformers code has no sdpa path (their own attention code is bridged).
-EAGER_ONLY = ("gemma2", "bloom")
+EAGER_ONLY = ("gemma2", "bloom", "gpt_oss", "mamba")
 
 
 def _configs(tr, vocab, layers, hidden, heads, attn) -> dict:
@@ -85,6 +88,16 @@ def _configs(tr, vocab, layers, hidden, heads, attn) -> dict:
                        logits_scaling=2.0, **llama_like)),
       "mixtral": (tr.MixtralConfig, tr.MixtralForCausalLM,
                   dict(num_local_experts=4, num_experts_per_tok=2, **llama_like)),
+      "qwen3_moe": (tr.Qwen3MoeConfig, tr.Qwen3MoeForCausalLM,
+                    dict(**head_dim, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         **llama_like)),
+      # transformers picks eager attention for gpt-oss (sdpa has no attention sinks).
+      "gpt_oss": (tr.GptOssConfig, tr.GptOssForCausalLM,
+                  dict(**head_dim, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                       **{**llama_like, "attn_implementation": None})),
+      "mamba": (tr.MambaConfig, tr.MambaForCausalLM,
+                dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=4,
+                     use_mambapy=True)),
   }
 
 
