@@ -287,7 +287,10 @@ def _check_constant(column, children, captured) -> None:
   values = [captured.constant_values[n] for n in names]
   same = all(v.shape == values[0].shape and v.dtype == values[0].dtype and
              (v.is_meta or values[0].is_meta or torch.equal(v, values[0])) for v in values)
-  if None in rels or len(rels) != 1 or not same:
+  # Same values under each layer's own name; or lifted constants (e.g. torch.tensor([-2])
+  # made in a forward) that export names per layer, compared by value.
+  compared = not any(v.is_meta for v in values)
+  if not same or (not compared and (None in rels or len(rels) != 1)):
     raise NoBlockStack(f"blocks read buffers that differ across layers ({names[:3]}); buffers are "
                        "closed over, so every block must read the same values")
 

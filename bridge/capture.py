@@ -24,6 +24,10 @@ from bridge import rewrites, torchax_compat
 # Prefix of the user's module inside the export wrapper (stripped from every name).
 _MODEL_ATTR = "m"
 
+# Ops kept whole through the decomposition: attention runs as one fused kernel
+# (bridge.attention), whose backward keeps O(seq) state instead of the scores.
+KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
+
 
 @dataclasses.dataclass(frozen=True)
 class Captured:
@@ -179,6 +183,8 @@ def capture(model: torch.nn.Module, example_batch: Mapping[str, Any],
   # Core ATen plus torchax's extra decompositions, in one pass (two passes retrace twice).
   table = torch.export.default_decompositions()
   table.update(torchax_compat.torchax_decompositions())
+  for op in KEPT_WHOLE:  # lowered as one fused op (bridge.lowering), not as its decomposition
+    table.pop(op, None)
   with warnings.catch_warnings(), _explain(model, "run_decompositions"):
     warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch's own noise
     exported = exported.run_decompositions(table)
@@ -186,6 +192,12 @@ def capture(model: torch.nn.Module, example_batch: Mapping[str, Any],
   folded = rewrites.fold_batched_matmuls(exported.graph)
   if folded:
     notes.append(f"{folded} view-bmm-view chains folded into batched matmuls")
+  fused = sum(1 for n in exported.graph.nodes if n.op == "call_function" and n.target in KEPT_WHOLE)
+  if fused:
+    notes.append(f"{fused} attention calls run as fused attention (bridge.attention)")
+  grouped = rewrites.fold_repeat_kv(exported.graph)
+  if grouped:
+    notes.append(f"{grouped} attention calls on repeated key/value heads run as grouped-query attention")
   return _index(exported, model, tensors, closed, dynamic_batch, notes)
 
 
@@ -207,8 +219,8 @@ def _explain(model, step: str):
   except Exception as e:
     raise CaptureError(
         f"{step} failed for {type(model).__name__}: {_first_line(e)}. The bridge needs a model "
-        "torch.export can capture; for transformers models try attn_implementation='eager' "
-        "(GPT2 with 'sdpa' fails to decompose) and dropout 0 or model.eval().") from e
+        "torch.export can capture; for transformers models set dropout to 0 or call model.eval(), "
+        "and try another attn_implementation ('sdpa' or 'eager').") from e
 
 
 def _strip(name: str) -> str:

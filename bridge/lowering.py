@@ -2,8 +2,10 @@
 
 torchax maps each ATen overload to a JAX function; this module walks any subset of a
 graph's nodes (a whole graph, or the pre / block / post pieces of it) with that table.
-`EXTRA_LOWERINGS` holds the few lowerings torchax lacks or gets wrong for our graphs; each
-has a test in tests/test_bridge_lowering.py.
+`EXTRA_LOWERINGS` holds the few lowerings torchax lacks or gets wrong for our graphs (among
+them `scaled_dot_product_attention`, kept whole by the capture and run as the fused kernel
+of `bridge.attention`); each has a test in tests/test_bridge_lowering.py or
+tests/test_bridge_attention.py.
 
 Symbolic sizes (the dynamic batch) are not passed between pieces: a node whose value is a
 `SymInt` is evaluated from its sympy expression and the sizes of the arrays at hand.
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import torch
 import torch.fx
 
-from bridge import rewrites, torchax_compat
+from bridge import attention, rewrites, torchax_compat
 from bridge.capture import module_path
 
 
@@ -55,13 +57,41 @@ def _softmax(x, dim, half_to_float=False):
   return jnp.where(ok, e / jnp.where(ok, total, 1), jnp.nan)
 
 
+def _grouped_mm(input, weight, offs):
+  """transformers::grouped_mm_fallback (mixture-of-experts layers): rows [offs[i-1], offs[i]) of
+  `input` times `weight[i]`, rows past offs[-1] zero; `jax.lax.ragged_dot` computes exactly that."""
+  offs = offs.astype(jnp.int32)
+  sizes = jnp.diff(offs, prepend=jnp.zeros((1,), jnp.int32))
+  return jax.lax.ragged_dot(input, weight.astype(input.dtype), sizes)
+
+
+# Custom (non-ATen) ops of libraries' models, by their registered name.
+NAMED_LOWERINGS: dict[str, Callable] = {
+    "transformers::grouped_mm_fallback": _grouped_mm,
+}
+
 # ATen overloads whose torchax lowering is missing or wrong for export graphs, and the
 # functions bridge.rewrites puts into graphs. The values take JAX arrays (and the graph's
 # Python constants) like torchax's own lowerings.
 EXTRA_LOWERINGS: dict[Any, Callable] = {
     torch.ops.aten._to_copy.default: _to_copy,
     torch.ops.aten._softmax.default: _softmax,
+    torch.ops.aten.scaled_dot_product_attention.default: attention.sdpa,
     rewrites.batched_matmul: rewrites.batched_matmul,
+}
+
+
+def _sdpa_refusal(node) -> str | None:
+  dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+  if dropout:
+    return (f"dropout_p={dropout} (random: the bridged program is deterministic; set the attention "
+            "dropout to 0 or call model.eval())")
+  return None
+
+
+# Overloads the bridge lowers only for some arguments: node -> why not, or None.
+_REFUSALS: dict[Any, Callable] = {
+    torch.ops.aten.scaled_dot_product_attention.default: _sdpa_refusal,
 }
 
 # Python functions export records for SymInt arithmetic and multi-output ops.
@@ -75,6 +105,8 @@ def lowering_for(target) -> Callable | None:
     return EXTRA_LOWERINGS[target]
   if target in _PYTHON_TARGETS:
     return target
+  if isinstance(target, torch._ops.OpOverload) and target.name() in NAMED_LOWERINGS:
+    return NAMED_LOWERINGS[target.name()]
   if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
     return None
   table = torchax_compat.aten_lowerings()
@@ -98,7 +130,9 @@ def source_line(node: torch.fx.Node) -> str | None:
 
 
 def _is_random(target) -> bool:
-  return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+  # sdpa is tagged random for its dropout; _REFUSALS checks its dropout_p instead.
+  return (isinstance(target, torch._ops.OpOverload) and target not in _REFUSALS
+          and torch.Tag.nondeterministic_seeded in target.tags)
 
 
 def check_supported(nodes: Iterable[torch.fx.Node]) -> None:
@@ -106,23 +140,26 @@ def check_supported(nodes: Iterable[torch.fx.Node]) -> None:
 
   Each operator is reported once, with the module path and source line of its first use.
   """
-  first: dict[str, torch.fx.Node] = {}
+  first: dict[str, tuple[torch.fx.Node, str]] = {}
   for node in nodes:
     if node.op != "call_function" or is_symbolic(node):
       continue
-    if lowering_for(node.target) is None or _is_random(node.target):
-      first.setdefault(_op_name(node.target), node)
+    refusal = _REFUSALS[node.target](node) if node.target in _REFUSALS else None
+    if refusal:
+      first.setdefault(_op_name(node.target), (node, f" with {refusal}"))
+    elif lowering_for(node.target) is None or _is_random(node.target):
+      hint = (" (random: the bridged program is deterministic; set dropout probabilities to 0 or "
+              "call model.eval())") if _is_random(node.target) else ""
+      first.setdefault(_op_name(node.target), (node, hint))
   if not first:
     return
   lines = []
-  for name, node in first.items():
+  for name, (node, hint) in first.items():
     where = module_path(node) or "<top level>"
     src = source_line(node)
-    hint = (" (random: the bridged program is deterministic; set dropout probabilities to 0 or "
-            "call model.eval())") if _is_random(node.target) else ""
     lines.append(f"  {name}{hint} in module '{where}'" + (f" at {src}" if src else ""))
   raise UnsupportedOperatorError(
-      f"{len(first)} ATen operator(s) of the exported model have no JAX lowering:\n" + "\n".join(lines)
+      f"{len(first)} ATen operator(s) of the exported model cannot be lowered to JAX:\n" + "\n".join(lines)
       + "\nAdd a lowering to bridge.lowering.EXTRA_LOWERINGS (a function of JAX arrays), or change "
       "the model code at the lines above.")
 
@@ -188,7 +225,7 @@ def evaluate(nodes: Iterable[torch.fx.Node], env: dict, bindings: Mapping) -> di
       env[node] = symbolic_value(node, bindings)
       continue
     fn = lowering_for(node.target)
-    if fn is None:
+    if fn is None or node.target in _REFUSALS:
       check_supported([node])
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fetch)
     with jax.named_scope(_scope_name(node)):

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bridge import lowering, testing
+from bridge import lowering
 from bridge.lowering import UnsupportedOperatorError
 from bridge.program import bridge_model
-from bridge.state import by_torch_name
 
 # torchax asks JAX for int64 constants; without x64 they are int32, as intended.
 pytestmark = pytest.mark.filterwarnings("ignore:Explicitly requested dtype int64:UserWarning")
@@ -42,19 +41,18 @@ def test_to_copy_without_dtype_keeps_the_array():
   assert lowering._to_copy(x, dtype=torch.bfloat16).dtype == jnp.bfloat16
 
 
-def test_llama_sdpa_with_fully_masked_rows_matches_torch():
-  # The padded rows of lm_batch leave query rows with no visible key: torchax's own
-  # softmax made every gradient NaN here.
-  model, batch = testing.tiny_causal_lm("llama", attn="sdpa"), testing.lm_batch()
-  bridged = bridge_model(model, batch, optax.sgd(0.1))
-  prog = bridged.program
-  loss, grads = jax.jit(jax.value_and_grad(prog.loss))(prog.params, prog.batch)
-  out = model(**batch)
-  out.loss.backward()
-  assert abs(float(loss) - out.loss.item()) <= 1e-5
-  grads = by_torch_name(grads, bridged.param_names)
-  for name, p in model.named_parameters():
-    np.testing.assert_allclose(np.asarray(grads[name]), p.grad.numpy(), atol=1e-5, err_msg=name)
+def test_grouped_mm_matches_transformers_fallback():
+  """transformers' mixture-of-experts matmul (Mixtral, Qwen-MoE) lowers to jax.lax.ragged_dot."""
+  from transformers.integrations import moe  # registers torch.ops.transformers.grouped_mm_fallback
+  op = torch.ops.transformers.grouped_mm_fallback.default
+  g = torch.Generator().manual_seed(0)
+  x, w = torch.randn(10, 4, generator=g), torch.randn(3, 4, 5, generator=g)
+  offs = torch.tensor([3, 3, 8])  # expert 1 gets no rows; rows 8-9 belong to no expert (zeros)
+  want = op(x, w, offs).numpy()
+  fn = lowering.lowering_for(op)
+  got = fn(jnp.asarray(x.numpy()), jnp.asarray(w.numpy()), jnp.asarray(offs.numpy()))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+  assert not np.asarray(got)[8:].any()
 
 
 class Pooler(torch.nn.Module):
@@ -122,3 +120,28 @@ def test_symbolic_sizes_come_from_the_arrays_at_hand():
   assert sorted(lowering.symbolic_value(n, bindings) for n in sizes) == [7, 28]
   with pytest.raises(ValueError, match="no input carries"):
     lowering.symbolic_value(sizes[0], {})
+
+
+class Attention(torch.nn.Module):
+
+  def __init__(self, dropout):
+    super().__init__()
+    self.qkv = torch.nn.Linear(8, 24)
+    self.dropout = dropout
+
+  def forward(self, x):
+    q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+    p = self.dropout if self.training else 0.0
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True).sum()
+
+
+def test_attention_is_kept_whole_and_its_dropout_refused():
+  x = torch.randn(2, 5, 8)
+  with pytest.raises(UnsupportedOperatorError, match="scaled_dot_product_attention with dropout_p=0.1"):
+    bridge_model(Attention(0.1).train(), {"x": x}, optax.sgd(0.1))
+  model = Attention(0.1).eval()
+  bridged = bridge_model(model, {"x": x}, optax.sgd(0.1))
+  ops = [str(n.target) for n in bridged.captured.graph.nodes if n.op == "call_function"]
+  assert "aten.scaled_dot_product_attention.default" in ops and "aten._softmax.default" not in ops
+  loss = jax.jit(bridged.program.loss)(bridged.program.params, bridged.program.batch)
+  assert abs(float(loss) - model(x).item()) <= 1e-5

@@ -95,10 +95,16 @@ def _names(bridged):
   return names | {a for n in names for a in bridged.tied.get(n, ())}
 
 
-@pytest.fixture(scope="module", params=list(testing.CAUSAL_LMS))
+# Bridge-level checks on a few architectures, in both attention paths (every architecture of
+# testing.CAUSAL_LMS trains through ap-xla in tests/test_torch_architectures.py).
+BRIDGED = [("llama", "sdpa"), ("gpt2", "eager"), ("opt", "eager")]
+
+
+@pytest.fixture(scope="module", params=BRIDGED, ids=[f"{a}-{attn}" for a, attn in BRIDGED])
 def lm(request):
-  model = testing.tiny_causal_lm(request.param)
-  return request.param, Case(model, testing.lm_batch(), _torch_adamw)
+  arch, attn = request.param
+  model = testing.tiny_causal_lm(arch, attn=attn)
+  return arch, Case(model, testing.lm_batch(), _torch_adamw)
 
 
 @pytest.fixture(scope="module", params=["mlp", "cnn"])

@@ -246,7 +246,7 @@ def test_out_of_memory_slices_are_cached_too(tmp_path):
   """The quick space's first slice (one micro-batch) does not fit; the second (two) does. Both
   outcomes are stored, so the second run compiles nothing and says so honestly."""
   args = ["--model", "llama-tiny", "--hardware", "h100", "--devices", "8", "--batch", "16", "--seq", "64",
-          "--device-memory", "9MiB", "--no-pipeline-parallel", "--tensor-parallel", "1",
+          "--device-memory", "8MiB", "--no-pipeline-parallel", "--tensor-parallel", "1",
           "--activation-recomputation", "false", "--no-mixed-precision", "--distribute-parameter", "false"]
   first, second = (_cli(tmp_path, *args) for _ in range(2))
   assert first.returncode == second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from ap_xla.models.llama import next_token_loss
+from bridge.attention import dot_product_attention
 from passes.program import Layers, Program
 
 
@@ -74,11 +75,7 @@ class Block(nn.Module):
     b, t, _ = x.shape
     qkv = _dense(3 * c.dim, "c_attn", h.dtype)(x)
     q, k, v = (y.reshape(b, t, c.heads, c.head_dim) for y in jnp.split(qkv, 3, axis=-1))
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    s = jnp.where(causal[None, None], s.astype(jnp.float32), -1e30)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, c.dim)
+    o = dot_product_attention(q, k, v, is_causal=True).reshape(b, t, c.dim)  # fused, as llama.py
     h = h + _dense(c.dim, "c_proj", h.dtype)(o)
     x = ln("ln_2")(h)
     x = jax.nn.gelu(_dense(c.ffn_dim, "c_fc", h.dtype)(x), approximate=True)  # HF's gelu_new

@@ -2,7 +2,9 @@
 
 Used by the demo, the benchmarks, the notebooks and `ap-xla plan` presets. The block is an
 ordinary flax module; its weights are stacked on a leading axis by a vmapped init, and the
-program runs them with `lax.scan` (see `passes.program.Layers`).
+program runs them with `lax.scan` (see `passes.program.Layers`). Attention is the fused
+kernel the bridge lowers torch's sdpa to (`bridge.attention`): cuDNN flash attention on
+GPUs, chunked XLA attention elsewhere, O(seq) saved state either way.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bridge.attention import dot_product_attention
 from passes.program import Layers, Program
 
 
@@ -81,14 +84,8 @@ class Block(nn.Module):
     k = dense(kvh * c.head_dim, "k")(x).reshape(b, t, kvh, c.head_dim)
     v = dense(kvh * c.head_dim, "v")(x).reshape(b, t, kvh, c.head_dim)
     q, k = apply_rope(q, aux["cos"], aux["sin"]), apply_rope(k, aux["cos"], aux["sin"])
-    if kvh != c.heads:
-      k = jnp.repeat(k, c.heads // kvh, axis=2)
-      v = jnp.repeat(v, c.heads // kvh, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    s = jnp.where(causal[None, None], s.astype(jnp.float32), -1e30)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, c.heads * c.head_dim)
+    # Fused causal attention (grouped-query when kv_heads < heads): O(t) saved state.
+    o = dot_product_attention(q, k, v, is_causal=True).reshape(b, t, c.heads * c.head_dim)
     h = h + dense(c.dim, "o")(o)
     x = RMSNorm(name="mlp_norm")(h)
     g = dense(c.ffn_dim, "gate")(x)

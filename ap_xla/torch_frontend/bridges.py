@@ -89,7 +89,8 @@ class BridgeCache:
       return bridge_model(self.model, batch, optimizer=optimizer)
 
   def _bridge_first(self, optimizer, call: Call) -> Bridged:
-    from bridge.capture import NoLossError
+    from bridge.capture import CaptureError, NoLossError
+    from bridge.lowering import UnsupportedOperatorError
     from bridge.schedules import UnsupportedTorchOptimError
     saved = [g["lr"] for g in optimizer.param_groups]
     try:
@@ -99,6 +100,11 @@ class BridgeCache:
         bridged = self._export(call.batch, optimizer)
     except UnsupportedTorchOptimError as e:
       raise UnsupportedUsageError(f"ap-xla cannot run this optimizer: {e}") from e
+    except (UnsupportedOperatorError, CaptureError) as e:
+      raise UnsupportedUsageError(
+          f"ap-xla cannot train {type(self.model).__name__}: {e}\nTo train it with plain torch "
+          "instead, run the script without enable_advanced_parallelization() (and not under `ap-xla "
+          "run`).") from e
     except NoLossError as e:
       raise UnsupportedUsageError(
           f"{type(self.model).__name__}'s forward does not return a loss. ap-xla takes the training "
