@@ -71,6 +71,7 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal:
                      f"({key.shape[2]}).")
   if implementation not in (None, "xla", "cudnn"):
     raise ValueError(f"implementation must be None, 'xla' or 'cudnn', got {implementation!r}.")
+  query, key, value = _common_dtype(query, key, value)
   scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
   mask = None if mask is None else _rank4(jnp.asarray(mask), "mask").astype(bool)
   if bias is not None:
@@ -90,6 +91,20 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal:
       log.warning("cuDNN attention is not available for query %s %s (%s); using the XLA path.",
                   query.shape, query.dtype, e)
   return _chunked_xla(query, key, value, mask, bias, is_causal, scale, query_chunk)
+
+
+def _common_dtype(query, key, value):
+  """q, k and v in one float dtype: the narrowest of theirs.
+
+  Under a bf16 plan the projections come out in bf16 while rotary embeddings computed from
+  fp32 tables promote q and k to fp32; the kernels take one dtype. torch's autocast runs
+  sdpa in its lower precision, so the narrowest of the three is the one torch would use.
+  """
+  dtypes = {x.dtype for x in (query, key, value)}
+  if len(dtypes) == 1:
+    return query, key, value
+  dt = min(dtypes, key=lambda d: (jnp.dtype(d).itemsize, str(d)))
+  return query.astype(dt), key.astype(dt), value.astype(dt)
 
 
 def _rank4(x, name: str):

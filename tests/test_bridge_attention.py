@@ -112,6 +112,18 @@ def test_bf16_inputs_follow_fp32_torch():
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=0)
 
 
+def test_mixed_dtypes_run_in_the_narrowest():
+  """A bf16 plan: fp32 rotary tables promote q and k to fp32 while v is bf16 (the projection's
+  dtype). Torch's autocast runs sdpa in bf16; so does the kernel, within bf16 rounding."""
+  q, k, v = _inputs(kv_heads=2)
+  want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).numpy()
+  f32 = lambda x: jnp.asarray(x.numpy())
+  bf16 = lambda x: jnp.asarray(x.numpy(), jnp.bfloat16)
+  out = jax.jit(lambda *a: attention.sdpa(*a, is_causal=True, enable_gqa=True))(f32(q), f32(k), bf16(v))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2, rtol=0)
+
+
 def test_sdpa_refuses_dropout_and_other_ranks():
   q = jnp.zeros((2, 4, 8, 8))
   with pytest.raises(ValueError, match="dropout_p=0.1 is random"):
