@@ -44,7 +44,7 @@ log = logging.getLogger("ap_xla")
 FORMAT = "ap_xla.plan_cache"
 FORMAT_VERSION = 2  # 2: entries may hold an out-of-memory outcome
 # Settings that change which plan wins; threads, logging and progress bars do not.
-_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k")
+_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k", "exhaustive")
 _ENTRY_MODE = 0o644  # readable like any cache file (mkstemp creates 0600)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 

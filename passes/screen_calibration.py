@@ -1,0 +1,123 @@
+"""The screen's correction and stated error, learned per program from its compiled candidates.
+
+The analytic screen (`passes.screen`) is exact for the training state (parameters, optimizer
+state, batch) and approximate for the rest: activations, temporaries, time. What it misses
+is mostly particular to the program and the kind of plan (how XLA fuses this model's
+kernels, what a pipeline's loops keep), so each compiled candidate teaches a ratio:
+
+  memory  (compiled - exact state) / (screened - exact state)
+  time    compiled estimate / screened estimate
+
+An uncompiled candidate takes the ratios of its nearest compiled candidate (`distance`:
+plans differing in fewer and smaller knobs are nearer). The stated error is measured the same
+way, leaving each compiled candidate out in turn and predicting it from the others; the
+largest such error (times a safety factor) is what the search's bounds use. Until enough
+candidates are compiled to measure it, a prior stands in (PRIOR_*).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from passes.plan import Plan
+
+# Until MIN_SAMPLES candidates are compiled, these stand for the screen's relative error: the
+# raw screen's worst errors over the benchmark programs (benchmarks/screen_accuracy.py),
+# rounded up.
+PRIOR_MEMORY_ERROR = 0.35
+PRIOR_TIME_ERROR = 0.35
+MIN_SAMPLES = 3
+SAFETY = 1.25   # the stated error is the worst left-out error times this
+FLOOR = 0.02    # and never below this
+
+
+def distance(a: Plan, b: Plan) -> float:
+  """How unlike two plans are, for choosing whose correction an uncompiled plan takes."""
+  log2 = lambda x, y: abs(math.log2(x) - math.log2(y))
+  d = 4.0 * (a.recompute != b.recompute) + 4.0 * ((a.pp > 1) != (b.pp > 1)) + 3.0 * (a.bf16 != b.bf16)
+  d += 2.0 * (a.fsdp != b.fsdp) + 1.0 * (a.low_prec != b.low_prec) + 2.0 * ((a.tp > 1) != (b.tp > 1))
+  d += 0.5 * (log2(a.tp, b.tp) + log2(a.pp, b.pp) + log2(a.mb, b.mb) + log2(a.dp, b.dp))
+  return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One compiled candidate: its screened and compiled figures."""
+  plan: Plan
+  exact: float           # the screen's exact state bytes
+  screened_memory: float
+  compiled_memory: float
+  screened_time: float
+  compiled_time: float
+
+  @property
+  def memory_ratio(self) -> float:
+    var = self.screened_memory - self.exact
+    return (self.compiled_memory - self.exact) / var if var > 0 else 1.0
+
+  @property
+  def time_ratio(self) -> float:
+    return self.compiled_time / self.screened_time if self.screened_time > 0 else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """Corrections of the screen and its stated relative errors (module doc).
+
+  Attributes:
+    samples: the compiled candidates it learned from.
+    memory_error: stated relative error of a corrected memory prediction.
+    time_error: stated relative error of a corrected time prediction.
+  """
+  samples: tuple[Sample, ...] = ()
+  memory_error: float = PRIOR_MEMORY_ERROR
+  time_error: float = PRIOR_TIME_ERROR
+
+  def __repr__(self):
+    return (f"Calibration(samples={len(self.samples)}, memory_error={self.memory_error:.1%}, "
+            f"time_error={self.time_error:.1%})")
+
+  @classmethod
+  def fit(cls, samples: Sequence[Sample]) -> "Calibration":
+    samples = tuple(samples)
+    if len(samples) < 2:
+      return cls(samples)
+    mem_err = time_err = 0.0
+    for i, s in enumerate(samples):
+      others = samples[:i] + samples[i + 1:]
+      near = _nearest(s.plan, others)
+      m = s.exact + (s.screened_memory - s.exact) * near.memory_ratio
+      t = s.screened_time * near.time_ratio
+      mem_err = max(mem_err, abs(m - s.compiled_memory) / s.compiled_memory)
+      time_err = max(time_err, abs(t - s.compiled_time) / s.compiled_time)
+    mem_err, time_err = max(FLOOR, SAFETY * mem_err), max(FLOOR, SAFETY * time_err)
+    if len(samples) < MIN_SAMPLES:
+      mem_err, time_err = max(mem_err, PRIOR_MEMORY_ERROR), max(time_err, PRIOR_TIME_ERROR)
+    return cls(samples, mem_err, time_err)
+
+  def memory(self, plan: Plan, exact: float, screened: float) -> float:
+    """The corrected memory prediction (bytes)."""
+    near = _nearest(plan, self.samples)
+    return exact + (screened - exact) * (near.memory_ratio if near else 1.0)
+
+  def time(self, plan: Plan, screened: float) -> float:
+    """The corrected time prediction (seconds)."""
+    near = _nearest(plan, self.samples)
+    return screened * (near.time_ratio if near else 1.0)
+
+  def memory_bounds(self, plan: Plan, exact: float, screened: float) -> tuple[float, float]:
+    """(lowest, highest) memory the plan may need under the stated error; never under the
+    exact state."""
+    m = self.memory(plan, exact, screened)
+    return max(exact, m * (1 - self.memory_error)), m * (1 + self.memory_error)
+
+  def time_lower(self, plan: Plan, screened: float) -> float:
+    """The fastest the plan may be under the stated error."""
+    return self.time(plan, screened) * (1 - self.time_error)
+
+
+def _nearest(plan: Plan, samples: Sequence[Sample]) -> Sample | None:
+  if not samples:
+    return None
+  return min(samples, key=lambda s: (distance(plan, s.plan), s.compiled_time))
