@@ -36,7 +36,8 @@ def run(args, cache: str) -> dict:
           "config_line": doc["config_line"], "memory_bytes": doc["memory_bytes"],
           "est_time_s": doc["est_time_s"], "budget_bytes": doc["result"]["budget_bytes"],
           "capacity_bytes": doc["result"]["capacity_bytes"], "params": doc["model"]["num_params"],
-          "candidates": len(cands), "compiled": sum(c["verdict"] not in ("pruned", "skipped") for c in cands)}
+          "candidates": len(cands), "compiled": sum(c.get("figures", "compiled") == "compiled" and
+                                                    c["verdict"] not in ("pruned", "skipped") for c in cands)}
 
 
 def main():

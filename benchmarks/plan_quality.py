@@ -116,13 +116,11 @@ class Candidate:
 
   def __init__(self, prog, plan: Plan, devices):
     from passes import memory
-    from passes.evaluate import derive_program_tp, tp_dims
+    from passes.build import build_plan
     from passes.measure import _random_like
-    from passes.step import build_step
 
     self.plan, self.devices = plan, devices
-    rules = derive_program_tp(prog) if plan.tp > 1 else None
-    built = build_step(prog, plan, devices, tp_dims(prog, rules, plan.tp))
+    built = build_plan(prog, plan, devices)
     self.compiled = built.lower(prog).compile()
     self.memory = memory.memory_stats(self.compiled, devices[0].platform)
     p_abs, _, _ = built.abstract_inputs(prog)

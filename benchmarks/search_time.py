@@ -37,7 +37,7 @@ def run(cfg: LlamaConfig, batch: int, options: SearchOptions, capacity: int, thr
   res = cached_search(prog, options=options, directory=cache_dir, enabled=True,
                       settings=SearchSettings(capacity_bytes=capacity, progress=False, max_threads=threads))
   total = time.perf_counter() - t0
-  compiled = sum(c.verdict not in ("pruned", "skipped") for c in res.candidates)
+  compiled = sum(c.compiled for c in res.candidates)
   return {"params": prog.num_params, "blocks": cfg.layers, "candidates": len(res.candidates),
           "compiled": compiled, "feasible": len(res.feasible), "compile_s": round(res.timings["compile"], 2),
           "search_s": round(total, 2), "plan": repr(res.plan), "from_cache": res.from_cache}

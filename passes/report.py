@@ -107,6 +107,9 @@ class SearchResult:
     num_devices: devices searched over.
     timings: seconds for 'screen', 'compile', 'select' and 'total'.
     from_cache: True when the result was read from the plan cache.
+    screen: what the analytic screen did: candidates 'predicted' and 'compiled', and its
+      stated 'memory_error' and 'time_error' after 'samples' compiled candidates (empty for
+      an exhaustive search).
   """
   plan: Plan
   candidates: tuple[CandidateResult, ...]
@@ -117,6 +120,7 @@ class SearchResult:
   global_batch: int
   timings: dict
   from_cache: bool = False
+  screen: dict = dataclasses.field(default_factory=dict)
 
   @property
   def chosen(self) -> CandidateResult:
@@ -146,7 +150,7 @@ class SearchResult:
     return {"plan": self.plan.to_dict(), "candidates": [c.to_json() for c in self.candidates],
             "budget_bytes": self.budget_bytes, "capacity_bytes": self.capacity_bytes,
             "hardware": self.hardware, "num_devices": self.num_devices, "global_batch": self.global_batch,
-            "timings": self.timings}
+            "timings": self.timings, "screen": self.screen}
 
   @classmethod
   def from_json(cls, d: dict, from_cache: bool = False) -> "SearchResult":
@@ -154,7 +158,7 @@ class SearchResult:
                candidates=tuple(CandidateResult.from_json(c) for c in d["candidates"]),
                budget_bytes=d["budget_bytes"], capacity_bytes=d["capacity_bytes"], hardware=d["hardware"],
                num_devices=d["num_devices"], global_batch=d["global_batch"], timings=d["timings"],
-               from_cache=from_cache)
+               from_cache=from_cache, screen=d.get("screen", {}))
 
 
 class OutOfMemoryError(RuntimeError):

@@ -331,9 +331,12 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   t_select = time.perf_counter() - t1
   log.info("Complete selecting the best candidate. Elapsed time: %.3f s", t_select)
   log.info("The final configuration is: %s", config_line(chosen.plan, batch))
+  screen_doc = {} if calibration is None else {
+      "predicted": predicted, "compiled": compiled, "samples": len(calibration.samples),
+      "memory_error": calibration.memory_error, "time_error": calibration.time_error}
   result = SearchResult(chosen.plan, tuple(ranked), budget, capacity, hw.name, len(devices), batch,
                         {"screen": t_screen, "compile": t_compile, "select": t_select, "measure": t_measure,
-                         "total": time.perf_counter() - t_start})
+                         "total": time.perf_counter() - t_start}, screen=screen_doc)
   _dump(settings, ranked, result, budget, capacity, hw, devices, batch, t_start)
   return result
 

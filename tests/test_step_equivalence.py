@@ -21,9 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from passes.evaluate import derive_program_tp, tp_dims
+from passes.build import build_plan, derive_program_tp
 from passes.plan import Plan
-from passes.step import build_step
 from tests.models import MLP, assert_tree_close, data_reductions, llama_tiny, mlp_program
 
 CASES = {
@@ -67,7 +66,7 @@ def llama():
 
 
 def run_plan(prog, plan, rules, steps=3):
-  built = build_step(prog, plan, jax.devices(), tp_dims(prog, rules, plan.tp))
+  built = build_plan(prog, plan, jax.devices(), rules)
   params = jax.device_put(prog.params, built.param_shardings)
   batch = jax.device_put(prog.batch, built.batch_shardings)
   loss, grads = built.loss_and_grad(params, batch)
