@@ -255,6 +255,7 @@ class _Walker:
         uses = consumers.get(o, [])
         if not fusible or o in out_set or any(c.name not in _FUSIBLE and c.name not in _REDUCTIONS for c in uses):
           materialized.add(o)
+    self.shard_backward(eqns, dims, consumers, out_set)
     # Fused kernels: a materialized value made by a fusible op or a reduction reads the
     # materialized values it depends on through fusible producers.
     for e in eqns:
@@ -302,6 +303,37 @@ class _Walker:
         self.comm("all-reduce", _nbytes(self.prog.avals[o]), count)
         dims[o] = None
     return outs, [dims.get(o) if o is not None else None for o in outs], peak
+
+  def shard_backward(self, eqns, dims, consumers, out_set) -> None:
+    """GSPMD shards a value made without a sharded dim (a broadcast, a one-hot of the labels)
+    like the sharded values it is combined with elementwise: its bytes per device are a
+    share. Walks the equations backwards so that chains of such values follow."""
+    if self.tp == 1:
+      return
+    scatters = ("scatter-add", "scatter_add", "scatter")
+    for e in reversed(eqns):
+      if e.name not in _FUSIBLE and e.name not in scatters:
+        continue
+      for o in e.outs:
+        if dims.get(o) is not None or o in out_set or o not in consumers:
+          continue
+        shape, found = self.shape(o), None
+        for c in consumers[o]:
+          if c.name in scatters and c.ins[0] == o and isinstance(dims.get(c.outs[0]), int):
+            found = dims[c.outs[0]] if found in (None, dims[c.outs[0]]) else -1
+            continue  # the buffer a sharded scatter updates is sharded like its result
+          if c.name not in _ELEMENTWISE:
+            found = None
+            break
+          other = [dims.get(a) for a in c.ins if a is not None and a != o and isinstance(dims.get(a), int)
+                   and len(self.shape(a)) == len(shape)]
+          other += [dims.get(x) for x in c.outs if isinstance(dims.get(x), int)]
+          if not other or (found is not None and other[0] != found):
+            found = None
+            break
+          found = other[0]
+        if found is not None and 0 <= found < len(shape):
+          dims[o] = found
 
   def keeps_partial(self, e: _Eqn, ins) -> bool:
     """Whether an op on partial sums gives a partial sum (it is linear in them)."""

@@ -62,6 +62,7 @@ class Screened:
   memory: dict
   cost: cost_model.CostEstimate
   temporaries_detail: str = ""
+  _peak: float = dataclasses.field(default=0.0, repr=False)
 
   @property
   def memory_bytes(self) -> int:
@@ -75,6 +76,11 @@ class Screened:
   @property
   def est_time_s(self) -> float:
     return self.cost.total_s
+
+  @property
+  def flops(self) -> float:
+    """FLOPs per device per step (matmuls and convolutions, recomputation included)."""
+    return self.cost.flops_s * self._peak if self._peak else 0.0
 
 
 def _nbytes(x) -> int:
@@ -119,28 +125,39 @@ class Screen:
     self.tp_dims_fn = tp_dims_fn
     self.opt_shapes = jax.eval_shape(program.optimizer.init, program.params)
     self._opt = None
+    self._spec_cache: dict = {}
     self.last_kernels = {}
 
   # ---------------------------------------------------------------- exact terms
 
+  def _specs(self, plan: Plan):
+    """(param specs, optimizer-state specs) of the plan, shared by plans of the same layout."""
+    key = (plan.dp, plan.tp, plan.pp, plan.fsdp)
+    if key not in self._spec_cache:
+      pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
+      self._spec_cache[key] = (pspecs, sh.opt_state_specs(self.opt_shapes, self.program.params, pspecs))
+    return self._spec_cache[key]
+
   def state(self, plan: Plan) -> dict:
     """Per-device bytes of params, optimizer state and batch under the plan's specs (exact)."""
     mesh = plan.mesh_shape
-    pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
+    pspecs, ospecs = self._specs(plan)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
     pleaves, specs = jax.tree.leaves(self.program.params), jax.tree.leaves(pspecs, is_leaf=is_spec)
     params = sum(_nbytes(x) // _shards(s, mesh) for x, s in zip(pleaves, specs))
-    ospecs = sh.opt_state_specs(self.opt_shapes, self.program.params, pspecs)
     opt = sum(_nbytes(x) // _shards(s, mesh) for x, s in
               zip(jax.tree.leaves(self.opt_shapes), jax.tree.leaves(ospecs, is_leaf=is_spec)))
     batch = sum(_nbytes(x) // plan.dp for x in jax.tree.leaves(self.program.batch))
-    return {"params": params, "opt_state": opt, "batch": batch + 4}  # + the loss
+    # The step's outputs that do not alias a donated input: the loss, and the output tuple's
+    # table of pointers (8 bytes per output).
+    outputs = len(pleaves) + len(jax.tree.leaves(self.opt_shapes)) + 1
+    return {"params": params, "opt_state": opt, "batch": batch + 4 + 8 * outputs}
 
   def leaf_layout(self, plan: Plan) -> list[tuple[str, int, int, int]]:
     """Per parameter leaf: (part, per-device bytes as stored, bytes gathered over 'data',
     bytes per layer for a block leaf)."""
     mesh = plan.mesh_shape
-    pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
+    pspecs, _ = self._specs(plan)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
     out = []
     flat = jax.tree_util.tree_leaves_with_path(self.program.params)
@@ -208,23 +225,28 @@ class Screen:
     blocks = [(s, g, n) for part, s, g, n in layout if part == BLOCKS]
     if blk is None:
       return 0.0
-    if plan.pp > 1:
-      return sum(g for _, g, _ in blocks)
     if not plan.fsdp or plan.dp == 1:
       return 0.0
+    if plan.pp > 1:
+      return sum(g for _, g, _ in blocks)
     layer = sum(g / n for _, g, n in blocks)
     return self.program.num_blocks * layer if plan.recompute == "none" else layer
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under
-    FSDP plus one layer's whole gradient before its reduction."""
+    FSDP plus one layer's whole gradient before its reduction. In a pipeline the blocks'
+    working set (per micro-batch, inside the stage loops) comes on top of pre's and post's
+    (on the whole local batch, outside them)."""
     best, what = 0.0, ""
     for name, c in (("pre", pre), ("block", blk), ("post", post)):
-      if c is None:
+      if c is None or (plan.pp > 1 and c is blk):
         continue
       for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
         if jc.peak_bytes > best:
           best, what = jc.peak_bytes, f"{name} {phase}: largest {jc.largest[1]}"
+    if plan.pp > 1 and blk is not None:
+      best += blk.temp_peak
+      what += f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
     if plan.fsdp and plan.dp > 1 and plan.pp == 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
@@ -360,12 +382,9 @@ class Screen:
             Collective("all-reduce", out_b, plan.pp, 2, self._groups(plan, STAGE))]
 
   def _hidden_bytes(self, plan: Plan) -> int:
-    b = self.micro_batch(plan)
-    prog = self.program
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + tuple(x.shape[1:]), x.dtype), prog.batch)
-    h, _ = jax.eval_shape(prog.layers.pre, prog.params[PRE], batch)
-    n = _nbytes(h)
-    return n // 2 if plan.bf16 and jnp.dtype(h.dtype).itemsize == 4 else n
+    """Bytes of one micro-batch's activations between two blocks, per device."""
+    h, _ = self.profile.hidden(plan.bf16, self.micro_batch(plan))
+    return _nbytes(h)
 
   # ---------------------------------------------------------------- the screen
 
@@ -382,7 +401,8 @@ class Screen:
     colls = self.collectives(plan, pre, blk, post, runs_edge, runs_block, layout)
     flops = sum(k.flops * k.count for k in ks)
     stats = HloStats(int(flops), tuple(colls), 0, kernels=tuple(ks))
-    return Screened(plan, memory, cost_model.estimate_step_time(stats, plan, hw), what)
+    cost = cost_model.estimate_step_time(stats, plan, hw)
+    return Screened(plan, memory, cost, what, hw.peak(cost.dtype))
 
 
 def build_screen(program: Program, devices, tp_rules, plans) -> Screen:

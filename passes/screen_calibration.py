@@ -11,8 +11,10 @@ kernels, what a pipeline's loops keep), so each compiled candidate teaches a rat
 An uncompiled candidate takes the ratios of its nearest compiled candidate (`distance`:
 plans differing in fewer and smaller knobs are nearer). The stated error is measured the same
 way, leaving each compiled candidate out in turn and predicting it from the others; the
-largest such error (times a safety factor) is what the search's bounds use. Until enough
-candidates are compiled to measure it, a prior stands in (PRIOR_*).
+largest such error (times a safety factor) is what the search's bounds use. The memory error
+is relative to the part of memory the screen does not know exactly (compiled - exact state):
+the state itself has none. Until enough candidates are compiled to measure it, a prior stands
+in (PRIOR_*).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from passes.plan import Plan
 # rounded up.
 PRIOR_MEMORY_ERROR = 0.35
 PRIOR_TIME_ERROR = 0.35
-MIN_SAMPLES = 3
+MIN_SAMPLES = 2
 SAFETY = 1.25   # the stated error is the worst left-out error times this
 FLOOR = 0.02    # and never below this
 
@@ -67,7 +69,8 @@ class Calibration:
 
   Attributes:
     samples: the compiled candidates it learned from.
-    memory_error: stated relative error of a corrected memory prediction.
+    memory_error: stated relative error of a corrected memory prediction's inexact part (all
+      but the parameters, optimizer state and batch).
     time_error: stated relative error of a corrected time prediction.
   """
   samples: tuple[Sample, ...] = ()
@@ -87,9 +90,10 @@ class Calibration:
     for i, s in enumerate(samples):
       others = samples[:i] + samples[i + 1:]
       near = _nearest(s.plan, others)
-      m = s.exact + (s.screened_memory - s.exact) * near.memory_ratio
+      var = (s.screened_memory - s.exact) * near.memory_ratio
+      actual = s.compiled_memory - s.exact
       t = s.screened_time * near.time_ratio
-      mem_err = max(mem_err, abs(m - s.compiled_memory) / s.compiled_memory)
+      mem_err = max(mem_err, abs(var - actual) / max(actual, 1.0))
       time_err = max(time_err, abs(t - s.compiled_time) / s.compiled_time)
     mem_err, time_err = max(FLOOR, SAFETY * mem_err), max(FLOOR, SAFETY * time_err)
     if len(samples) < MIN_SAMPLES:
@@ -107,10 +111,10 @@ class Calibration:
     return screened * (near.time_ratio if near else 1.0)
 
   def memory_bounds(self, plan: Plan, exact: float, screened: float) -> tuple[float, float]:
-    """(lowest, highest) memory the plan may need under the stated error; never under the
-    exact state."""
-    m = self.memory(plan, exact, screened)
-    return max(exact, m * (1 - self.memory_error)), m * (1 + self.memory_error)
+    """(lowest, highest) memory the plan may need under the stated error: the exact state plus
+    the corrected rest, give or take the error."""
+    var = self.memory(plan, exact, screened) - exact
+    return exact + max(0.0, var * (1 - self.memory_error)), exact + var * (1 + self.memory_error)
 
   def time_lower(self, plan: Plan, screened: float) -> float:
     """The fastest the plan may be under the stated error."""

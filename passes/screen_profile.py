@@ -174,14 +174,23 @@ class ProgramProfile:
       return layers.post(_cast(p, bf16), h, aux, _cast(batch, bf16)).astype(jnp.float32)
     return post, ("params", "hidden") + (("aux",) if self.aux_grad else ())
 
+  def hidden(self, bf16: bool, b: int):
+    """The shapes `pre` gives a micro-batch of `b` examples: (hidden, aux)."""
+    key = ("hidden", bf16, b)
+    if key not in self._traces:
+      batch = _slice_batch(self.program.batch, b)
+      pre = lambda p, bt: self.program.layers.pre(_cast(p, bf16), _cast(bt, bf16))
+      self._traces[key] = jax.eval_shape(pre, self.program.params[PRE], batch)
+    return self._traces[key]
+
   def _inputs(self, part: str, bf16: bool, b: int):
-    """Abstract inputs of a part for a micro-batch of `b` examples, and the parts' trees."""
+    """Abstract inputs of a part for a micro-batch of `b` examples."""
     prog = self.program
     batch = _slice_batch(prog.batch, b)
     if not self.layered:
       return (prog.params, batch)
     pre_p = prog.params[PRE]
-    h, aux = jax.eval_shape(lambda p, bt: self.program.layers.pre(_cast(p, bf16), _cast(bt, bf16)), pre_p, batch)
+    h, aux = self.hidden(bf16, b)
     if part == PRE:
       return (pre_p, batch)
     if part == BLOCKS:

@@ -10,8 +10,9 @@ Every candidate is screened (`passes.screen`); only XLA decides that a plan fits
      left out as pruned (predicted). No plan is assumed slower for saving memory: under the
      cost model more micro-batches can be faster (one gradient reduction per step instead of
      one per layer), so only the screen's bounds prune;
-  4. the rest are contenders: the `wave` best by predicted time are compiled, their figures
-     refine the calibration, and the next wave starts.
+  4. the rest are contenders: the `wave` best by predicted time are compiled (those predicted
+     to fit first: what they teach the calibration may rule out the doubtful ones), their
+     figures refine the calibration, and the next wave starts.
 
 The search stops when no contender is left. When nothing compiled fits, the candidates with
 the least predicted memory are compiled before giving up, so that "no plan fits" rests on
@@ -54,15 +55,16 @@ def _judge(p: Plan, s: Screened, cal: Calibration, budget: int, best) -> Candida
   figures = dict(memory_bytes=int(mem), est_time_s=t, figures=PREDICTED,
                  details={"screen": screen_details(s), "predicted": {"memory_bytes": int(mem), "est_time_s": t}})
   if exact > budget:
-    return CandidateResult(p, OVER_BUDGET, reason=f"parameters, optimizer state and batch alone need "
-                           f"{fmt_bytes(exact)} per device, over the budget by {fmt_bytes(exact - budget)} "
-                           "(exact, not compiled)", **figures)
+    return CandidateResult(p, OVER_BUDGET, reason=f"not compiled: parameters, optimizer state and batch alone "
+                           f"need {fmt_bytes(exact)} per device, over the budget by {fmt_bytes(exact - budget)} "
+                           "(exact)", **figures)
   if lo > budget:
-    return CandidateResult(p, OVER_BUDGET, reason=f"predicted {fmt_bytes(mem)}, at least {fmt_bytes(lo)} under "
-                           f"the screen's {cal.memory_error:.0%} error: over budget (not compiled)", **figures)
+    return CandidateResult(p, OVER_BUDGET, reason=f"not compiled: predicted {fmt_bytes(mem)}, at least "
+                           f"{fmt_bytes(lo)} under the screen's {cal.memory_error:.0%} error, over the budget",
+                           **figures)
   if best is not None and t_lo >= best.est_time_s:
-    return CandidateResult(p, PRUNED, reason=f"predicted {fmt_time(t)}, at least {fmt_time(t_lo)} under the "
-                           f"screen's {cal.time_error:.0%} error: cannot beat {best.plan} "
+    return CandidateResult(p, PRUNED, reason=f"not compiled: predicted {fmt_time(t)}, at least {fmt_time(t_lo)} "
+                           f"under the screen's {cal.time_error:.0%} error, cannot beat {best.plan} "
                            f"({fmt_time(best.est_time_s)}, compiled)", **figures)
   return None
 
@@ -108,8 +110,12 @@ def screened_evaluate(plans: Sequence[Plan], screened: dict, compile_all: Compil
     best = _best(compiled)
     contenders = [p for p in plans if p not in compiled and _judge(p, screened[p], cal, budget, best) is None]
     if contenders:
-      contenders.sort(key=lambda p: (cal.time(p, screened[p].est_time_s),
-                                     cal.memory(p, screened[p].persistent_bytes, screened[p].memory_bytes)))
+      # The likely feasible first: what they teach the calibration may rule out the doubtful.
+      def order(p):
+        s = screened[p]
+        mem = cal.memory(p, s.persistent_bytes, s.memory_bytes)
+        return (mem > budget, cal.time(p, s.est_time_s), mem)
+      contenders.sort(key=order)
       run(contenders[:wave])
       continue
     if best is not None or confirmed:

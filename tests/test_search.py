@@ -69,7 +69,7 @@ def test_impossible_budget_raises_out_of_memory(probe):
   assert "un-pin tensor_parallel=1" in msg and "smaller global batch (now 64)" in msg
   # what the exact training state alone puts over the budget is not compiled
   assert any(r.verdict == "over_budget" and r.figures == "predicted" and "alone need" in r.reason
-             and "exact, not compiled" in r.reason for r in e.value.results)
+             and r.reason.startswith("not compiled:") for r in e.value.results)
   assert any(r.compiled for r in e.value.results)  # "nothing fits" rests on XLA's analysis too
 
 

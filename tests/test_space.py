@@ -137,3 +137,11 @@ def test_fewer_micro_batches_than_stages_is_left_out_unless_pinned():
   assert any("micro-batches < 4 stages" in s.reason for s in skipped)
   plans, _ = enumerate_plans(8, 32, 8, SearchOptions(num_micro_batches=2, mixed_precision=False))
   assert any(p.pp == 4 and p.mb == 2 for p in plans)
+
+
+def test_auto_micro_batches_go_beyond_16_where_the_batch_allows():
+  plans, _ = enumerate_plans(8, 256, 0, SearchOptions(mixed_precision=False, tensor_parallel=1))
+  assert {p.mb for p in plans if p.dp == 8} == {1, 2, 4, 8, 16, 32}  # 256 / 8 = 32 examples per shard
+  assert all(256 % (p.dp * p.mb) == 0 for p in plans)
+  plans, _ = enumerate_plans(2, 256, 0, SearchOptions(mixed_precision=False, tensor_parallel=1))
+  assert {p.mb for p in plans} == {1, 2, 4, 8, 16, 32, 64, 128}
