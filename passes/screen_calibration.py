@@ -14,7 +14,10 @@ way, leaving each compiled candidate out in turn and predicting it from the othe
 largest such error (times a safety factor) is what the search's bounds use. The memory error
 is relative to the part of memory the screen does not know exactly (compiled - exact state):
 the state itself has none. Until enough candidates are compiled to measure it, a prior stands
-in (PRIOR_*).
+in (PRIOR_*), and so it does for a candidate whose nearest compiled one differs from it in
+kind (`same_kind`: a pipeline against none, another precision; for memory also another
+recomputation policy): the errors measured among the compiled ones say nothing about such a
+candidate, and the left-out errors are measured between candidates of one kind only.
 """
 from __future__ import annotations
 
@@ -28,10 +31,18 @@ from passes.plan import Plan
 # raw screen's worst errors over the benchmark programs (benchmarks/screen_accuracy.py),
 # rounded up.
 PRIOR_MEMORY_ERROR = 0.35
-PRIOR_TIME_ERROR = 0.35
+PRIOR_TIME_ERROR = 0.20
 MIN_SAMPLES = 2
 SAFETY = 1.25   # the stated error is the worst left-out error times this
 FLOOR = 0.02    # and never below this
+
+
+def same_kind(a: Plan, b: Plan, what: str) -> bool:
+  """Whether compiled candidate `b` says something about `a`'s `what` ('memory' or 'time'):
+  the same kind of pipeline and precision, and for memory the same recomputation (the
+  screen's FLOPs are exact for any recomputation; its residuals are not)."""
+  same = (a.pp > 1) == (b.pp > 1) and a.bf16 == b.bf16
+  return same and (what == "time" or a.recompute == b.recompute)
 
 
 def distance(a: Plan, b: Plan) -> float:
@@ -87,41 +98,61 @@ class Calibration:
     if len(samples) < 2:
       return cls(samples)
     mem_err = time_err = 0.0
+    pairs = {"memory": 0, "time": 0}
     for i, s in enumerate(samples):
       others = samples[:i] + samples[i + 1:]
-      near = _nearest(s.plan, others)
-      var = (s.screened_memory - s.exact) * near.memory_ratio
-      actual = s.compiled_memory - s.exact
-      t = s.screened_time * near.time_ratio
-      mem_err = max(mem_err, abs(var - actual) / max(actual, 1.0))
-      time_err = max(time_err, abs(t - s.compiled_time) / s.compiled_time)
+      near = _nearest(s.plan, others, "memory")
+      if same_kind(s.plan, near.plan, "memory"):
+        var = (s.screened_memory - s.exact) * near.memory_ratio
+        actual = s.compiled_memory - s.exact
+        mem_err = max(mem_err, abs(var - actual) / max(actual, 1.0))
+        pairs["memory"] += 1
+      near = _nearest(s.plan, others, "time")
+      if same_kind(s.plan, near.plan, "time"):
+        t = s.screened_time * near.time_ratio
+        time_err = max(time_err, abs(t - s.compiled_time) / s.compiled_time)
+        pairs["time"] += 1
     mem_err, time_err = max(FLOOR, SAFETY * mem_err), max(FLOOR, SAFETY * time_err)
-    if len(samples) < MIN_SAMPLES:
-      mem_err, time_err = max(mem_err, PRIOR_MEMORY_ERROR), max(time_err, PRIOR_TIME_ERROR)
+    if pairs["memory"] < MIN_SAMPLES:
+      mem_err = max(mem_err, PRIOR_MEMORY_ERROR)
+    if pairs["time"] < MIN_SAMPLES:
+      time_err = max(time_err, PRIOR_TIME_ERROR)
     return cls(samples, mem_err, time_err)
 
   def memory(self, plan: Plan, exact: float, screened: float) -> float:
     """The corrected memory prediction (bytes)."""
-    near = _nearest(plan, self.samples)
+    near = _nearest(plan, self.samples, "memory")
     return exact + (screened - exact) * (near.memory_ratio if near else 1.0)
 
   def time(self, plan: Plan, screened: float) -> float:
     """The corrected time prediction (seconds)."""
-    near = _nearest(plan, self.samples)
+    near = _nearest(plan, self.samples, "time")
     return screened * (near.time_ratio if near else 1.0)
 
+  def errors(self, plan: Plan) -> tuple[float, float]:
+    """(memory, time) relative errors stated for this plan: the measured ones, or the priors
+    when no compiled candidate is of its kind (module doc)."""
+    mem, time = self.memory_error, self.time_error
+    if not any(same_kind(plan, s.plan, "memory") for s in self.samples):
+      mem = max(mem, PRIOR_MEMORY_ERROR)
+    if not any(same_kind(plan, s.plan, "time") for s in self.samples):
+      time = max(time, PRIOR_TIME_ERROR)
+    return mem, time
+
   def memory_bounds(self, plan: Plan, exact: float, screened: float) -> tuple[float, float]:
-    """(lowest, highest) memory the plan may need under the stated error: the exact state plus
+    """(lowest, highest) memory the plan may need under its stated error: the exact state plus
     the corrected rest, give or take the error."""
     var = self.memory(plan, exact, screened) - exact
-    return exact + max(0.0, var * (1 - self.memory_error)), exact + var * (1 + self.memory_error)
+    err = self.errors(plan)[0]
+    return exact + max(0.0, var * (1 - err)), exact + var * (1 + err)
 
   def time_lower(self, plan: Plan, screened: float) -> float:
-    """The fastest the plan may be under the stated error."""
-    return self.time(plan, screened) * (1 - self.time_error)
+    """The fastest the plan may be under its stated error."""
+    return self.time(plan, screened) * (1 - self.errors(plan)[1])
 
 
-def _nearest(plan: Plan, samples: Sequence[Sample]) -> Sample | None:
+def _nearest(plan: Plan, samples: Sequence[Sample], what: str) -> Sample | None:
+  """The compiled candidate whose ratio `plan` takes for `what`: of its kind if any, nearest."""
   if not samples:
     return None
-  return min(samples, key=lambda s: (distance(plan, s.plan), s.compiled_time))
+  return min(samples, key=lambda s: (not same_kind(plan, s.plan, what), distance(plan, s.plan), s.compiled_time))

@@ -52,6 +52,7 @@ def _judge(p: Plan, s: Screened, cal: Calibration, budget: int, best) -> Candida
   lo, _ = cal.memory_bounds(p, exact, s.memory_bytes)
   t = cal.time(p, s.est_time_s)
   t_lo = cal.time_lower(p, s.est_time_s)
+  mem_err, time_err = cal.errors(p)
   figures = dict(memory_bytes=int(mem), est_time_s=t, figures=PREDICTED,
                  details={"screen": screen_details(s), "predicted": {"memory_bytes": int(mem), "est_time_s": t}})
   if exact > budget:
@@ -60,11 +61,11 @@ def _judge(p: Plan, s: Screened, cal: Calibration, budget: int, best) -> Candida
                            "(exact)", **figures)
   if lo > budget:
     return CandidateResult(p, OVER_BUDGET, reason=f"not compiled: predicted {fmt_bytes(mem)}, at least "
-                           f"{fmt_bytes(lo)} under the screen's {cal.memory_error:.0%} error, over the budget",
+                           f"{fmt_bytes(lo)} under the screen's {mem_err:.0%} error, over the budget",
                            **figures)
   if best is not None and t_lo >= best.est_time_s:
     return CandidateResult(p, PRUNED, reason=f"not compiled: predicted {fmt_time(t)}, at least {fmt_time(t_lo)} "
-                           f"under the screen's {cal.time_error:.0%} error, cannot beat {best.plan} "
+                           f"under the screen's {time_err:.0%} error, cannot beat {best.plan} "
                            f"({fmt_time(best.est_time_s)}, compiled)", **figures)
   return None
 
