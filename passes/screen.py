@@ -170,6 +170,17 @@ class Screen:
 
   # ---------------------------------------------------------------- parts
 
+  @staticmethod
+  def pipeline_shape(plan: Plan) -> tuple[int, int]:
+    """(ticks, micro-batches whose residuals a stage keeps at once) of a pipelined plan:
+    GPipe in SPMD runs M + S - 1 ticks and keeps every tick's residuals; 1F1B runs
+    M + 2S - 1 ticks, each with a forward and a backward, and keeps 2S
+    (`passes.pipeline_1f1b`)."""
+    S, M = plan.pp, plan.mb
+    if plan.schedule == "1f1b":
+      return M + 2 * S - 1, 2 * S
+    return M + S - 1, M + S - 1
+
   def micro_batch(self, plan: Plan) -> int:
     return self.program.batch_size // (plan.dp * plan.mb)
 
@@ -183,11 +194,14 @@ class Screen:
       return flat, None, None, plan.mb, 0
     if plan.pp > 1:
       local = self.program.batch_size // plan.dp
-      post_b = local // plan.pp if local % plan.pp == 0 else local
+      ticks, _ = self.pipeline_shape(plan)
+      if plan.schedule == "1f1b":  # post runs per micro-batch, on every tick (module doc)
+        post_b, post_runs = b, ticks
+      else:  # post runs once, on the output scattered over the stages when it divides
+        post_b, post_runs = (local // plan.pp if local % plan.pp == 0 else local), 1
       pre = p.part(PRE, "none", plan.bf16, local, plan.tp)
       post = p.part(POST, "none", plan.bf16, post_b, plan.tp)
       blk = p.part(BLOCKS, plan.recompute, plan.bf16, b, plan.tp)
-      ticks = plan.mb + plan.pp - 1
       return pre, blk, post, 1, ticks * (L // plan.pp)
     pre = p.part(PRE, "none", plan.bf16, b, plan.tp)
     post = p.part(POST, "none", plan.bf16, b, plan.tp)
@@ -212,7 +226,7 @@ class Screen:
     L = self.program.num_blocks
     if plan.pp > 1:
       layers = L // plan.pp
-      in_flight = plan.mb + plan.pp - 1  # the SPMD GPipe schedule keeps every tick's residuals
+      in_flight = self.pipeline_shape(plan)[1]
     else:
       layers, in_flight = L, 1
     edges = pre.saved + pre.saved_input + post.saved + post.saved_input
@@ -271,7 +285,7 @@ class Screen:
     """The step's kernels per device: the parts' own (from their jaxprs) times their runs,
     the optimizer update, and the data movement of the loops that run them (`loop_traffic`)."""
     ks = []
-    for c, runs in ((pre, runs_edge), (post, runs_edge), (blk, runs_block)):
+    for c, runs in ((pre, runs_edge), (post, self._edge_runs(plan, runs_edge)), (blk, runs_block)):
       if c is None or not runs:
         continue
       ks += [Kernel(f, b, n * runs) for f, b, n in c.kernels]
@@ -301,9 +315,13 @@ class Screen:
     out.append(Kernel(0, 2 * stored * passes + grads + stacking * saved, runs_block))
     if plan.pp > 1:
       h = self._hidden_bytes(plan)
-      ticks = plan.mb + plan.pp - 1
+      ticks = self.pipeline_shape(plan)[0]
       out.append(Kernel(0, 2 * (2 * plan.mb * h + 2 * h), ticks))
     return out
+
+  def _edge_runs(self, plan: Plan, runs_edge: int) -> int:
+    """Runs of post per step: per micro-batch on every tick under 1F1B."""
+    return self.pipeline_shape(plan)[0] if plan.pp > 1 and plan.schedule == "1f1b" else runs_edge
 
   def _groups(self, plan: Plan, axis: str) -> tuple:
     ids = np.arange(plan.num_devices).reshape(plan.pp, plan.dp, plan.tp)
@@ -315,7 +333,7 @@ class Screen:
     out = []
     if plan.tp > 1:
       g = self._groups(plan, TENSOR)
-      for c, runs in ((pre, runs_edge), (post, runs_edge), (blk, runs_block)):
+      for c, runs in ((pre, runs_edge), (post, self._edge_runs(plan, runs_edge)), (blk, runs_block)):
         if c is None or not runs:
           continue
         out += [Collective(x.kind, x.bytes, plan.tp, x.count * runs, g) for x in c.comms]
@@ -370,13 +388,11 @@ class Screen:
   def stage_collectives(self, plan: Plan) -> list[Collective]:
     """Activations passed between stages each tick (forward and backward) and the output's
     reduce-scatter over 'stage'."""
-    g = tuple(tuple(p) for p in zip(*[grp[:-1] for grp in self._groups(plan, STAGE)])) if plan.pp > 1 else ()
     pairs = []
     for grp in self._groups(plan, STAGE):
       pairs += [(grp[i], grp[i + 1]) for i in range(len(grp) - 1)]
     hb = self._hidden_bytes(plan)
-    ticks = plan.mb + plan.pp - 1
-    local = self.program.batch_size // plan.dp
+    ticks = self.pipeline_shape(plan)[0]
     out_b = hb * plan.mb
     return [Collective("collective-permute", hb, 2, 2 * ticks, tuple(pairs)),
             Collective("all-reduce", out_b, plan.pp, 2, self._groups(plan, STAGE))]

@@ -163,6 +163,10 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
           continue
         for plan in _variants(plan0, num_blocks, o):
           plans.append(plan)
+          # 1F1B keeps 2S micro-batches' residuals where GPipe keeps M + S - 1: an
+          # alternative when that is fewer (at the cost of S more ticks and post per tick).
+          if pp > 1 and mb > pp + 1:
+            plans.append(dataclasses.replace(plan, schedule="1f1b"))
   return plans, skipped
 
 

@@ -39,6 +39,9 @@ CASES = {
     "pipeline": Plan(pp=2, dp=4, mb=2),
     "pipeline_tp_fsdp_recompute": Plan(pp=2, dp=2, tp=2, mb=4, fsdp=True, recompute="full"),
     "pipeline_4_stages": Plan(pp=4, dp=2, mb=4, recompute="dots"),
+    "1f1b": Plan(pp=2, dp=4, mb=4, schedule="1f1b"),
+    "1f1b_tp_fsdp_recompute": Plan(pp=2, dp=2, tp=2, mb=8, fsdp=True, recompute="full", schedule="1f1b"),
+    "1f1b_bf16_low_prec": Plan(pp=2, dp=4, mb=4, fsdp=True, bf16=True, low_prec=True, schedule="1f1b"),
 }
 
 
