@@ -126,6 +126,7 @@ class Screen:
     self.opt_shapes = jax.eval_shape(program.optimizer.init, program.params)
     self._opt = None
     self._spec_cache: dict = {}
+    self._roof_cache: dict = {}
     self.last_kernels = {}
 
   # ---------------------------------------------------------------- exact terms
@@ -281,14 +282,38 @@ class Screen:
       self._opt = (sum(k[0] * k[2] for k in c.kernels) / total, c.kernel_bytes / total)
     return self._opt
 
-  def kernels(self, plan: Plan, pre, blk, post, runs_edge, runs_block, state, layout) -> list:
+  def _rooflined(self, part, hw: HardwareProfile, dtype: str) -> tuple:
+    """A part's kernels as two: those bound by compute and those bound by memory on `hw`.
+
+    The roofline of each group's sums is the sum of its members' rooflines (each member is
+    bound the same way), so the step's estimate is unchanged and a plan sums two kernels
+    per part instead of hundreds.
+    """
+    key = (id(part), hw.name, dtype)
+    if key not in self._roof_cache:
+      peak, bw = hw.peak(dtype), hw.memory_bandwidth
+      fc = bc = fm = bm = 0.0
+      for f, b, n in part.kernels:
+        if f / peak >= b / bw:
+          fc, bc = fc + f * n, bc + b * n
+        else:
+          fm, bm = fm + f * n, bm + b * n
+      self._roof_cache[key] = (part, (fc, bc), (fm, bm))  # the part is kept: its id stays its own
+    return self._roof_cache[key][1:]
+
+  def kernels(self, plan: Plan, pre, blk, post, runs_edge, runs_block, state, layout,
+              hw: HardwareProfile | None = None) -> list:
     """The step's kernels per device: the parts' own (from their jaxprs) times their runs,
     the optimizer update, and the data movement of the loops that run them (`loop_traffic`)."""
     ks = []
+    dtype = "bf16" if plan.bf16 else "f32"
     for c, runs in ((pre, runs_edge), (post, self._edge_runs(plan, runs_edge)), (blk, runs_block)):
       if c is None or not runs:
         continue
-      ks += [Kernel(f, b, n * runs) for f, b, n in c.kernels]
+      if hw is None:
+        ks += [Kernel(f, b, n * runs) for f, b, n in c.kernels]
+      else:
+        ks += [Kernel(f, b, runs) for f, b in self._rooflined(c, hw, dtype) if f or b]
     fl, by = self._optimizer()
     ks.append(Kernel(fl * state["params"], by * state["params"], 1))
     ks += self.loop_traffic(plan, blk, runs_block, state, layout)
@@ -412,7 +437,7 @@ class Screen:
     memory = dict(state, grads=self.grads(plan, state, layout),
                   saved_activations=self.saved_activations(plan, pre, blk, post),
                   gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp)
-    ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout)
+    ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
     self.last_kernels[plan] = ks
     colls = self.collectives(plan, pre, blk, post, runs_edge, runs_block, layout)
     flops = sum(k.flops * k.count for k in ks)
