@@ -196,6 +196,7 @@ class _Walker:
     self.comms: list[Comm] = []
     self.largest = (0, "")
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
+    self.out_hints: list = []  # dims the caller shards the top-level outputs on
 
   def size(self, i, dims) -> int:
     if i is None:
@@ -255,6 +256,11 @@ class _Walker:
         uses = consumers.get(o, [])
         if not fusible or o in out_set or any(c.name not in _FUSIBLE and c.name not in _REDUCTIONS for c in uses):
           materialized.add(o)
+    if self.out_hints and args is not None and len(args) and args[0] == 0:  # the top-level jaxpr
+      for o, d in zip(outs, self.out_hints):
+        if o is not None and d is not None and dims.get(o) is None and d < len(self.shape(o)):
+          dims[o] = d
+      self.out_hints = []
     self.shard_backward(eqns, dims, consumers, out_set)
     # Fused kernels: a materialized value made by a fusible op or a reduction reads the
     # materialized values it depends on through fusible producers.
@@ -448,7 +454,8 @@ class _Walker:
       self.largest = other.largest
 
 
-def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None) -> JaxprCost:
+def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None,
+            out_hints: Sequence | None = None) -> JaxprCost:
   """Per-device costs of one call of `closed` (module doc).
 
   Args:
@@ -457,6 +464,9 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     tp: the size of the 'tensor' axis.
     groups: per input, a group number (0-30); `out_deps` then says which groups each output
       depends on (default: every input its own group, up to 31).
+    out_hints: per output (or a prefix of them), the dim the caller shards it on over
+      'tensor' (a gradient constrained like its parameter), or None; what makes it is then
+      sharded alike (GSPMD propagates shardings backwards too).
 
   Example:
     >>> c = analyze(jax.make_jaxpr(f)(x, w), [None, 1], tp=4)
@@ -471,6 +481,7 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
   groups = groups if groups is not None else [min(i, 30) for i in range(len(args))]
   for a, g in zip(args, groups):
     w.deps[a] = 1 << g
+  w.out_hints = list(out_hints or [])
   outs, out_dims, peak = w.walk(jaxpr, list(in_dims), 1, args)
   arg_set = set(args)
   out_b = []

@@ -8,8 +8,9 @@ kernels, what a pipeline's loops keep), so each compiled candidate teaches a rat
   memory  (compiled - exact state) / (screened - exact state)
   time    compiled estimate / screened estimate
 
-An uncompiled candidate takes the ratios of its nearest compiled candidate (`distance`:
-plans differing in fewer and smaller knobs are nearer). The stated error is measured the same
+An uncompiled candidate takes the ratios of its nearest compiled candidate of its kind
+(`distance`: plans differing in fewer and smaller knobs are nearer; none of its kind: the raw
+screen). The stated error is measured the same
 way, leaving each compiled candidate out in turn and predicting it from the others; the
 largest such error (times a safety factor) is what the search's bounds use. The memory error
 is relative to the part of memory the screen does not know exactly (compiled - exact state):
@@ -120,14 +121,16 @@ class Calibration:
     return cls(samples, mem_err, time_err)
 
   def memory(self, plan: Plan, exact: float, screened: float) -> float:
-    """The corrected memory prediction (bytes)."""
+    """The corrected memory prediction (bytes): the screen's, scaled by the nearest compiled
+    candidate of its kind (unscaled when there is none)."""
     near = _nearest(plan, self.samples, "memory")
-    return exact + (screened - exact) * (near.memory_ratio if near else 1.0)
+    ok = near is not None and same_kind(plan, near.plan, "memory")
+    return exact + (screened - exact) * (near.memory_ratio if ok else 1.0)
 
   def time(self, plan: Plan, screened: float) -> float:
-    """The corrected time prediction (seconds)."""
+    """The corrected time prediction (seconds), as `memory`."""
     near = _nearest(plan, self.samples, "time")
-    return screened * (near.time_ratio if near else 1.0)
+    return screened * (near.time_ratio if near is not None and same_kind(plan, near.plan, "time") else 1.0)
 
   def errors(self, plan: Plan) -> tuple[float, float]:
     """(memory, time) relative errors stated for this plan: the measured ones, or the priors

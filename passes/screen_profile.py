@@ -257,7 +257,9 @@ class ProgramProfile:
     cf = jaxpr_cost.analyze(fwd, in_dims, tp, groups)
     res = list(range(n_out, len(cf.out_bytes)))
     ct_dims = list(cf.out_dims[:n_out])
-    cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp)
+    n_params = len(jax.tree.leaves(args[0]))  # the cotangents of the parameters come first,
+    cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp,  # sharded like them
+                            out_hints=in_dims[:n_params])
     saved = saved_params = saved_input = saved_invariant = 0.0
     for i in res:
       src, nbytes, deps = cf.out_sources[i], cf.out_bytes[i], cf.out_deps[i]
