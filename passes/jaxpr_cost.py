@@ -216,6 +216,7 @@ class _Walker:
 
   def walk(self, jaxpr: Jaxpr, in_dims: Sequence, count: float, args=None) -> tuple[list, list, int]:
     """Walks `jaxpr` run `count` times; returns (output ids, their dims, its own peak bytes)."""
+    top = args is not None  # the caller's function (nested loops and calls get fresh ids)
     args = args if args is not None else [self.prog.new(v.aval) for v in jaxpr.invars]
     eqns, outs = self.prog.lower(jaxpr, args)
     dims: dict = dict(zip(args, in_dims))
@@ -256,7 +257,7 @@ class _Walker:
         uses = consumers.get(o, [])
         if not fusible or o in out_set or any(c.name not in _FUSIBLE and c.name not in _REDUCTIONS for c in uses):
           materialized.add(o)
-    if self.out_hints and args is not None and len(args) and args[0] == 0:  # the top-level jaxpr
+    if top and self.out_hints:
       for o, d in zip(outs, self.out_hints):
         if o is not None and d is not None and dims.get(o) is None and d < len(self.shape(o)):
           dims[o] = d
@@ -360,7 +361,7 @@ class _Walker:
       return [outs[j] if j < nk else (outs[j] + 1 if outs[j] is not None else None)
               for j in range(len(outs))], peak
     if name == "while":
-      cc, bc = p["cond_nconsts"], p["body_nconsts"]
+      cc = p["cond_nconsts"]
       _, outs, peak = self.walk(p["body_jaxpr"].jaxpr, ins[cc:], count)  # trip count unknown: once
       return outs, peak
     if name == "cond":

@@ -14,9 +14,7 @@ its batch), checked to have the same structure, else traced exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 from typing import Any
 
 import jax
@@ -25,7 +23,6 @@ import jax.numpy as jnp
 from passes import jaxpr_cost
 from passes.jaxpr_cost import Comm, JaxprCost
 from passes.program import BLOCKS, POST, PRE, Program
-from passes.tp_rules import TPRules
 
 log = logging.getLogger("ap_xla")
 PyTree = Any

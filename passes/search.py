@@ -22,7 +22,7 @@ from passes import hardware as hw_lib
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
 from passes.plan import Plan
 from passes.program import Program
-from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
+from passes.report import (CHOSEN, FEASIBLE, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
                            NoCandidateError, OutOfMemoryError, SearchResult, out_of_memory_message, rank)
 from passes.selection import screened_evaluate
 from passes.staging import staged_evaluate
