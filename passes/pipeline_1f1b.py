@@ -53,13 +53,15 @@ def ring_slots(num_stages: int) -> int:
 def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callable | None, blocks: PyTree,
                        post_params: PyTree, hidden: jax.Array, aux: PyTree, batch: PyTree, *, num_stages: int,
                        num_micro_batches: int, mesh: Mesh, block_specs: PyTree | None = None,
-                       gather_dtype=None):
+                       gather_dtype=None, compute_dtype=None):
   """(loss, (d_blocks, d_post, d_hidden, d_aux)) of the block stack and post under 1F1B.
 
   Call inside `jax.jit`, with `mesh` as the context mesh.
 
   Args:
-    block_fn: `block_fn(block_params, hidden, aux) -> hidden` for one block.
+    block_fn: `block_fn(block_params, hidden, aux) -> hidden` for one block, on its weights as
+      they arrive (gathered, cast to `compute_dtype`): no FSDP gather or cast of its own, which
+      would make each tick's residuals hold a copy of the stage's weights.
     post_fn: `post_fn(post_params, hidden, aux, batch) -> loss`, the mean over its examples.
     weight_fn: `weight_fn(batch) -> weight` of a micro-batch (`Program.loss_weight`), or None
       (every micro-batch weighs 1).
@@ -68,6 +70,10 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
       and 'data'.
     hidden, aux, batch: [B, ...] over 'data': the first block's input, the side inputs, the batch.
     num_stages, num_micro_batches, mesh, block_specs, gather_dtype: as `pipeline.run_stages`.
+    compute_dtype: the dtype the blocks compute their weights in (bf16 under mixed precision):
+      the stage's weights are cast once per step, at hand for every tick; the gradients are
+      those of the cast weights, widened and accumulated in the weights' dtype (what
+      differentiating a cast inside the block gives).
 
   Returns:
     The loss (the batch's, as `Program.loss` gives it) and its gradients with respect to
@@ -90,7 +96,7 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
   replicated = jax.tree.map(lambda _: P(), post_params)
   a_leaves, a_tree = jax.tree.flatten(aux)
   floats = [jnp.issubdtype(v.dtype, jnp.inexact) for v in a_leaves]
-  body = functools.partial(_body, block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype)
+  body = functools.partial(_body, block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype)
   loss, (d_blocks, d_post, d_hidden, d_float) = jax.shard_map(
       body, mesh=mesh, axis_names=set(manual),
       in_specs=(bspecs, replicated, P(batch_axis), local(aux), local(batch)),
@@ -102,7 +108,8 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
   return loss, (d_blocks, d_post, d_hidden, d_aux)
 
 
-def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, blocks, post_params, hidden, aux, batch):
+def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype, blocks, post_params,
+          hidden, aux, batch):
   """Per (stage, data shard): blocks [L/S, ...], hidden/aux/batch [B/dp, ...] (module doc)."""
   s = lax.axis_index(STAGE)
   K = ring_slots(S)
@@ -117,6 +124,10 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, blocks
     return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
   weights = jax.tree.map(gather, blocks, fsdp)
   weights = jax.tree.map(lambda w: _vary(w, manual), weights)
+  acc_like = weights  # gradients accumulate in the weights' own dtype
+  if compute_dtype is not None:
+    narrow = lambda w: w.astype(compute_dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w
+    weights = jax.tree.map(narrow, weights)
   post_params = jax.tree.map(lambda w: _vary(w, manual), post_params)
   split = lambda x: _vary(x.reshape((M, x.shape[0] // M) + x.shape[1:]), manual)
   xs, auxs, batches = split(hidden), jax.tree.map(split, aux), jax.tree.map(split, batch)
@@ -187,7 +198,7 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, blocks
   ring = jax.tree.map(lambda r: _vary(jnp.zeros((K,) + r.shape, r.dtype), manual), stored)
   carry0 = dict(
       recv_f=_zeros_like(x0), recv_b=_zeros_like(x0), pending=_zeros_like(x0), ring=ring,
-      loss=_vary(jnp.zeros((), jnp.float32), manual), d_w=zeros(weights), d_post=zeros(post_params),
+      loss=_vary(jnp.zeros((), jnp.float32), manual), d_w=zeros(acc_like), d_post=zeros(post_params),
       d_x=_zeros_like(xs), d_aux=zeros(split_aux(auxs)[0]))
   fwd_pairs = [(k, k + 1) for k in range(S - 1)]
   bwd_pairs = [(k + 1, k) for k in range(S - 1)]
@@ -215,7 +226,7 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, blocks
     kept_j = jax.tree.map(lambda r: lax.dynamic_index_in_dim(r, jc % K, keepdims=False), ring)
     d_w, d_x, d_a = backward(kept_j, aj, ct)
     mask = lambda g: jnp.where(b_ok, g, jnp.zeros_like(g))
-    d_wsum = jax.tree.map(lambda acc, g: acc + mask(g), c["d_w"], d_w)
+    d_wsum = jax.tree.map(lambda acc, g: acc + mask(g).astype(acc.dtype), c["d_w"], d_w)
     d_a = jax.tree.map(mask, d_a)
     d_aux = jax.tree.map(lambda acc, g: lax.dynamic_update_index_in_dim(
         acc, lax.dynamic_index_in_dim(acc, jc, keepdims=False) + g, jc, 0), c["d_aux"], d_a)

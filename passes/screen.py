@@ -203,7 +203,9 @@ class Screen(TimeTerms):
     (the accumulator and the micro-batch's); a pipeline stage also accumulates its blocks'
     gradients whole (not sharded over 'data') through its loops."""
     if plan.pp > 1:
-      return state["params"] + sum(g for part, _, g, _ in layout if part == BLOCKS)
+      stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
+      # 1F1B computes a tick's weight gradient beside the accumulator (`pipeline_1f1b`)
+      return state["params"] + stage * (2 if plan.schedule == "1f1b" else 1)
     return (2 if plan.mb > 1 else 1) * state["params"]
 
   def saved_activations(self, plan: Plan, pre, blk, post) -> float:
@@ -218,6 +220,8 @@ class Screen(TimeTerms):
     else:
       layers, in_flight = L, 1
     edges = pre.saved + pre.saved_input + post.saved + post.saved_input
+    if plan.pp > 1 and plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
+      edges += 2 * plan.mb * self._hidden_bytes(plan)
     return in_flight * layers * per_layer + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:

@@ -158,10 +158,9 @@ def _one_f_one_b(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Ca
   from passes import pipeline_1f1b
   layers = program.layers
   prepare, cast_batch, cast_early = _prepare_fns(plan)
-  block_specs = jax.tree.map(sh.drop_leading, pspecs[BLOCKS], is_leaf=lambda x: isinstance(x, P))
-
-  def block_fn(p, h, aux):
-    return layers.block(prepare(p, block_specs), h, aux)
+  # The schedule gathers and casts the stage's weights once (compute_dtype): the block takes
+  # them as they come.
+  block_fn = layers.block
   if plan.recompute != "none":
     block_fn = jax.checkpoint(block_fn, policy=_POLICIES[plan.recompute])
 
@@ -172,7 +171,8 @@ def _one_f_one_b(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Ca
     loss, (d_blocks, d_post, d_h, d_aux) = pipeline_1f1b.loss_and_grad_1f1b(
         block_fn, layers.post, program.loss_weight, params[BLOCKS], post_params, h, aux, batch,
         num_stages=plan.pp, num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS],
-        gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None)
+        gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None,
+        compute_dtype=jnp.bfloat16 if plan.bf16 else None)
     grads = {PRE: pre_vjp((d_h.astype(h.dtype), d_aux))[0], BLOCKS: d_blocks, POST: post_vjp(d_post)[0]}
     return loss.astype(jnp.float32), jax.lax.with_sharding_constraint(grads, pspecs)
   return loss_and_grad
