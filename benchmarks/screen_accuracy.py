@@ -106,6 +106,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="small,100m", help=f"comma-separated, of {sorted(MODELS)}")
   ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--rows", help="also write every compiled candidate's figures to this JSON file")
   args = ap.parse_args()
   cache = tempfile.mkdtemp(prefix="ap_xla_screen_accuracy_")
   jax.config.update("jax_compilation_cache_dir", cache)
@@ -126,6 +127,9 @@ def main():
     for x in worst[:8]:
       print(f"  {x['plan']:78} compiled {x['memory'] / 2**20:8.1f} MiB  raw {x['raw_memory'] / x['memory'] - 1:+6.1%}  "
             f"calibrated {x['cal_memory'] / x['memory'] - 1:+6.1%}  time raw {x['raw_est'] / x['est'] - 1:+6.1%}")
+  if args.rows:
+    with open(args.rows, "w") as f:
+      json.dump({r["model"]: r["rows"] for r in results}, f)
   summary = {"benchmark": "screen_accuracy", "devices": jax.device_count(), "goals": GOALS,
              "models": [{k: v for k, v in r.items() if k != "rows"} for r in results]}
   print(json.dumps(summary, default=str))

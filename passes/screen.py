@@ -200,12 +200,15 @@ class Screen(TimeTerms):
 
   def grads(self, plan: Plan, state: dict, layout) -> float:
     """Gradient buffers: one set sharded like the parameters; two under gradient accumulation
-    (the accumulator and the micro-batch's); a pipeline stage also accumulates its blocks'
-    gradients whole (not sharded over 'data') through its loops."""
+    (the accumulator and the micro-batch's); a pipeline's below."""
     if plan.pp > 1:
+      # A stage accumulates its blocks' gradients through the loops: in the output buffer
+      # when they are replicated over 'data'; whole beside it under FSDP, which then
+      # reduce-scatters them (and XLA:CPU keeps one more whole copy for that, measured on
+      # the search_time model). 1F1B computes each tick's gradient beside the accumulator.
       stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
-      # 1F1B computes a tick's weight gradient beside the accumulator (`pipeline_1f1b`)
-      return state["params"] + stage * (2 if plan.schedule == "1f1b" else 1)
+      whole = (2 if plan.fsdp and plan.dp > 1 else 0) + (1 if plan.schedule == "1f1b" else 0)
+      return state["params"] + whole * stage
     return (2 if plan.mb > 1 else 1) * state["params"]
 
   def saved_activations(self, plan: Plan, pre, blk, post) -> float:

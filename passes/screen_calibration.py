@@ -18,7 +18,8 @@ the state itself has none. Until enough candidates are compiled to measure it, a
 in (PRIOR_*), and so it does for a candidate whose nearest compiled one differs from it in
 kind (`same_kind`: a pipeline against none, another precision; for memory also another
 recomputation policy): the errors measured among the compiled ones say nothing about such a
-candidate, and the left-out errors are measured between candidates of one kind only.
+candidate; the left-out errors are measured between candidates of one kind, and each kind
+states its own.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from passes.plan import Plan
 # rounded up.
 PRIOR_MEMORY_ERROR = 0.35
 PRIOR_TIME_ERROR = 0.20
-MIN_SAMPLES = 2
+MIN_SAMPLES = 2  # left-out predictions of a kind needed before its error is measured
 SAFETY = 1.25   # the stated error is the worst left-out error times this
 FLOOR = 0.02    # and never below this
 
@@ -75,19 +76,34 @@ class Sample:
     return self.compiled_time / self.screened_time if self.screened_time > 0 else 1.0
 
 
+def kind(plan: Plan, what: str) -> tuple:
+  """The kind of a plan for `what` (`same_kind`): plans of one kind share a stated error."""
+  return ((plan.pp > 1, plan.bf16) + ((plan.recompute,) if what == "memory" else ()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
   """Corrections of the screen and its stated relative errors (module doc).
 
   Attributes:
     samples: the compiled candidates it learned from.
-    memory_error: stated relative error of a corrected memory prediction's inexact part (all
-      but the parameters, optimizer state and batch).
-    time_error: stated relative error of a corrected time prediction.
+    memory_errors: stated relative error of a corrected memory prediction's inexact part
+      (all but the parameters, optimizer state and batch), per kind (`kind`) measured.
+    time_errors: the same for time.
   """
   samples: tuple[Sample, ...] = ()
-  memory_error: float = PRIOR_MEMORY_ERROR
-  time_error: float = PRIOR_TIME_ERROR
+  memory_errors: dict = dataclasses.field(default_factory=dict)
+  time_errors: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def memory_error(self) -> float:
+    """The largest stated memory error (the prior until one is measured)."""
+    return max(self.memory_errors.values(), default=PRIOR_MEMORY_ERROR)
+
+  @property
+  def time_error(self) -> float:
+    """The largest stated time error (the prior until one is measured)."""
+    return max(self.time_errors.values(), default=PRIOR_TIME_ERROR)
 
   def __repr__(self):
     return (f"Calibration(samples={len(self.samples)}, memory_error={self.memory_error:.1%}, "
@@ -95,30 +111,29 @@ class Calibration:
 
   @classmethod
   def fit(cls, samples: Sequence[Sample]) -> "Calibration":
+    """Each kind's error: its members predicted from the others of their kind (leave one out),
+    the worst times SAFETY (at least FLOOR), once MIN_SAMPLES members are compiled."""
     samples = tuple(samples)
-    if len(samples) < 2:
-      return cls(samples)
-    mem_err = time_err = 0.0
-    pairs = {"memory": 0, "time": 0}
+    errors = {"memory": {}, "time": {}}
+    pairs = {"memory": {}, "time": {}}
     for i, s in enumerate(samples):
       others = samples[:i] + samples[i + 1:]
-      near = _nearest(s.plan, others, "memory")
-      if same_kind(s.plan, near.plan, "memory"):
-        var = (s.screened_memory - s.exact) * near.memory_ratio
-        actual = s.compiled_memory - s.exact
-        mem_err = max(mem_err, abs(var - actual) / max(actual, 1.0))
-        pairs["memory"] += 1
-      near = _nearest(s.plan, others, "time")
-      if same_kind(s.plan, near.plan, "time"):
-        t = s.screened_time * near.time_ratio
-        time_err = max(time_err, abs(t - s.compiled_time) / s.compiled_time)
-        pairs["time"] += 1
-    mem_err, time_err = max(FLOOR, SAFETY * mem_err), max(FLOOR, SAFETY * time_err)
-    if pairs["memory"] < MIN_SAMPLES:
-      mem_err = max(mem_err, PRIOR_MEMORY_ERROR)
-    if pairs["time"] < MIN_SAMPLES:
-      time_err = max(time_err, PRIOR_TIME_ERROR)
-    return cls(samples, mem_err, time_err)
+      for what in ("memory", "time"):
+        near = _nearest(s.plan, others, what)
+        if near is None or not same_kind(s.plan, near.plan, what):
+          continue
+        if what == "memory":
+          var = (s.screened_memory - s.exact) * near.memory_ratio
+          actual = s.compiled_memory - s.exact
+          err = abs(var - actual) / max(actual, 1.0)
+        else:
+          err = abs(s.screened_time * near.time_ratio - s.compiled_time) / s.compiled_time
+        k = kind(s.plan, what)
+        errors[what][k] = max(errors[what].get(k, 0.0), err)
+        pairs[what][k] = pairs[what].get(k, 0) + 1
+    stated = {what: {k: max(FLOOR, SAFETY * e) for k, e in errors[what].items() if pairs[what][k] >= MIN_SAMPLES}
+              for what in errors}
+    return cls(samples, stated["memory"], stated["time"])
 
   def memory(self, plan: Plan, exact: float, screened: float) -> float:
     """The corrected memory prediction (bytes): the screen's, scaled by the nearest compiled
@@ -133,14 +148,10 @@ class Calibration:
     return screened * (near.time_ratio if near is not None and same_kind(plan, near.plan, "time") else 1.0)
 
   def errors(self, plan: Plan) -> tuple[float, float]:
-    """(memory, time) relative errors stated for this plan: the measured ones, or the priors
-    when no compiled candidate is of its kind (module doc)."""
-    mem, time = self.memory_error, self.time_error
-    if not any(same_kind(plan, s.plan, "memory") for s in self.samples):
-      mem = max(mem, PRIOR_MEMORY_ERROR)
-    if not any(same_kind(plan, s.plan, "time") for s in self.samples):
-      time = max(time, PRIOR_TIME_ERROR)
-    return mem, time
+    """(memory, time) relative errors stated for this plan: those measured on its kind, or the
+    priors when not enough of its kind are compiled (module doc)."""
+    return (self.memory_errors.get(kind(plan, "memory"), PRIOR_MEMORY_ERROR),
+            self.time_errors.get(kind(plan, "time"), PRIOR_TIME_ERROR))
 
   def memory_bounds(self, plan: Plan, exact: float, screened: float) -> tuple[float, float]:
     """(lowest, highest) memory the plan may need under its stated error: the exact state plus
