@@ -274,7 +274,7 @@ def _text_report(spec, program, hw, result, doc, top) -> str:
            f"{fmt_bytes(result.budget_bytes)}), simulated on CPU devices", f"Search:   {how}"]
   scr = result.screen
   if scr.get("samples"):
-    lines.append(f"  the screen's stated error after {scr['samples']} compiled candidates: memory "
+    lines.append(f"  the screen's largest stated error after {scr['samples']} compiled candidates: memory "
                  f"{100 * scr['memory_error']:.1f}%, time {100 * scr['time_error']:.1f}%")
   lines += ["", result.table(limit=top or None)]
   if top and len(result.candidates) > top:

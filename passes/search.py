@@ -301,7 +301,7 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   log.info("Complete compilation of %d candidates (predicted %d, compiled %d). Elapsed time: %.2f s",
            compiled, predicted, compiled, t_compile)
   if calibration is not None:
-    log.info("The screen's stated error after %d compiled candidates: memory %.1f%%, time %.1f%%.",
+    log.info("The screen's largest stated error after %d compiled candidates: memory %.1f%%, time %.1f%%.",
              len(calibration.samples), 100 * calibration.memory_error, 100 * calibration.time_error)
   results += [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
 
