@@ -37,6 +37,19 @@ def test_unconstrained_search_prefers_plain_data_parallel(probe):
   assert all(c.verdict == "pruned" and "cannot beat" in c.reason and c.est_time_s > 0 for c in predicted)
 
 
+def test_the_screened_search_chooses_what_compiling_every_candidate_chooses(probe):
+  prog, res = probe
+  full = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False, exhaustive=True))
+  assert all(c.compiled for c in full.candidates if c.verdict != "skipped")
+  assert full.plan == res.plan
+  assert sum(c.compiled for c in res.candidates) <= len(full.candidates) // 3
+  # the screen's predictions of the candidates it did not compile, against XLA's figures
+  compiled = {c.plan: c for c in full.candidates}
+  for c in res.candidates:
+    if c.figures == "predicted":
+      assert 0.5 < c.est_time_s / compiled[c.plan].est_time_s < 2, c
+
+
 def test_budget_forces_a_memory_saving_plan(probe, caplog):
   prog, res = probe
   replicated = next(c for c in res.candidates if c.plan == res.plan)
