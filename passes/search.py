@@ -1,7 +1,11 @@
-"""The sharding-search pass: enumerate -> compile -> filter by memory -> rank -> plan.
+"""The sharding-search pass: enumerate -> screen -> compile what can win -> filter by memory ->
+rank -> plan.
 
 Each stage has one small function; `search` composes them in order and logs what each did,
-in the order MoAI's Advanced Parallelization log shows.
+in the order MoAI's Advanced Parallelization log shows. The screen (`passes.screen`) predicts
+every candidate; `passes.selection` compiles only those it cannot rule out (every candidate
+with `SearchSettings.exhaustive`; by `passes.staging`'s branch and bound when the screen
+cannot analyse the program).
 """
 from __future__ import annotations
 
