@@ -20,10 +20,8 @@ import importlib
 import json
 import logging
 import os
-import queue
 import re
 import sys
-import threading
 import time
 
 PROG = "ap-xla"
@@ -77,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
   r("--json", action="store_true", help="print one JSON document on stdout instead of the table")
   r("--top", type=_arg("--top", int, lo=0), default=20, help="candidates shown in the table (0: all; default 20)")
   r("--max-threads", type=_arg("--max-threads", int), help="compiles at once (default: the CPU count)")
-  r("--exhaustive", action="store_true", help="search every candidate, not the quick space (see quick_search)")
+  r("--exhaustive", action="store_true", help="compile every candidate instead of only those the analytic "
+    "screen cannot rule out (minutes instead of seconds)")
   r("--no-cache", action="store_true", help="search even if the plan cache has this plan")
   r("--cache-dir", help="plan cache folder (default: AP_XLA_CACHE_DIR or ~/.cache/ap_xla)")
   r("-q", "--quiet", action="store_true", help="no progress log on stderr")
@@ -132,10 +131,7 @@ def _main(argv) -> int:
 def simulate_devices(n: int) -> None:
   """Sets the environment so jax's CPU backend, when created, has `n` devices."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")).strip()
-  # Nothing compiled here runs: LLVM -O0 compiles ~40% faster with the same buffers and optimized HLO.
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  if "--xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   os.environ["JAX_PLATFORMS"] = "cpu"
   if "jax" in sys.modules:  # imported (by `import ap_xla`) but not started: its config read the old value
     sys.modules["jax"].config.update("jax_platforms", "cpu")
@@ -213,167 +209,33 @@ def _space(program, n: int, options, tp_rules):
                                                                     pp, mb, dp))
 
 
-def _run_slices(fn, items, threads: int, stop) -> list:
-  """`fn` over `items` on daemon threads, outcomes in order; an exception or Ctrl-C sets `stop`.
-
-  Daemon threads, not a ThreadPoolExecutor, whose threads hold up interpreter exit until their
-  search finishes: after Ctrl-C the slices not started are dropped, and the running ones
-  (which cannot be cancelled) store nothing (`stop` is their cache's `cancel`) and end with
-  the process.
-  """
-  todo, done = queue.Queue(), queue.Queue()
-  for item in enumerate(items):
-    todo.put(item)
-
-  def worker():
-    while not stop.is_set():
-      try:
-        i, item = todo.get_nowait()
-      except queue.Empty:
-        return
-      try:
-        done.put((i, fn(item), None))
-      except BaseException as e:  # handed to the caller's thread, which re-raises it
-        done.put((i, None, e))
-  from passes import compile_threads  # the slices compile: the exit hook must know them
-  for _ in range(min(max(1, threads), len(items))):
-    compile_threads.start(worker, "ap_xla_slice")
-  outs = {}
-  try:
-    while len(outs) < len(items):
-      try:
-        i, out, error = done.get(timeout=0.2)
-      except queue.Empty:
-        continue
-      if error is not None:
-        raise error
-      outs[i] = out
-  except BaseException:
-    stop.set()
-    raise
-  return [outs[i] for i in range(len(items))]
-
-
-def quick_search(program, devices, options, settings, *, exhaustive=False, directory=None, cache=True):
-  """Searches the quick space of `options` (or all of it); returns (SearchResult, notes).
-
-  All of a 7B model's candidates on 32 devices take most of an hour to compile on 2 cores. The
-  quick space narrows only what `options` leave 'auto', each narrowing listed in `notes`: bf16
-  FSDP gathers (same memory, half the traffic); tp within a node, one search per tp; ZeRO-3 for
-  a tp whose replicated training state takes over half the budget; no pipeline stages and one
-  micro-batch first (recomputation saves memory), the rest only if nothing fits. The searches
-  run side by side through the plan cache; their candidates are ranked together. Ctrl-C drops
-  the searches not started and stores nothing of those under way.
+def plan_search(program, devices, options, settings, *, directory=None, cache=True):
+  """The search `ap-xla plan` runs: `passes.search.search` through the plan cache, the same
+  screened search as the one-liner and `ap_xla.search` (`settings.exhaustive` compiles every
+  candidate instead).
 
   Raises:
     UsageError: a pinned option can never be satisfied, or the options leave no candidate for
-      this device count and batch (nothing is compiled; the message lists the reasons).
+      this device count and batch (checked before the search; nothing is compiled).
     OutOfMemoryError: no candidate fits in the budget.
   """
-  import jax
   from ap_xla import plan_cache
-  from passes import search as search_pass
-  from passes.evaluate import derive_program_tp
-  from passes.plan import Plan
-  from passes.report import (CHOSEN, FEASIBLE, SKIPPED, CandidateResult, OutOfMemoryError, SearchResult,
-                             no_plan_error, rank)
-  from passes.space import AUTO, SearchOptions, divisors, no_candidate_message
-  n, auto, log = len(devices), lambda f: getattr(options, f) == AUTO, logging.getLogger("ap_xla")
-  stop = threading.Event()
-  run = functools.partial(plan_cache.cached_search, directory=directory, enabled=None if cache else False,
-                          cancel=stop)
-  tp_rules = functools.cache(lambda: derive_program_tp(program.abstract()))
-
-  def space(opts):
-    try:
-      return _space(program, n, opts, tp_rules)
-    except ValueError as e:  # a pinned option this program, batch or device count cannot satisfy
-      raise UsageError(str(e)) from None
-
-  def left_out(skipped):
-    return [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
-
-  def unusable(gone):  # options that leave no plan to compile: a usage error
+  from passes.build import derive_program_tp
+  from passes.report import SKIPPED, CandidateResult, rank
+  from passes.space import no_candidate_message
+  n = len(devices)
+  rules = functools.cache(lambda: derive_program_tp(program.abstract()))
+  try:
+    plans, skipped = _space(program, n, options, rules)
+  except ValueError as e:  # a pinned option this program, batch or device count cannot satisfy
+    raise UsageError(str(e)) from None
+  if not plans:
+    gone = [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
     header = (f"no parallel plan of these options can use {n} devices with a global batch of "
               f"{program.batch_size}")
-    return UsageError(no_candidate_message(n, program.batch_size, gone, options.pinned(), header), rank(gone))
-  if exhaustive:
-    plans, skipped = space(options)
-    if not plans:
-      raise unusable(left_out(skipped))
-    return run(program, devices, options, settings), []
-  hw, capacity = search_pass.resolve_hardware(settings, devices)
-  budget = int(capacity * settings.memory_ratio / 100)
-  notes, skipped, base = [], [], options
-  if options.mixed_precision and auto("distribute_low_prec_param"):
-    base = dataclasses.replace(base, distribute_low_prec_param=True)
-    notes.append("FSDP gathers bf16 parameters")
-  tps = [options.tensor_parallel]
-  if auto("tensor_parallel") and n > 1:
-    tps, far = ([t for t in divisors(n) if (t <= hw.devices_per_node) == near] for near in (True, False))
-    if far:
-      notes.append(f"tensor parallelism within a node: tp in {tps}, not {far}")
-      skipped = [CandidateResult(Plan(dp=n // t, tp=t), SKIPPED, reason=f"quick space: tp={t} crosses nodes of "
-                                 f"{hw.devices_per_node} devices (--exhaustive searches it)") for t in far]
-  # the replicated training state: fp32 parameters and gradients, optimizer state, the bf16 copy
-  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  params, opt_state = nbytes(program.params), nbytes(jax.eval_shape(program.optimizer.init, program.params))
-  state, slices = 2 * params + opt_state + (params // 2 if options.mixed_precision else 0), []
-  for tp in tps:
-    zero3 = auto("distribute_parameter") and tp != AUTO and state / tp > budget / 2
-    notes += [f"ZeRO-3 at tp={tp}: the replicated state needs {state / tp / 2**30:.1f} GiB"] if zero3 else []
-    slices.append(dataclasses.replace(base, tensor_parallel=tp,
-                                      distribute_parameter=zero3 or base.distribute_parameter))
-  first = {"num_micro_batches": 1} if auto("num_micro_batches") else {}
-  if options.pipeline_parallel and auto("num_stages") and program.num_blocks > 1:
-    first["num_stages"] = 1
-  phases = [[dataclasses.replace(o, **first) for o in slices], slices] if first else [slices]
-  notes += [f"first {first}; all stages and micro-batches only if nothing fits"] if first else []
-  # What each slice leaves out, before compiling anything: a slice without a plan is not searched
-  # (the search would only report its reasons), and options without any plan are a usage error.
-  spaces = {o: space(o) for phase in phases for o in phase}
-  if not any(plans for plans, _ in spaces.values()):
-    gone = {c.plan: c for phase in phases for o in phase for c in left_out(spaces[o][1])}
-    gone = list(gone.values()) + skipped
-    raise unusable(gone)
-  one_thread = dataclasses.replace(settings, max_threads=1)  # the slices run side by side instead
-
-  def one(opts):
-    if not spaces[opts][0]:
-      return left_out(spaces[opts][1])
-    log.info("Quick space: searching with %s", {k: v for k, v in dataclasses.asdict(opts).items()
-                                                 if v != getattr(options, k)})
-    try:
-      return run(program, devices, opts, one_thread)
-    except OutOfMemoryError as e:
-      return e
-  outs = []
-  for phase in phases:
-    outs += _run_slices(one, phase, settings.max_threads, stop)
-    if any(isinstance(o, SearchResult) for o in outs):
-      break
-  results = [o for o in outs if isinstance(o, SearchResult)]
-  searched = [o for o in outs if not isinstance(o, list)]
-  if len(outs) == 1 and results and not skipped:  # one plain search: its own report
-    return results[0], notes
-  cands = {c.plan: c for o in outs
-           for c in (o.candidates if isinstance(o, SearchResult) else o.results if isinstance(o, Exception) else o)}
-  ranked = rank([dataclasses.replace(c, verdict=FEASIBLE, reason="") if c.verdict == CHOSEN else c
-                 for c in list(cands.values()) + skipped])
-  ok = sum(c.verdict == FEASIBLE for c in ranked)
-  if not ok:
-    pins = {k: v for k, v in dataclasses.asdict(options).items() if v != getattr(SearchOptions(), k)}
-    err = no_plan_error(ranked, budget, capacity, settings.memory_ratio, n, program.batch_size, pins,
-                        f"\n  (the quick space: {'; '.join(notes)}; --exhaustive searches all)" if notes else "")
-    err.from_cache = all(getattr(o, "from_cache", False) for o in searched)
-    raise err
-  ranked[0] = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=f"fastest estimate among {ok} feasible")
-  log.info("Quick space: the best of %d searches is %s. The final configuration is: %s", len(searched),
-           ranked[0].plan, search_pass.config_line(ranked[0].plan, program.batch_size))
-  # from the cache only when no slice searched: an out-of-memory slice counts as much as a plan
-  return dataclasses.replace(results[0], plan=ranked[0].plan, candidates=tuple(ranked), from_cache=all(
-      getattr(o, "from_cache", False) for o in searched), timings={"total": max(
-          x.timings.get("total", 0.0) for x in results)}), notes
+    raise UsageError(no_candidate_message(n, program.batch_size, gone, options.pinned(), header), rank(gone))
+  return plan_cache.cached_search(program, devices, options, settings, directory=directory,
+                                  enabled=None if cache else False)
 
 
 def _fail(message, code: int) -> int:
@@ -399,9 +261,11 @@ def _plan(args) -> int:
          "batch": args.batch, "seq": seq, "devices": args.devices, "hardware": dataclasses.asdict(hw),
          "options": dataclasses.asdict(options)}
   t0 = time.perf_counter()
+  if args.exhaustive:
+    settings = dataclasses.replace(settings, exhaustive=True)
   try:
-    result, notes = quick_search(program, devices[:args.devices], options, settings, exhaustive=args.exhaustive,
-                                 directory=args.cache_dir, cache=not args.no_cache)
+    result = plan_search(program, devices[:args.devices], options, settings, directory=args.cache_dir,
+                         cache=not args.no_cache)
   except (UsageError, OutOfMemoryError) as e:  # not any ValueError: one from inside the search is a bug
     usage = isinstance(e, UsageError)
     if args.json:
@@ -416,9 +280,9 @@ def _plan(args) -> int:
     print(str(e), file=sys.stderr)
     return 1
   except KeyboardInterrupt:
-    print(f"{PROG} plan: interrupted; nothing was stored for the searches under way.", file=sys.stderr)
+    print(f"{PROG} plan: interrupted; nothing was stored for the search under way.", file=sys.stderr)
     return 130
-  doc.update(elapsed_s=time.perf_counter() - t0, from_cache=result.from_cache, quick_space=notes,
+  doc.update(elapsed_s=time.perf_counter() - t0, from_cache=result.from_cache, screen=result.screen,
              plan=result.plan.to_dict(), config_line=config_line(result.plan, result.global_batch),
              memory_bytes=result.chosen.memory_bytes, est_time_s=result.chosen.est_time_s)
   print(json.dumps(dict(doc, result=result.to_json()), indent=1) if args.json else
@@ -437,14 +301,20 @@ def _candidates_table(candidates, top) -> str:
 
 def _text_report(spec, program, hw, result, doc, top) -> str:
   from passes.report import fmt_bytes, fmt_time
-  compiled = sum(c.memory_bytes is not None for c in result.candidates)
+  compiled = sum(c.compiled for c in result.candidates)
+  predicted = sum(c.figures == "predicted" for c in result.candidates)
   how = ("read from the plan cache (search skipped)" if result.from_cache else
-         f"{len(result.candidates)} candidates, {compiled} compiled, in {doc['elapsed_s']:.1f} s")
+         f"{len(result.candidates)} candidates: predicted {predicted}, compiled {compiled}, in "
+         f"{doc['elapsed_s']:.1f} s")
   lines = [f"Model:    {spec.label} ({spec.family}, {program.num_params / 1e6:,.1f}M parameters), batch "
            f"{program.batch_size} x seq {doc['seq']}" + (f"  [{spec.note}]" if spec.note else ""),
            f"Target:   {result.num_devices} x {hw.name} ({fmt_bytes(result.capacity_bytes)} each; budget "
            f"{fmt_bytes(result.budget_bytes)}), simulated on CPU devices", f"Search:   {how}"]
-  lines += [f"  quick space: {note}" for note in doc["quick_space"]] + ["", result.table(limit=top or None)]
+  scr = result.screen
+  if scr.get("samples"):
+    lines.append(f"  the screen's largest stated error after {scr['samples']} compiled candidates: memory "
+                 f"{100 * scr['memory_error']:.1f}%, time {100 * scr['time_error']:.1f}%")
+  lines += ["", result.table(limit=top or None)]
   if top and len(result.candidates) > top:
     lines.append(f"... {len(result.candidates) - top} more candidates (--top 0 lists all)")
   c = result.chosen

@@ -17,6 +17,11 @@ timed-out candidate (a busy machine may compile it next time), a search run with
 
 Environment: AP_XLA_CACHE_DIR (or MOREH_ADVANCED_PARALLELIZATION_CACHE_DIR; default
 ~/.cache/ap_xla) and AP_XLA_PLAN_CACHE=0 to turn the cache off.
+
+With the plan cache on, XLA's persistent compilation cache is kept beside it (`<cache>/xla`,
+`compilation_cache`) unless the process already set one: a search run again after a change
+of its inputs (another batch, another ratio) and the training step of a chosen plan reuse the
+executables compiled before.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ log = logging.getLogger("ap_xla")
 FORMAT = "ap_xla.plan_cache"
 FORMAT_VERSION = 2  # 2: entries may hold an out-of-memory outcome
 # Settings that change which plan wins; threads, logging and progress bars do not.
-_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k")
+_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k", "exhaustive")
 _ENTRY_MODE = 0o644  # readable like any cache file (mkstemp creates 0600)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAX_ENTRY_BYTES = 256 * 2**20  # far above any search's report; guards against reading a huge file
@@ -132,6 +137,18 @@ def cache_enabled(environ: Mapping[str, str] | None = None) -> bool:
   if value in ("1", "true", "on", "yes"):
     return True
   raise ValueError(f"{hit[0]}={hit[1]!r} is not valid: expected 0 or 1 (also true/false, on/off).")
+
+
+def compilation_cache(directory: str) -> str:
+  """Points XLA's persistent compilation cache at `<directory>/xla` unless one is set already
+  (by the user, JAX_COMPILATION_CACHE_DIR or a test run); returns the folder in use."""
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = os.path.join(directory, "xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  log.debug("XLA's persistent compilation cache: %s", path)
+  return path
 
 
 def entry_path(directory: str, key: str) -> str:
@@ -292,7 +309,9 @@ def cached_search(program: Program, devices=None, options: SearchOptions | None 
     return search_fn(program, devices, options, settings, compile_fn=compile_fn)
   doc = key_document(program, devices, options, settings)
   key = fingerprint(doc)
-  path = entry_path(directory or cache_dir(), key)
+  directory = directory or cache_dir()
+  path = entry_path(directory, key)
+  compilation_cache(directory)
   hit = read_entry(path, key, request(program, doc, settings, options))
   if isinstance(hit, OutOfMemoryError):
     log.info("Reusing the cached outcome from %s: no candidate fits (search skipped).", path)

@@ -6,12 +6,12 @@ from typing import Any
 
 import jax
 
+from passes.build import build_plan
 from passes.devices import check_devices
-from passes.evaluate import derive_program_tp, tp_dims
 from passes.plan import Plan
 from passes.program import Program, is_abstract
 from passes.report import SearchResult
-from passes.step import BuiltStep, build_step
+from passes.step import BuiltStep
 
 log = logging.getLogger("ap_xla")
 PyTree = Any
@@ -35,8 +35,7 @@ class Trainer:
                        "ShapeDtypeStructs; build the Program with real arrays (or pass params=...) "
                        "to train. Abstract programs are for ap_xla.search / planning only.")
     self.program, self.plan, self.devices, self.report = program, plan, devices, report
-    rules = derive_program_tp(program.abstract()) if plan.tp > 1 else None
-    self.built: BuiltStep = build_step(program, plan, devices, tp_dims(program, rules, plan.tp))
+    self.built: BuiltStep = build_plan(program, plan, devices)
     self.mesh = self.built.mesh
     # A copy: the step donates its inputs, and device_put may alias the caller's buffers
     # (a shard on the same device), which donation would then delete under the caller.

@@ -1,12 +1,12 @@
 """`ap-xla plan` for a cluster this machine does not have: how long it takes, what it chooses.
 
-Runs `ap-xla plan --model llama2-7b --hardware h100 --devices 32 --batch 32 --seq 1024 --json`
-twice with a fresh plan cache: the first run searches (goal: under 2 minutes on a 2-core
-machine), the second is served from the cache. Prints a table, then one JSON object with the
+Runs `ap-xla plan --model llama2-7b --hardware h100 --devices 64 --batch 64 --seq 2048 --json`
+twice with a fresh plan cache: the first run searches (goal: at most 20 s on a 2-core machine),
+the second is served from the cache. Prints a table, then one JSON object with the
 figures as the last line, among them the chosen plan, its predicted per-device memory against
 80% of the H100's 80 GB, and the time the cache saves.
 
-Run: .venv/bin/python benchmarks/plan_cli.py [--model llama2-7b --devices 32 --batch 32 --seq 1024]
+Run: .venv/bin/python benchmarks/plan_cli.py [--model llama2-7b --devices 64 --batch 64 --seq 2048]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-GOAL_S = 120.0
+GOAL_S = 20.0
 
 
 def run(args, cache: str) -> dict:
@@ -36,16 +36,17 @@ def run(args, cache: str) -> dict:
           "config_line": doc["config_line"], "memory_bytes": doc["memory_bytes"],
           "est_time_s": doc["est_time_s"], "budget_bytes": doc["result"]["budget_bytes"],
           "capacity_bytes": doc["result"]["capacity_bytes"], "params": doc["model"]["num_params"],
-          "candidates": len(cands), "compiled": sum(c["verdict"] not in ("pruned", "skipped") for c in cands)}
+          "candidates": len(cands), "compiled": sum(c.get("figures", "compiled") == "compiled" and
+                                                    c["verdict"] not in ("pruned", "skipped") for c in cands)}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="llama2-7b")
   ap.add_argument("--hardware", default="h100")
-  ap.add_argument("--devices", type=int, default=32)
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--seq", type=int, default=1024)
+  ap.add_argument("--devices", type=int, default=64)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--seq", type=int, default=2048)
   args = ap.parse_args()
   cache = tempfile.mkdtemp(prefix="ap_xla_plan_cli_")
   first, again = run(args, cache), run(args, cache)
@@ -58,11 +59,12 @@ def main():
   mem, budget, cap = first["memory_bytes"], first["budget_bytes"], first["capacity_bytes"]
   print(f"predicted per-device memory {mem / gib:.2f} GiB = {mem / cap:.1%} of the device "
         f"(budget {budget / gib:.2f} GiB = 80%); estimated step {first['est_time_s'] * 1e3:.1f} ms")
-  print(f"first run {first['wall_s']} s (goal < {GOAL_S:.0f} s); from the cache {again['wall_s']} s")
+  print(f"first run {first['wall_s']} s (goal <= {GOAL_S:.0f} s), {first['compiled']} of {first['candidates']} "
+        f"candidates compiled; from the cache {again['wall_s']} s")
   print(json.dumps({"benchmark": "plan_cli", "model": args.model, "hardware": args.hardware,
                     "devices": args.devices, "batch": args.batch, "seq": args.seq, "first": first,
                     "again": again, "memory_fraction_of_device": mem / cap, "under_budget": mem <= budget,
-                    "goal_s": GOAL_S, "within_goal": first["wall_s"] < GOAL_S,
+                    "goal_s": GOAL_S, "within_goal": first["wall_s"] <= GOAL_S,
                     "cache_saved_s": round(first["wall_s"] - again["wall_s"], 1)}))
 
 

@@ -3,7 +3,8 @@
 Prints a readable table, then one JSON object with the figures as the last line. Also
 reports the same search served from the plan cache (the time a second run saves), and the
 search time for 8 and 64 blocks of the same width (compile time must not grow with depth:
-the ratio 64/8 should stay at or under 1.5). Default options are MoAI's with fp32 compute
+the ratio 64/8 should stay at or under 1.5). Goal for the first search: at most 10 s on 2
+cores (the analytic screen compiles only the candidates that can win). Default options are MoAI's with fp32 compute
 (`--bf16` adds mixed precision: bf16 matmuls compile slowly on CPU hosts).
 
 Run: XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python benchmarks/search_time.py
@@ -37,7 +38,7 @@ def run(cfg: LlamaConfig, batch: int, options: SearchOptions, capacity: int, thr
   res = cached_search(prog, options=options, directory=cache_dir, enabled=True,
                       settings=SearchSettings(capacity_bytes=capacity, progress=False, max_threads=threads))
   total = time.perf_counter() - t0
-  compiled = sum(c.verdict not in ("pruned", "skipped") for c in res.candidates)
+  compiled = sum(c.compiled for c in res.candidates)
   return {"params": prog.num_params, "blocks": cfg.layers, "candidates": len(res.candidates),
           "compiled": compiled, "feasible": len(res.feasible), "compile_s": round(res.timings["compile"], 2),
           "search_s": round(total, 2), "plan": repr(res.plan), "from_cache": res.from_cache}
@@ -69,6 +70,9 @@ def main():
           f"{r['feasible']:>8} {r['compile_s']:>9} {r['search_s']:>9}  {r['plan']}")
   ratio = rows["64 blocks"]["search_s"] / rows["8 blocks"]["search_s"]
   saved = rows["100M"]["search_s"] - rows["100M again"]["search_s"]
+  first = rows["100M"]
+  print(f"first search of the 100M model: {first['search_s']} s, {first['compiled']} of {first['candidates']} "
+        f"candidates compiled (goal <= 10 s)")
   print(f"search time 64 blocks / 8 blocks = {ratio:.2f} (goal <= 1.5)")
   print(f"second run served from the plan cache: {rows['100M again']['from_cache']}, "
         f"{saved:.1f} s saved ({rows['100M again']['search_s']} s instead of {rows['100M']['search_s']} s)")

@@ -2,66 +2,61 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import time
 from typing import Any, Callable
 
 import jax
-from jax.sharding import PartitionSpec as P
 
 from passes import cost_model, hlo_stats, memory
 from passes.hardware import HardwareProfile, is_host_profile
-from passes.plan import TENSOR, Plan
-from passes.program import BLOCKS, POST, PRE, Program
+from passes.build import derive_program_tp, edge_tp_dim, tp_dims  # noqa: F401 (re-exported)
+from passes.plan import Plan
+from passes.program import Program
 from passes.report import COMPILE_ERROR, FEASIBLE, OVER_BUDGET, CandidateResult, fmt_bytes
 from passes.step import build_step
-from passes.tp_rules import TPRules, derive_tp_rules
+from passes.tp_rules import TPRules
 
 PyTree = Any
+log = logging.getLogger("ap_xla")
 
 
-def derive_program_tp(program: Program) -> TPRules:
-  """TP rules from the dataflow: of one block for a layered program, else of the whole loss."""
-  if program.layers is None:
-    return derive_tp_rules(program.loss_fn, program.params, program.batch)
-  block0 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), program.params[BLOCKS])
-  hidden, aux = jax.eval_shape(program.layers.pre, program.params[PRE], program.batch)
-  return derive_tp_rules(program.layers.block, block0, hidden, aux)
+# Per-compile options for analysis-only compiles, per backend, checked there: on XLA:CPU LLVM
+# at -O0 without its expensive passes compiles a 97.5M-parameter candidate in 2.0-2.4 s
+# instead of 2.5-3.6 s with byte-identical memory analysis and identical FLOPs (FIELD_NOTES).
+# Not yet checked on GPU backends: none there.
+ANALYSIS_OPTIONS = {
+    "cpu": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
+}
 
 
-def tp_dims(program: Program, rules: TPRules | None, tp: int) -> PyTree | None:
-  """Per-leaf dim to shard over 'tensor' for a TP degree (None: no tensor parallelism).
+@functools.cache
+def analysis_options(platform: str) -> dict:
+  """The analysis compile options of `platform` that its compiler accepts ({} if none)."""
+  opts = ANALYSIS_OPTIONS.get(platform, {})
+  if not opts:
+    return {}
+  try:
+    device = jax.devices(platform)[0]
+    x = jax.ShapeDtypeStruct((2,), "float32", sharding=jax.sharding.SingleDeviceSharding(device))
+    jax.jit(lambda v: v + 1).lower(x).compile(compiler_options=opts)
+  except Exception as e:  # an unknown option name on this jaxlib: compile without them
+    log.warning("Compiling without the analysis options %s on %s: %s", opts, platform, e)
+    return {}
+  return dict(opts)
 
-  Block weights follow the Megatron rules derived from the dataflow. In a layered program the
-  pre and post matrices (token embedding, LM head) are sharded too, along their largest
-  dimension (`edge_tp_dim`): for those that is the vocabulary, and GSPMD inserts the
-  collectives a vocabulary-parallel embedding and softmax need. Left replicated, they made
-  every TP plan of a small model slower than pure data parallelism (benchmarks/plan_quality.py).
+
+def compile_plan(program: Program, plan: Plan, devices, dims, compiler_options: dict | None = None):
+  """Lowers and compiles a plan's step from abstract shapes (nothing is allocated), for analysis.
+
+  Args:
+    compiler_options: per-compile XLA options; None: the platform's `analysis_options` (its
+      memory analysis and HLO are those of the default compile; nothing compiled here runs).
   """
-  if tp == 1 or rules is None:
-    return None
-  def dim(spec):
-    return next((i for i, a in enumerate(spec) if a == TENSOR), None)
-  is_spec = lambda x: isinstance(x, P)
-  if program.layers is None:
-    return jax.tree.map(dim, rules.specs(tp), is_leaf=is_spec)
-  edge = lambda x: edge_tp_dim(x.shape, tp)
-  return {PRE: jax.tree.map(edge, program.params[PRE]),
-          BLOCKS: jax.tree.map(dim, rules.specs(tp, prefix=(None,)), is_leaf=is_spec),
-          POST: jax.tree.map(edge, program.params[POST])}
-
-
-def edge_tp_dim(shape: tuple, tp: int) -> int | None:
-  """The dim of a pre/post parameter to shard over 'tensor': its largest when it divides by
-  `tp` (the first of equals); None for vectors and scalars, which stay replicated."""
-  if len(shape) < 2:
-    return None
-  d = max(range(len(shape)), key=lambda i: (shape[i], -i))
-  return d if shape[d] % tp == 0 else None
-
-
-def compile_plan(program: Program, plan: Plan, devices, dims):
-  """Lowers and compiles a plan's step from abstract shapes (nothing is allocated)."""
-  return build_step(program, plan, devices, dims).lower(program).compile()
+  opts = analysis_options(devices[0].platform) if compiler_options is None else compiler_options
+  lowered = build_step(program, plan, devices, dims).lower(program)
+  return lowered.compile(compiler_options=opts) if opts else lowered.compile()
 
 
 @dataclasses.dataclass(frozen=True)

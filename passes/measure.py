@@ -16,11 +16,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from passes.evaluate import derive_program_tp, tp_dims
+from passes.build import build_plan
 from passes.plan import Plan
 from passes.program import Program, is_abstract
 from passes.report import (COMPILE_ERROR, FEASIBLE, CandidateResult, OutOfMemoryError, fmt_time, rank)
-from passes.step import BuiltStep, build_step
+from passes.step import BuiltStep
 
 log = logging.getLogger("ap_xla")
 PyTree = Any
@@ -91,8 +91,7 @@ class PlanRunner:
   def __init__(self, program: Program, plan: Plan, devices, built: BuiltStep | None = None):
     self.plan = plan
     if built is None:
-      rules = derive_program_tp(program.abstract()) if plan.tp > 1 else None
-      built = build_step(program, plan, devices, tp_dims(program.abstract(), rules, plan.tp))
+      built = build_plan(program, plan, devices)
     self.built = built
     self.params = _place(program.params, built.param_shardings, 0)
     self.opt_state = built.init_opt(self.params)

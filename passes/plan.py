@@ -9,7 +9,7 @@ STAGE, DATA, TENSOR = "stage", "data", "tensor"
 MESH_AXES = (STAGE, DATA, TENSOR)
 
 RECOMPUTE_POLICIES = ("none", "full", "dots")
-SCHEDULES = ("gpipe",)  # pipeline schedules the step builder implements
+SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules the step builder implements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,9 @@ class Plan:
     fsdp: parameters, gradients and optimizer state sharded over 'data' (ZeRO-3).
     low_prec: with `bf16` and `fsdp`, gather the bf16 working copy instead of fp32.
     bf16: bf16 compute with fp32 master weights.
-    schedule: pipeline schedule ('gpipe'); ignored when pp == 1.
+    schedule: pipeline schedule: 'gpipe' (fill and drain: every micro-batch's residuals kept
+      until the backward) or '1f1b' (one forward, one backward: at most 2 x pp kept);
+      ignored when pp == 1.
   """
   dp: int = 1
   tp: int = 1
@@ -46,8 +48,7 @@ class Plan:
     if self.recompute not in RECOMPUTE_POLICIES:
       raise ValueError(f"Plan.recompute must be one of {RECOMPUTE_POLICIES}, got {self.recompute!r}.")
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"Plan.schedule must be one of {SCHEDULES}, got {self.schedule!r}; "
-                       "GPipe (fill and drain) is the only schedule built.")
+      raise ValueError(f"Plan.schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
     for f in ("fsdp", "low_prec", "bf16"):
       if not isinstance(getattr(self, f), bool):
         raise TypeError(f"Plan.{f} must be True or False, got {getattr(self, f)!r}.")

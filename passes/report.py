@@ -13,6 +13,9 @@ CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED = (
 VERDICTS = (CHOSEN, FEASIBLE, OVER_BUDGET, PRUNED, COMPILE_ERROR, TIMEOUT, SKIPPED)
 _ORDER = {v: i for i, v in enumerate(VERDICTS)}
 
+# Where a candidate's figures come from.
+COMPILED, PREDICTED = "compiled", "predicted"
+
 GiB = 1024 ** 3
 
 
@@ -43,6 +46,8 @@ class CandidateResult:
     reason: why it was rejected (or what made it win).
     compile_s: seconds spent lowering and compiling it.
     details: memory and cost breakdowns for the detailed log.
+    figures: where memory_bytes and est_time_s come from: 'compiled' (XLA's analysis of the
+      compiled candidate) or 'predicted' (the analytic screen, calibrated; not compiled).
   """
   plan: Plan
   verdict: str
@@ -51,21 +56,31 @@ class CandidateResult:
   reason: str = ""
   compile_s: float = 0.0
   details: dict = dataclasses.field(default_factory=dict, compare=False)
+  figures: str = COMPILED
+
+  def __post_init__(self):
+    if self.figures not in (COMPILED, PREDICTED):
+      raise ValueError(f"CandidateResult.figures must be {COMPILED!r} or {PREDICTED!r}, got {self.figures!r}.")
 
   def __repr__(self):
     return (f"CandidateResult({self.plan}, {self.verdict}, mem={fmt_bytes(self.memory_bytes)}, "
-            f"time={fmt_time(self.est_time_s)})")
+            f"time={fmt_time(self.est_time_s)}, {self.figures})")
+
+  @property
+  def compiled(self) -> bool:
+    """Whether XLA compiled it (its figures are XLA's, not the screen's)."""
+    return self.figures == COMPILED and self.verdict not in (PRUNED, SKIPPED)
 
   def to_json(self) -> dict:
     return {"plan": self.plan.to_dict(), "verdict": self.verdict, "memory_bytes": self.memory_bytes,
             "est_time_s": self.est_time_s, "reason": self.reason, "compile_s": self.compile_s,
-            "details": self.details}
+            "details": self.details, "figures": self.figures}
 
   @classmethod
   def from_json(cls, d: dict) -> "CandidateResult":
     return cls(plan=Plan.from_dict(d["plan"]), verdict=d["verdict"], memory_bytes=d["memory_bytes"],
                est_time_s=d["est_time_s"], reason=d["reason"], compile_s=d["compile_s"],
-               details=d.get("details", {}))
+               details=d.get("details", {}), figures=d.get("figures", COMPILED))
 
 
 def rank(results) -> list[CandidateResult]:
@@ -91,8 +106,11 @@ class SearchResult:
     capacity_bytes: per-device memory capacity used.
     hardware: the hardware profile's name.
     num_devices: devices searched over.
-    timings: seconds for 'compile', 'select' and 'total'.
+    timings: seconds for 'screen', 'compile', 'select' and 'total'.
     from_cache: True when the result was read from the plan cache.
+    screen: what the analytic screen did: candidates 'predicted' and 'compiled', and its
+      stated 'memory_error' and 'time_error' after 'samples' compiled candidates (empty for
+      an exhaustive search).
   """
   plan: Plan
   candidates: tuple[CandidateResult, ...]
@@ -103,6 +121,7 @@ class SearchResult:
   global_batch: int
   timings: dict
   from_cache: bool = False
+  screen: dict = dataclasses.field(default_factory=dict)
 
   @property
   def chosen(self) -> CandidateResult:
@@ -118,9 +137,10 @@ class SearchResult:
 
   def table(self, limit: int | None = None) -> str:
     """A readable table of the candidates."""
-    rows = [("#", "plan", "memory/device", "est. step", "verdict", "reason")]
+    rows = [("#", "plan", "memory/device", "est. step", "figures", "verdict", "reason")]
     for i, c in enumerate(self.candidates[:limit] if limit else self.candidates):
-      rows.append((str(i), repr(c.plan), fmt_bytes(c.memory_bytes), fmt_time(c.est_time_s), c.verdict,
+      figures = "-" if c.memory_bytes is None and c.est_time_s is None else c.figures
+      rows.append((str(i), repr(c.plan), fmt_bytes(c.memory_bytes), fmt_time(c.est_time_s), figures, c.verdict,
                    c.reason[:80]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -131,7 +151,7 @@ class SearchResult:
     return {"plan": self.plan.to_dict(), "candidates": [c.to_json() for c in self.candidates],
             "budget_bytes": self.budget_bytes, "capacity_bytes": self.capacity_bytes,
             "hardware": self.hardware, "num_devices": self.num_devices, "global_batch": self.global_batch,
-            "timings": self.timings}
+            "timings": self.timings, "screen": self.screen}
 
   @classmethod
   def from_json(cls, d: dict, from_cache: bool = False) -> "SearchResult":
@@ -139,7 +159,7 @@ class SearchResult:
                candidates=tuple(CandidateResult.from_json(c) for c in d["candidates"]),
                budget_bytes=d["budget_bytes"], capacity_bytes=d["capacity_bytes"], hardware=d["hardware"],
                num_devices=d["num_devices"], global_batch=d["global_batch"], timings=d["timings"],
-               from_cache=from_cache)
+               from_cache=from_cache, screen=d.get("screen", {}))
 
 
 class OutOfMemoryError(RuntimeError):
@@ -167,8 +187,9 @@ def no_plan_error(results, budget: int, capacity: int, ratio: float, num_devices
 
 
 def nothing_compiled(results) -> bool:
-  """Whether every candidate that was tried failed to compile or timed out (none has a memory figure)."""
-  return (all(r.memory_bytes is None for r in results)
+  """Whether every candidate that was tried failed to compile or timed out: none has a figure
+  from XLA (the screen's predictions of the others do not count)."""
+  return (not any(r.memory_bytes is not None and r.figures == COMPILED for r in results)
           and any(r.verdict in (COMPILE_ERROR, TIMEOUT) for r in results))
 
 
@@ -192,11 +213,13 @@ def out_of_memory_message(results, budget: int, capacity: int, ratio: float, num
   """
   if nothing_compiled(results):
     return _nothing_compiled_message(results)
-  compiled = [r for r in results if r.memory_bytes is not None]
+  sized = [r for r in results if r.memory_bytes is not None]
+  compiled = [r for r in sized if r.figures == COMPILED] or sized
   lines = ["OUT_OF_MEMORY: no parallelization candidate fits in device memory."]
   if compiled:
     best = min(compiled, key=lambda r: r.memory_bytes)
-    lines.append(f"  smallest candidate: {best.plan} needs {fmt_bytes(best.memory_bytes)} per device; "
+    how = "" if best.figures == COMPILED else " (predicted by the screen, not compiled)"
+    lines.append(f"  smallest candidate: {best.plan} needs {fmt_bytes(best.memory_bytes)} per device{how}; "
                  f"available: {fmt_bytes(budget)} ({ratio:g}% of {fmt_bytes(capacity)}) on each of "
                  f"{num_devices} devices (over by {fmt_bytes(best.memory_bytes - budget)}).")
   else:

@@ -1,7 +1,11 @@
-"""The sharding-search pass: enumerate -> compile -> filter by memory -> rank -> plan.
+"""The sharding-search pass: enumerate -> screen -> compile what can win -> filter by memory ->
+rank -> plan.
 
 Each stage has one small function; `search` composes them in order and logs what each did,
-in the order MoAI's Advanced Parallelization log shows.
+in the order MoAI's Advanced Parallelization log shows. The screen (`passes.screen`) predicts
+every candidate; `passes.selection` compiles only those it cannot rule out (every candidate
+with `SearchSettings.exhaustive`; by `passes.staging`'s branch and bound when the screen
+cannot analyse the program).
 """
 from __future__ import annotations
 
@@ -16,16 +20,15 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-import jax
-
 from passes import compile_threads
 from passes import hardware as hw_lib
 from passes.devices import check_devices
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
 from passes.plan import Plan
 from passes.program import Program
-from passes.report import (CHOSEN, FEASIBLE, PRUNED, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
-                           NoCandidateError, OutOfMemoryError, SearchResult, no_plan_error, rank)
+from passes.report import (CHOSEN, FEASIBLE, SKIPPED, TIMEOUT, CandidateResult, fmt_bytes,
+                           NoCandidateError, SearchResult, no_plan_error, rank)
+from passes.selection import screened_evaluate
 from passes.staging import staged_evaluate
 from passes.space import SearchOptions, check_pinned_tp, enumerate_plans, no_candidate_message
 
@@ -49,6 +52,8 @@ class SearchSettings:
     progress: show a progress bar (None: when stderr is a terminal).
     measure_top_k: run the k best-estimated feasible candidates on the devices and choose the
       measured-fastest (0: choose by estimate only).
+    exhaustive: compile every candidate instead of only those the analytic screen cannot rule
+      out (`passes.selection`): minutes instead of seconds, for checking the screen.
   """
   memory_ratio: float = 80.0
   max_threads: int = 16
@@ -59,6 +64,7 @@ class SearchSettings:
   compile_timeout_s: float | None = None
   progress: bool | None = None
   measure_top_k: int = 0
+  exhaustive: bool = False
 
   def __post_init__(self):
     # The same ranges as the environment reader (ap_xla/env.py), for values passed in code.
@@ -86,6 +92,8 @@ class SearchSettings:
       raise bad("progress", "True, False or None (when stderr is a terminal)")
     if not is_int(self.measure_top_k) or self.measure_top_k < 0:
       raise bad("measure_top_k", "an integer >= 0 (0: choose by estimate only)")
+    if not isinstance(self.exhaustive, bool):
+      raise bad("exhaustive", "True or False")
     hw = self.hardware
     if isinstance(hw, str):
       if hw.strip().lower() not in hw_lib.PROFILE_NAMES:
@@ -301,12 +309,32 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     _dump(settings, left_out, None, budget, capacity, hw, devices, batch, t_start)
     raise NoCandidateError(no_candidate_message(len(devices), batch, skipped, options.pinned()), left_out)
   evaluate = Evaluator(abstract, devices, hw, budget, tp_rules, compile_fn)
-  log.info("Start compilation of the candidates (up to %d at once).", compile_workers(settings))
+  compile_all = lambda ps: _compile_all(ps, evaluate, settings)
+  workers = compile_workers(settings)
+  screened, t_screen = None, 0.0
+  if not settings.exhaustive:
+    t0 = time.perf_counter()
+    screened = _screen(abstract, devices, tp_rules, plans, hw)
+    t_screen = time.perf_counter() - t0
+    if screened is not None:
+      log.info("Screened %d candidates in %.2f s: compiling only those that can win.", len(plans), t_screen)
+  log.info("Start compilation of the candidates (up to %d at once).", workers)
   t0 = time.perf_counter()
-  results = staged_evaluate(plans, lambda ps: _compile_all(ps, evaluate, settings), budget)
+  calibration = None
+  if screened is not None:
+    results, calibration = screened_evaluate(plans, screened, compile_all, budget, workers)
+  elif settings.exhaustive:
+    results = compile_all(plans)
+  else:
+    results = staged_evaluate(plans, compile_all, budget)
   t_compile = time.perf_counter() - t0
-  compiled = sum(r.verdict not in (PRUNED,) for r in results)
-  log.info("Complete compilation of %d candidates. Elapsed time: %.2f s", compiled, t_compile)
+  compiled = sum(r.compiled for r in results)
+  predicted = len(results) - compiled
+  log.info("Complete compilation of %d candidates (predicted %d, compiled %d). Elapsed time: %.2f s",
+           len(results), predicted, compiled, t_compile)
+  if calibration is not None:
+    log.info("The screen's largest stated error after %d compiled candidates: memory %.1f%%, time %.1f%%.",
+             len(calibration.samples), 100 * calibration.memory_error, 100 * calibration.time_error)
   results += [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
 
   ok = [r for r in results if r.verdict == FEASIBLE]
@@ -334,11 +362,28 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
   t_select = time.perf_counter() - t1
   log.info("Complete selecting the best candidate. Elapsed time: %.3f s", t_select)
   log.info("The final configuration is: %s", config_line(chosen.plan, batch))
+  screen_doc = {} if calibration is None else {
+      "predicted": predicted, "compiled": compiled, "samples": len(calibration.samples),
+      "memory_error": calibration.memory_error, "time_error": calibration.time_error}
   result = SearchResult(chosen.plan, tuple(ranked), budget, capacity, hw.name, len(devices), batch,
-                        {"compile": t_compile, "select": t_select, "measure": t_measure,
-                         "total": time.perf_counter() - t_start})
+                        {"screen": t_screen, "compile": t_compile, "select": t_select, "measure": t_measure,
+                         "total": time.perf_counter() - t_start}, screen=screen_doc)
   _dump(settings, ranked, result, budget, capacity, hw, devices, batch, t_start)
   return result
+
+
+def _screen(program: Program, devices, tp_rules, plans, hw) -> dict | None:
+  """Every plan's screened figures, or None (with a warning) when the screen cannot analyse
+  the program: the search then compiles by the branch-and-bound of `passes.staging`."""
+  from passes import screen
+  try:
+    s = screen.build_screen(program, devices, tp_rules, plans)
+    return {p: s(p, hw) for p in plans}
+  except Exception as e:  # the screen is an optimisation: a program it cannot read is still searched
+    log.warning("The analytic screen cannot analyse %r (%s: %s); compiling candidates by branch and "
+                "bound instead.", program, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    log.debug("screen failure", exc_info=True)
+    return None
 
 
 def _dump(settings, ranked, result, budget, capacity, hw, devices, batch, t_start):

@@ -10,8 +10,20 @@ from passes.plan import Plan
 Auto = str  # the literal 'auto'
 AUTO = "auto"
 
-# Micro-batch counts tried when the user leaves `num_micro_batches` to the search.
+# Micro-batch counts tried when the user leaves `num_micro_batches` to the search; beyond the
+# last, the doublings the batch still splits into (`auto_micro_batches`).
 AUTO_MICRO_BATCHES = (1, 2, 4, 8, 16)
+
+
+def auto_micro_batches(batch_size: int, dp: int) -> list[int]:
+  """AUTO_MICRO_BATCHES, then further doublings while each data shard keeps one example per
+  micro-batch (32, 64, ... where the batch allows): the screen makes a wide space cheap."""
+  mbs = list(AUTO_MICRO_BATCHES)
+  mb = mbs[-1] * 2
+  while batch_size % (dp * mb) == 0:
+    mbs.append(mb)
+    mb *= 2
+  return mbs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +142,7 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
       if tp > 1 and (why := tp_ok(tp)):
         skipped.append(Skipped(base, why))
         continue
-      mbs = [o.num_micro_batches] if o.num_micro_batches != AUTO else list(AUTO_MICRO_BATCHES)
+      mbs = [o.num_micro_batches] if o.num_micro_batches != AUTO else auto_micro_batches(batch_size, dp)
       if o.num_micro_batches == AUTO:
         # One record per mesh for the auto counts the batch cannot split into (not one per count).
         if bad := [mb for mb in mbs if batch_size % (dp * mb)]:
@@ -151,6 +163,10 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
           continue
         for plan in _variants(plan0, num_blocks, o):
           plans.append(plan)
+          # 1F1B keeps 2S micro-batches' residuals where GPipe keeps M + S - 1: an
+          # alternative when that is fewer (at the cost of S more ticks and post per tick).
+          if pp > 1 and mb > pp + 1:
+            plans.append(dataclasses.replace(plan, schedule="1f1b"))
   return plans, skipped
 
 

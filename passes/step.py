@@ -69,17 +69,7 @@ def _gather(tree, specs):
 
 def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
   """`loss(params, batch)` for a plan: mixed precision, FSDP gathers, recomputation, pipeline."""
-  cast_early = plan.bf16 and (not plan.fsdp or plan.low_prec)  # bf16 before the gather
-
-  def prepare(p, specs):
-    if cast_early:
-      p = _to_bf16(p)
-    if plan.fsdp:
-      p = _gather(p, specs)
-    return _to_bf16(p) if plan.bf16 else p
-
-  def cast_batch(batch):
-    return _to_bf16(batch) if plan.bf16 else batch
+  prepare, cast_batch, cast_early = _prepare_fns(plan)
 
   if program.layers is None:
     def flat_loss(params, batch):
@@ -145,8 +135,53 @@ def _weighted_piece(vg: Callable, weight_fn: Callable | None) -> Callable:
   return piece
 
 
+def _prepare_fns(plan: Plan):
+  """(prepare, cast_batch, cast_early): the casts and FSDP gathers `make_loss` applies."""
+  cast_early = plan.bf16 and (not plan.fsdp or plan.low_prec)  # bf16 before the gather
+
+  def prepare(p, specs):
+    if cast_early:
+      p = _to_bf16(p)
+    if plan.fsdp:
+      p = _gather(p, specs)
+    return _to_bf16(p) if plan.bf16 else p
+
+  def cast_batch(batch):
+    return _to_bf16(batch) if plan.bf16 else batch
+  return prepare, cast_batch, cast_early
+
+
+def _one_f_one_b(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
+  """`(params, batch) -> (loss, grads)` of a 1F1B pipeline (`passes.pipeline_1f1b`): the
+  schedule computes the blocks' and post's gradients itself; pre's, and those of the casts
+  and gathers, come from their vjps."""
+  from passes import pipeline_1f1b
+  layers = program.layers
+  prepare, cast_batch, cast_early = _prepare_fns(plan)
+  # The schedule gathers and casts the stage's weights once (compute_dtype): the block takes
+  # them as they come.
+  block_fn = layers.block
+  if plan.recompute != "none":
+    block_fn = jax.checkpoint(block_fn, policy=_POLICIES[plan.recompute])
+
+  def loss_and_grad(params, batch):
+    batch = cast_batch(batch)
+    (h, aux), pre_vjp = jax.vjp(lambda p: layers.pre(prepare(p, pspecs[PRE]), batch), params[PRE])
+    post_params, post_vjp = jax.vjp(lambda p: prepare(p, pspecs[POST]), params[POST])
+    loss, (d_blocks, d_post, d_h, d_aux) = pipeline_1f1b.loss_and_grad_1f1b(
+        block_fn, layers.post, program.loss_weight, params[BLOCKS], post_params, h, aux, batch,
+        num_stages=plan.pp, num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS],
+        gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None,
+        compute_dtype=jnp.bfloat16 if plan.bf16 else None)
+    grads = {PRE: pre_vjp((d_h.astype(h.dtype), d_aux))[0], BLOCKS: d_blocks, POST: post_vjp(d_post)[0]}
+    return loss.astype(jnp.float32), jax.lax.with_sharding_constraint(grads, pspecs)
+  return loss_and_grad
+
+
 def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
   """`(params, batch) -> (loss, grads)`; micro-batches accumulate gradients when pp == 1."""
+  if plan.pp > 1 and plan.schedule == "1f1b":
+    return _one_f_one_b(program, plan, pspecs, mesh)
   loss = make_loss(program, plan, pspecs, mesh)
   vg = jax.value_and_grad(loss)
 

@@ -85,16 +85,14 @@ def test_two_pipeline_stages_through_the_training_step(llama):
 def test_tensor_parallel_groups_are_found_and_match_torch(llama):
   # The folded batched matmuls keep the heads visible, so the dataflow analysis finds the
   # Megatron groups of the bridged block (q/k/v -> o and gate/up -> down).
-  from passes.evaluate import derive_program_tp, tp_dims
-  from passes.step import build_step
+  from passes.build import build_plan, derive_program_tp
   bridged, torch_loss, torch_grads = llama
   rules = derive_program_tp(bridged.program)
   columns = sorted(sorted(p for p, _ in g.columns) for g in rules.groups)
   assert columns == [["mlp.gate_proj.weight", "mlp.up_proj.weight"],
                      ["self_attn.k_proj.weight", "self_attn.q_proj.weight", "self_attn.v_proj.weight"]]
   plan = Plan(dp=2, tp=2, fsdp=True)
-  built = build_step(bridged.program, plan, jax.devices()[:plan.num_devices],
-                     tp_dims(bridged.program, rules, plan.tp))
+  built = build_plan(bridged.program, plan, jax.devices()[:plan.num_devices], rules)
   loss, grads = built.loss_and_grad(bridged.program.params, bridged.program.batch)
   _check(bridged, loss, grads, torch_loss, torch_grads)
 

@@ -27,10 +27,27 @@ def probe():
 
 def test_unconstrained_search_prefers_plain_data_parallel(probe):
   prog, res = probe
-  assert res.plan.dp == 8 and res.plan.mb == 1 and res.plan.recompute == "none"
+  assert res.plan.dp == 8 and not res.plan.fsdp
   assert res.chosen.verdict == "chosen" and res.chosen.memory_bytes > 0 and res.chosen.est_time_s > 0
-  # siblings that only save memory are pruned with a reason, never silently dropped
-  assert any(c.verdict == "pruned" and "fits with less recomputation" in c.reason for c in res.candidates)
+  assert res.chosen.figures == "compiled"
+  # the screen compiles the few that can win; the others are pruned with a reason, never dropped
+  compiled = [c for c in res.candidates if c.compiled]
+  predicted = [c for c in res.candidates if c.figures == "predicted"]
+  assert len(compiled) < len(predicted) and len(compiled) + len(predicted) == len(res.candidates) - 1
+  assert all(c.verdict == "pruned" and "cannot beat" in c.reason and c.est_time_s > 0 for c in predicted)
+
+
+def test_the_screened_search_chooses_what_compiling_every_candidate_chooses(probe):
+  prog, res = probe
+  full = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False, exhaustive=True))
+  assert all(c.compiled for c in full.candidates if c.verdict != "skipped")
+  assert full.plan == res.plan
+  assert sum(c.compiled for c in res.candidates) <= len(full.candidates) // 3
+  # the screen's predictions of the candidates it did not compile, against XLA's figures
+  compiled = {c.plan: c for c in full.candidates}
+  for c in res.candidates:
+    if c.figures == "predicted":
+      assert 0.5 < c.est_time_s / compiled[c.plan].est_time_s < 2, c
 
 
 def test_budget_forces_a_memory_saving_plan(probe, caplog):
@@ -63,15 +80,17 @@ def test_impossible_budget_raises_out_of_memory(probe):
   msg = str(e.value)
   assert "OUT_OF_MEMORY" in msg and "smallest candidate" in msg and "more devices" in msg
   assert "un-pin tensor_parallel=1" in msg and "smaller global batch (now 64)" in msg
-  # variants that only shrink temporaries are not compiled when the persistent state alone is over
-  assert any(r.verdict == "pruned" and "alone, over the budget" in r.reason for r in e.value.results)
+  # what the exact training state alone puts over the budget is not compiled
+  assert any(r.verdict == "over_budget" and r.figures == "predicted" and "alone need" in r.reason
+             and r.reason.startswith("not compiled:") for r in e.value.results)
+  assert any(r.compiled for r in e.value.results)  # "nothing fits" rests on XLA's analysis too
 
 
 def test_failing_candidate_is_recorded_and_skipped(probe, tmp_path):
   prog, _ = probe
 
   def flaky(program, plan, devices, dims):
-    if plan.fsdp:
+    if not plan.fsdp:  # the screen's favourites: the search goes on to the next contenders
       raise RuntimeError("injected compiler crash")
     return compile_plan(program, plan, devices, dims)
 
@@ -79,7 +98,7 @@ def test_failing_candidate_is_recorded_and_skipped(probe, tmp_path):
   res = search(prog, options=OPTS, compile_fn=flaky,
                settings=SearchSettings(capacity_bytes=2**40, progress=False, detailed_log=2,
                                        dump_path=str(dump)))
-  assert not res.plan.fsdp
+  assert res.plan.fsdp
   failed = [c for c in res.candidates if c.verdict == COMPILE_ERROR]
   assert failed and all("injected compiler crash" in c.reason for c in failed)
   doc = json.loads(dump.read_text())

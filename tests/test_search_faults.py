@@ -14,6 +14,8 @@ from passes.space import SearchOptions
 from tests.models import mlp_program
 
 OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, distribute_parameter=False)
+# Every candidate compiled: the faults below hit candidates the screen might not send to XLA.
+EXHAUSTIVE = dict(capacity_bytes=2**30, progress=False, exhaustive=True)
 SLOW_S = 5.0  # how long an injected slow compile sleeps; the limit below is far shorter
 
 
@@ -41,8 +43,7 @@ def real_compile():
 @pytest.fixture(scope="module")
 def clean(program, real_compile):
   """The search without faults (its ranking tells which plan should win when others fail)."""
-  return search(program, options=OPTS, settings=SearchSettings(capacity_bytes=2**30, progress=False),
-                compile_fn=real_compile)
+  return search(program, options=OPTS, settings=SearchSettings(**EXHAUSTIVE), compile_fn=real_compile)
 
 
 def _faulty(real_compile, fail_tp, slow_tp, interrupt_tp=None):
@@ -61,7 +62,7 @@ def test_crash_and_timeout_are_rejections_with_reasons_and_a_plan_is_still_chose
     program, real_compile, clean, monkeypatch):
   assert clean.plan.tp == 4  # the winner without faults; the faults below take it away
   monkeypatch.setenv("AP_XLA_COMPILE_TIMEOUT", "0.5")
-  settings = env.read_settings(capacity_bytes=2**30, progress=False)
+  settings = env.read_settings(**EXHAUSTIVE)
   assert settings.compile_timeout_s == 0.5
   t0 = time.perf_counter()
   res = search(program, options=OPTS, settings=settings,
@@ -97,8 +98,7 @@ def _no_files_left(d):
 
 def test_keyboard_interrupt_in_a_compile_propagates_and_leaves_no_dump(program, real_compile, tmp_path):
   dump = tmp_path / "logs" / "autoconfig_log.dump"
-  settings = SearchSettings(capacity_bytes=2**30, progress=False, detailed_log=2, dump_path=str(dump),
-                            compile_timeout_s=30)
+  settings = SearchSettings(**EXHAUSTIVE, detailed_log=2, dump_path=str(dump), compile_timeout_s=30)
   t0 = time.perf_counter()
   with pytest.raises(KeyboardInterrupt):
     search(program, options=OPTS, settings=settings,
@@ -134,7 +134,7 @@ def test_interrupt_while_writing_the_plan_cache_leaves_no_partial_entry(program,
   from passes import search as search_mod
   # The cache stores only results of the real compile step; the memoized one stands for it here.
   monkeypatch.setattr(plan_cache, "compile_plan", real_compile)
-  settings = SearchSettings(capacity_bytes=2**30, progress=False)
+  settings = SearchSettings(**EXHAUSTIVE)
   with pytest.raises(KeyboardInterrupt):  # during the search: nothing is written
     plan_cache.cached_search(program, options=OPTS, settings=settings, directory=str(tmp_path),
                              enabled=True, compile_fn=_faulty(real_compile, None, None, interrupt_tp=2))

@@ -1,4 +1,5 @@
 """The candidate space: enumeration, pins and option validation."""
+import dataclasses
 import pytest
 
 from passes.plan import Plan
@@ -125,8 +126,9 @@ def test_plan_repr_reads_like_the_log():
   assert Plan.from_dict(Plan(dp=4, bf16=True).to_dict()) == Plan(dp=4, bf16=True)
   with pytest.raises(ValueError, match="Plan.mb must be a positive int"):
     Plan(mb=0)
-  with pytest.raises(ValueError, match=r"Plan.schedule must be one of \('gpipe',\), got '1f1b'"):
-    Plan(pp=2, schedule="1f1b")
+  with pytest.raises(ValueError, match=r"Plan.schedule must be one of \('gpipe', '1f1b'\), got 'zb'"):
+    Plan(pp=2, schedule="zb")
+  assert repr(Plan(dp=2, pp=4, mb=8, schedule="1f1b")).endswith("schedule='1f1b')")
   with pytest.raises(TypeError, match="Plan.fsdp must be True or False, got 1"):
     Plan(fsdp=1)
 
@@ -137,3 +139,19 @@ def test_fewer_micro_batches_than_stages_is_left_out_unless_pinned():
   assert any("micro-batches < 4 stages" in s.reason for s in skipped)
   plans, _ = enumerate_plans(8, 32, 8, SearchOptions(num_micro_batches=2, mixed_precision=False))
   assert any(p.pp == 4 and p.mb == 2 for p in plans)
+
+
+def test_auto_micro_batches_go_beyond_16_where_the_batch_allows():
+  plans, _ = enumerate_plans(8, 256, 0, SearchOptions(mixed_precision=False, tensor_parallel=1))
+  assert {p.mb for p in plans if p.dp == 8} == {1, 2, 4, 8, 16, 32}  # 256 / 8 = 32 examples per shard
+  assert all(256 % (p.dp * p.mb) == 0 for p in plans)
+  plans, _ = enumerate_plans(2, 256, 0, SearchOptions(mixed_precision=False, tensor_parallel=1))
+  assert {p.mb for p in plans} == {1, 2, 4, 8, 16, 32, 64, 128}
+
+
+def test_1f1b_is_offered_where_it_keeps_fewer_micro_batches_than_gpipe():
+  plans, _ = enumerate_plans(8, 64, 8, SearchOptions(mixed_precision=False, tensor_parallel=1))
+  one = [p for p in plans if p.schedule == "1f1b"]
+  assert one and all(p.pp > 1 and p.mb > p.pp + 1 for p in one)
+  assert {p.mb for p in one if p.pp == 2} == {4, 8, 16}  # dp=4: 16 examples per data shard
+  assert all(dataclasses.replace(p, schedule="gpipe") in plans for p in one)  # beside GPipe, not instead

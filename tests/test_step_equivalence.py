@@ -21,9 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from passes.evaluate import derive_program_tp, tp_dims
+from passes.build import build_plan, derive_program_tp
 from passes.plan import Plan
-from passes.step import build_step
 from tests.models import MLP, assert_tree_close, data_reductions, llama_tiny, mlp_program
 
 CASES = {
@@ -40,6 +39,9 @@ CASES = {
     "pipeline": Plan(pp=2, dp=4, mb=2),
     "pipeline_tp_fsdp_recompute": Plan(pp=2, dp=2, tp=2, mb=4, fsdp=True, recompute="full"),
     "pipeline_4_stages": Plan(pp=4, dp=2, mb=4, recompute="dots"),
+    "1f1b": Plan(pp=2, dp=4, mb=4, schedule="1f1b"),
+    "1f1b_tp_fsdp_recompute": Plan(pp=2, dp=2, tp=2, mb=8, fsdp=True, recompute="full", schedule="1f1b"),
+    "1f1b_bf16_low_prec": Plan(pp=2, dp=4, mb=4, fsdp=True, bf16=True, low_prec=True, schedule="1f1b"),
 }
 
 
@@ -67,7 +69,7 @@ def llama():
 
 
 def run_plan(prog, plan, rules, steps=3):
-  built = build_step(prog, plan, jax.devices(), tp_dims(prog, rules, plan.tp))
+  built = build_plan(prog, plan, jax.devices(), rules)
   params = jax.device_put(prog.params, built.param_shardings)
   batch = jax.device_put(prog.batch, built.batch_shardings)
   loss, grads = built.loss_and_grad(params, batch)

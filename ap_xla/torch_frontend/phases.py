@@ -26,12 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ap_xla import config, env, plan_cache
 from passes import search as search_pass
-from passes.evaluate import derive_program_tp, tp_dims
+from passes.build import build_plan
 from passes.plan import Plan
 from passes.program import Program
 from passes.report import OutOfMemoryError, SearchResult, out_of_memory_message
 from passes.space import SearchOptions, divisors
-from passes.step import BuiltStep, _MeshBound, build_step
+from passes.step import BuiltStep, _MeshBound
 
 log = logging.getLogger("ap_xla")
 PyTree = Any
@@ -100,8 +100,7 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
     labels: pytree like the params; each leaf the index of its torch param group.
     report: the search report, kept for inspection.
   """
-  rules = derive_program_tp(program.abstract()) if plan.tp > 1 else None
-  built = build_step(program, plan, devices, tp_dims(program, rules, plan.tp))
+  built = build_plan(program, plan, devices)
   pshard, oshard = built.param_shardings, built.opt_shardings
   replicated = NamedSharding(built.mesh, P())
   tx = program.optimizer

@@ -1,0 +1,306 @@
+"""The analytic screen: every candidate's per-device memory and step time, without compiling.
+
+Each figure is a sum of named terms, each its own function of the plan, the program's traced
+parts (`passes.screen_profile`) and the hardware profile, so that a target can refine one
+term without touching the others (e.g. a GPU's fused attention replacing the attention-score
+temporaries, or a topology-aware cost for one collective kind):
+
+memory (per device)
+  params, opt_state, batch   the training state under the plan's shardings: exact, from the
+                             shapes and partition specs (XLA's argument + output - alias)
+  grads                      the gradient buffers (one set; two under gradient accumulation:
+                             the accumulator and the micro-batch's)
+  saved_activations          the residuals each block keeps for its backward under the plan's
+                             recomputation policy (read from the block's jaxpr), times the
+                             layers a device runs, times the micro-batches in flight (all
+                             M + S - 1 ticks of the GPipe schedule), plus pre and post's
+  gathered_params            under FSDP, gathered block weights the backward keeps (no
+                             recomputation), or a pipeline stage's gathered weights
+  temporaries                the largest working set of any part's forward or backward (the
+                             attention scores, the logits), `temporaries_detail` says which
+
+time: the step's kernels (matmuls with their FLOPs, fused elementwise kernels with the bytes
+they move) and collectives per mesh axis, costed by the same roofline and collective model
+as a compiled candidate (`passes.cost_model.estimate_step_time`), so screened and compiled
+estimates are comparable term by term.
+
+The raw screen is then corrected by `Calibration`, fitted per program on the candidates the
+search compiled; its stated error is what the search's bounds use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from passes import cost_model, shardings as sh
+from passes.hardware import HardwareProfile
+from passes.hlo_stats import HloStats
+from passes.plan import DATA, Plan
+from passes.program import BLOCKS, POST, PRE, Program
+from passes.screen_profile import ProgramProfile
+from passes.screen_time import TimeTerms, nbytes
+
+PyTree = Any
+MEMORY_TERMS = ("params", "opt_state", "batch", "grads", "saved_activations", "gathered_params", "temporaries")
+
+
+@dataclasses.dataclass(frozen=True)
+class Screened:
+  """A candidate's screened figures (per device), before calibration.
+
+  Attributes:
+    plan: the candidate.
+    memory: bytes per term (MEMORY_TERMS).
+    cost: the time estimate (`cost_model.CostEstimate`) of the screened kernels and collectives.
+    temporaries_detail: what the largest temporary is (part and value).
+    flops: FLOPs per device per step (matmuls and convolutions, recomputation included).
+  """
+  plan: Plan
+  memory: dict
+  cost: cost_model.CostEstimate
+  temporaries_detail: str = ""
+  flops: float = 0.0
+
+  @property
+  def memory_bytes(self) -> int:
+    return int(sum(self.memory.values()))
+
+  @property
+  def persistent_bytes(self) -> int:
+    """Parameters, optimizer state and batch: what no recomputation or micro-batching shrinks."""
+    return int(self.memory["params"] + self.memory["opt_state"] + self.memory["batch"])
+
+  @property
+  def est_time_s(self) -> float:
+    return self.cost.total_s
+
+
+
+_nbytes = nbytes
+
+
+def _shards(spec, mesh: dict) -> int:
+  n = 1
+  for a in tuple(spec):
+    for ax in (a if isinstance(a, tuple) else (a,)):
+      if ax is not None:
+        n *= mesh[ax]
+  return n
+
+
+class Screen(TimeTerms):
+  """Screens plans of one program on one device set and hardware profile.
+
+  Args:
+    program: the abstract program.
+    profile: its traced parts.
+    num_devices, platform: the devices planned for.
+    tp_dims_fn: `tp -> per-leaf 'tensor' dims` (as `passes.build.tp_dims`).
+
+  Example:
+    >>> s = Screen(program, ProgramProfile(program, dims), 8, 'cpu', dims)
+    >>> s(Plan(dp=8), get_profile('cpu')).memory_bytes
+  """
+
+  def __init__(self, program: Program, profile: ProgramProfile, num_devices: int, platform: str,
+               tp_dims_fn: Callable):
+    self.program = program
+    self.profile = profile
+    self.num_devices = num_devices
+    self.platform = platform
+    self.tp_dims_fn = tp_dims_fn
+    self.opt_shapes = jax.eval_shape(program.optimizer.init, program.params)
+    self._opt = None
+    self._spec_cache: dict = {}
+    self._roof_cache: dict = {}
+
+  # ---------------------------------------------------------------- exact terms
+
+  def _specs(self, plan: Plan):
+    """(param specs, optimizer-state specs) of the plan, shared by plans of the same layout."""
+    key = (plan.dp, plan.tp, plan.pp, plan.fsdp)
+    if key not in self._spec_cache:
+      pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
+      self._spec_cache[key] = (pspecs, sh.opt_state_specs(self.opt_shapes, self.program.params, pspecs))
+    return self._spec_cache[key]
+
+  def state(self, plan: Plan) -> dict:
+    """Per-device bytes of params, optimizer state and batch under the plan's specs (exact)."""
+    mesh = plan.mesh_shape
+    pspecs, ospecs = self._specs(plan)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    pleaves, specs = jax.tree.leaves(self.program.params), jax.tree.leaves(pspecs, is_leaf=is_spec)
+    params = sum(_nbytes(x) // _shards(s, mesh) for x, s in zip(pleaves, specs))
+    opt = sum(_nbytes(x) // _shards(s, mesh) for x, s in
+              zip(jax.tree.leaves(self.opt_shapes), jax.tree.leaves(ospecs, is_leaf=is_spec)))
+    batch = sum(_nbytes(x) // plan.dp for x in jax.tree.leaves(self.program.batch))
+    # The step's outputs that do not alias a donated input: the loss, and the output tuple's
+    # table of pointers (8 bytes per output).
+    outputs = len(pleaves) + len(jax.tree.leaves(self.opt_shapes)) + 1
+    return {"params": params, "opt_state": opt, "batch": batch + 4 + 8 * outputs}
+
+  def leaf_layout(self, plan: Plan) -> list[tuple[str, int, int, int]]:
+    """Per parameter leaf: (part, per-device bytes as stored, bytes gathered over 'data',
+    bytes per layer for a block leaf)."""
+    mesh = plan.mesh_shape
+    pspecs, _ = self._specs(plan)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    out = []
+    flat = jax.tree_util.tree_leaves_with_path(self.program.params)
+    for (path, x), s in zip(flat, jax.tree.leaves(pspecs, is_leaf=is_spec)):
+      part = str(getattr(path[0], "key", "")) if self.program.layers is not None else PRE
+      stored = _nbytes(x) // _shards(s, mesh)
+      gathered = _nbytes(x) // _shards(sh.without_axis(s, DATA), mesh)
+      out.append((part, stored, gathered, x.shape[0] if part == BLOCKS else 1))
+    return out
+
+  # ---------------------------------------------------------------- parts
+
+  @staticmethod
+  def pipeline_shape(plan: Plan) -> tuple[int, int]:
+    """(ticks, micro-batches whose residuals a stage keeps at once) of a pipelined plan:
+    GPipe in SPMD runs M + S - 1 ticks and keeps every tick's residuals; 1F1B runs
+    M + 2S - 1 ticks, each with a forward and a backward, and keeps 2S
+    (`passes.pipeline_1f1b`)."""
+    S, M = plan.pp, plan.mb
+    if plan.schedule == "1f1b":
+      return M + 2 * S - 1, 2 * S
+    return M + S - 1, M + S - 1
+
+  def micro_batch(self, plan: Plan) -> int:
+    return self.program.batch_size // (plan.dp * plan.mb)
+
+  def _parts(self, plan: Plan):
+    """(pre, block, post, runs of pre/post, runs of a block) per device per step."""
+    p = self.profile
+    b = self.micro_batch(plan)
+    L = self.program.num_blocks
+    if self.program.layers is None:
+      flat = p.part(PRE, "none", plan.bf16, b, plan.tp)
+      return flat, None, None, plan.mb, 0
+    if plan.pp > 1:
+      local = self.program.batch_size // plan.dp
+      ticks, _ = self.pipeline_shape(plan)
+      if plan.schedule == "1f1b":  # post runs per micro-batch, on every tick (`_edge_runs`)
+        post_b = b
+      else:  # post runs once, on the output scattered over the stages when it divides
+        post_b = local // plan.pp if local % plan.pp == 0 else local
+      pre = p.part(PRE, "none", plan.bf16, local, plan.tp)
+      post = p.part(POST, "none", plan.bf16, post_b, plan.tp)
+      blk = p.part(BLOCKS, plan.recompute, plan.bf16, b, plan.tp)
+      return pre, blk, post, 1, ticks * (L // plan.pp)
+    pre = p.part(PRE, "none", plan.bf16, b, plan.tp)
+    post = p.part(POST, "none", plan.bf16, b, plan.tp)
+    blk = p.part(BLOCKS, plan.recompute, plan.bf16, b, plan.tp)
+    return pre, blk, post, plan.mb, plan.mb * L
+
+  # ---------------------------------------------------------------- memory terms
+
+  def grads(self, plan: Plan, state: dict, layout) -> float:
+    """Gradient buffers: one set sharded like the parameters; two under gradient accumulation
+    (the accumulator and the micro-batch's); a pipeline's below."""
+    if plan.pp > 1:
+      # A stage accumulates its blocks' gradients through the loops: in the output buffer
+      # when they are replicated over 'data'; whole beside it under FSDP, which then
+      # reduce-scatters them (and XLA:CPU keeps one more whole copy for that, measured on
+      # the search_time model). 1F1B computes each tick's gradient beside the accumulator.
+      stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
+      whole = (2 if plan.fsdp and plan.dp > 1 else 0) + (1 if plan.schedule == "1f1b" else 0)
+      return state["params"] + whole * stage
+    return (2 if plan.mb > 1 else 1) * state["params"]
+
+  def saved_activations(self, plan: Plan, pre, blk, post) -> float:
+    """Residuals kept for the backward: per layer x layers x micro-batches in flight."""
+    if blk is None:
+      return pre.saved + pre.saved_input
+    per_layer = blk.saved + blk.saved_input
+    L = self.program.num_blocks
+    if plan.pp > 1:
+      layers = L // plan.pp
+      in_flight = self.pipeline_shape(plan)[1]
+    else:
+      layers, in_flight = L, 1
+    edges = pre.saved + pre.saved_input + post.saved + post.saved_input
+    if plan.pp > 1 and plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
+      edges += 2 * plan.mb * self._hidden_bytes(plan)
+    return in_flight * layers * per_layer + blk.saved_invariant + edges
+
+  def gathered_params(self, plan: Plan, blk, layout) -> float:
+    """Gathered weights held beyond the stored shards: under FSDP the block weights the
+    backward keeps (no recomputation: every layer's; else the layer at work); a pipeline
+    stage's block weights as its loops use them (gathered once per step)."""
+    blocks = [(s, g, n) for part, s, g, n in layout if part == BLOCKS]
+    if blk is None:
+      return 0.0
+    if not plan.fsdp or plan.dp == 1:
+      return 0.0
+    if plan.pp > 1:
+      return sum(g for _, g, _ in blocks)
+    layer = sum(g / n for _, g, n in blocks)
+    return self.program.num_blocks * layer if plan.recompute == "none" else layer
+
+  def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
+    """The largest working set of one part (its forward or backward), and what it is; under
+    FSDP plus one layer's whole gradient before its reduction. In a pipeline the blocks'
+    working set (per micro-batch, inside the stage loops) comes on top of pre's and post's
+    (on the whole local batch, outside them)."""
+    best, what = 0.0, ""
+    for name, c in (("pre", pre), ("block", blk), ("post", post)):
+      if c is None or (plan.pp > 1 and c is blk):
+        continue
+      for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
+        if jc.peak_bytes > best:
+          best, what = jc.peak_bytes, f"{name} {phase}: largest {jc.largest[1]}"
+    if plan.pp > 1 and blk is not None:
+      best += blk.temp_peak
+      what += f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
+    if plan.fsdp and plan.dp > 1 and plan.pp == 1 and blk is not None:
+      best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
+    return best, what
+
+  # ---------------------------------------------------------------- the screen
+
+  def __call__(self, plan: Plan, hw: HardwareProfile) -> Screened:
+    state = self.state(plan)
+    layout = self.leaf_layout(plan)
+    pre, blk, post, runs_edge, runs_block = self._parts(plan)
+    temp, what = self.temporaries(plan, pre, blk, post, layout)
+    memory = dict(state, grads=self.grads(plan, state, layout),
+                  saved_activations=self.saved_activations(plan, pre, blk, post),
+                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp)
+    ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
+    colls = self.collectives(plan, pre, blk, post, runs_edge, runs_block, layout)
+    flops = sum(k.flops * k.count for k in ks)
+    stats = HloStats(int(flops), tuple(colls), 0, kernels=tuple(ks))
+    return Screened(plan, memory, cost_model.estimate_step_time(stats, plan, hw), what, flops)
+
+
+def build_screen(program: Program, devices, tp_rules, plans) -> Screen:
+  """The screen of `program` on `devices` for `plans` (traces the micro-batch sizes they use).
+
+  Args:
+    program: the abstract program.
+    devices: the devices planned for.
+    tp_rules: the program's TP rules (None: no tensor parallelism).
+    plans: the candidates to screen (their micro-batch sizes are traced).
+  """
+  from passes.build import tp_dims
+  dims_cache: dict = {}
+
+  def dims(tp):
+    if tp not in dims_cache:
+      dims_cache[tp] = tp_dims(program, tp_rules, tp)
+    return dims_cache[tp]
+
+  profile = ProgramProfile(program, dims)
+  B = program.batch_size
+  sizes = {B // (p.dp * p.mb) for p in plans}
+  for p in plans:
+    if p.pp > 1:
+      local = B // p.dp
+      sizes |= {local, local // p.pp if local % p.pp == 0 else local}
+  profile.set_sizes(sizes)
+  devices = tuple(devices)
+  return Screen(program, profile, len(devices), devices[0].platform, dims)
