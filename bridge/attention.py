@@ -21,6 +21,7 @@ values of all keys there.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -131,11 +132,12 @@ def _causal_and(mask, is_causal: bool, start, rows: int, keys: int):
   return causal if mask is None else mask & causal
 
 
-def _rows(x, start, size: int):
-  """Rows [start, start + size) of a [b, n, T, S] mask/bias (one row broadcasts to all)."""
-  if x is None or x.shape[2] == 1:
+def _rows(x, start, size: int, axis: int = 2):
+  """Rows [start, start + size) along `axis` of a [b, n, T, S] mask/bias (one row broadcasts
+  to all) or of a [b, T, n, h] query (axis 1)."""
+  if x is None or x.shape[axis] == 1 or (isinstance(start, int) and start == 0 and size == x.shape[axis]):
     return x
-  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
 def _live_rows(mask, is_causal: bool, start, rows: int, keys: int, dtype):
@@ -153,9 +155,8 @@ def _chunked_xla(query, key, value, mask, bias, is_causal, scale, query_chunk):
 
   # Saves nothing of a chunk (its backward recomputes the scores); q, k, v, mask and bias
   # are its inputs, invariant over the chunks, so they are saved once, not per chunk.
-  @jax.checkpoint
   def one(start, q, k, v, m, bias_):
-    q = jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=1)
+    q = _rows(q, start, chunk, axis=1)
     given = m is not None  # a causal mask alone leaves every query row a key
     m = _causal_and(_rows(m, start, chunk), is_causal, start, chunk, s)
     out = jax.nn.dot_product_attention(q, k, v, bias=_rows(bias_, start, chunk), mask=m,
@@ -164,8 +165,9 @@ def _chunked_xla(query, key, value, mask, bias, is_causal, scale, query_chunk):
       return out
     return out * _live_rows(m, False, 0, chunk, s, out.dtype)  # torch's zeros, not jax's mean
 
-  if num == 1:
-    return one(0, query, key, value, mask, bias)
+  if num == 1:  # the start is a constant: the recomputation repeats the forward exactly (CSE'd)
+    return jax.checkpoint(functools.partial(one, 0))(query, key, value, mask, bias)
+  one = jax.checkpoint(one)
   pad = num * chunk - t  # the padded query rows are computed and dropped
   if pad:
     query = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))

@@ -151,10 +151,16 @@ class _Eqn:
 
 
 class _Program:
-  """Fresh ids for the values of inlined jaxprs."""
+  """Fresh ids for the values of inlined jaxprs.
+
+  Lowering inlines calls and then does what XLA does before it forms kernels: an equation
+  that repeats one already lowered (same primitive, parameters and inputs: a nested
+  `jax.checkpoint` recomputing what its caller computed) reuses its outputs (CSE), and
+  equations whose outputs nothing uses are dropped (DCE)."""
 
   def __init__(self):
     self.avals: list = []
+    self._seen: dict = {}  # CSE key -> output ids
 
   def new(self, aval) -> int:
     self.avals.append(aval)
@@ -179,11 +185,44 @@ class _Program:
         for v, o in zip(e.outvars, outs):
           env[v] = o if o is not None else self.new(v.aval)
         continue
+      key = _cse_key(e, ins)
+      if key is not None and key in self._seen:
+        for v, o in zip(e.outvars, self._seen[key]):
+          env[v] = o
+        continue
       outs = [self.new(v.aval) for v in e.outvars]
       for v, o in zip(e.outvars, outs):
         env[v] = o
+      if key is not None:
+        self._seen[key] = outs
       eqns.append(_Eqn(e.primitive.name, e.params, ins, outs))
     return eqns, [get(v) for v in jaxpr.outvars]
+
+
+def _cse_key(e, ins):
+  """A hashable identity of equation `e` on the value ids `ins`, or None where it must not be
+  merged (effects, randomness, unhashable parameters)."""
+  if e.effects or "random" in e.primitive.name or "rng" in e.primitive.name:
+    return None
+  lits = tuple(repr(a.val) if isinstance(a, Literal) else None for a in e.invars)
+  try:
+    key = (e.primitive.name, tuple(sorted(e.params.items())), tuple(ins), lits,
+           tuple(str(v.aval) for v in e.outvars))
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _dce(eqns: list, outs: Sequence) -> list:
+  """`eqns` without those whose outputs reach no output (in reverse order, so chains go)."""
+  used = {o for o in outs if o is not None}
+  kept = []
+  for e in reversed(eqns):
+    if any(o in used for o in e.outs):
+      kept.append(e)
+      used.update(a for a in e.ins if a is not None)
+  return kept[::-1]
 
 
 class _Walker:
@@ -219,6 +258,7 @@ class _Walker:
     top = args is not None  # the caller's function (nested loops and calls get fresh ids)
     args = args if args is not None else [self.prog.new(v.aval) for v in jaxpr.invars]
     eqns, outs = self.prog.lower(jaxpr, args)
+    eqns = _dce(eqns, outs)
     dims: dict = dict(zip(args, in_dims))
     consumers: dict[int, list] = {}
     for e in eqns:

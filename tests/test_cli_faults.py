@@ -4,6 +4,7 @@ line naming the flag, variable or path (never a traceback)."""
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,7 +76,7 @@ def test_ctrl_c_during_compilation_exits_130_every_time():
   for status, dt, err in runs:
     assert status == 130, f"exit status {status} (negative: killed by that signal)\n{err[-3000:]}"
     last = err.rstrip().splitlines()[-1]
-    assert last == "ap-xla plan: interrupted; nothing was stored for the searches under way.", err[-3000:]
+    assert last == "ap-xla plan: interrupted; nothing was stored for the search under way.", err[-3000:]
     assert "Traceback" not in err and "FATAL" not in err
     # the interrupt came while a candidate compiled (the case that aborted), not after
     assert "Complete compilation" not in err, err[-3000:]
@@ -86,9 +87,11 @@ def test_every_compile_timing_out_says_so_and_exits_1_every_time(tmp_path):
   runs = _in_parallel(lambda i: _run(str(tmp_path / str(i)), *TINY, AP_XLA_COMPILE_TIMEOUT="0.001"), RUNS)
   for r in runs:
     assert r.returncode == 1, f"exit status {r.returncode}\n{r.stderr[-3000:]}"
-    assert "NO_CANDIDATE_COMPILED: none of the 2 candidates tried compiled (2 timed out" in r.stderr
+    m = re.search(r"NO_CANDIDATE_COMPILED: none of the (\d+) candidates tried compiled \((\d+) timed out", r.stderr)
+    assert m and int(m[1]) == int(m[2]) >= 2, r.stderr[-3000:]
     assert "AP_XLA_COMPILE_TIMEOUT" in r.stderr and "OUT_OF_MEMORY" not in r.stderr
-    assert r.stdout.count("compile exceeded the 0.001 s limit") == 2  # the table of what was tried
+    # the table of what was tried: each of them, with its reason
+    assert r.stdout.count("compile exceeded the 0.001 s limit") == int(m[1])
 
 
 def _profile(tmp, text):

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import gpu_check  # noqa: E402
+from passes.evaluate import ANALYSIS_OPTIONS  # noqa: E402
 import gpu_report  # noqa: E402
 
 
@@ -48,8 +49,8 @@ def test_dry_run_figures(dry_run):
   f = doc["plan_quality"]["figures"]
   # The toy is sized like the GPU model: its replicated step is over budget, so the search
   # recomputes or micro-batches, and pruned plans are run too (searched alone).
-  assert f["replicated"] == {"verdict": "over_budget", "predicted_bytes": f["replicated"]["predicted_bytes"],
-                             "fits": False}
+  # (over the budget as compiled, or left uncompiled by the screen: over it or unable to win)
+  assert f["replicated"]["verdict"] in ("over_budget", "pruned") and f["replicated"]["fits"] is False
   assert f["verdicts"].get("pruned", 0) >= 1 and f["verdicts"]["chosen"] == 1
   assert {r["source"] for r in f["rows"]} == {"search", "pruned, searched alone"}
   assert f["measured"] == f["planned"] >= 3
@@ -60,7 +61,11 @@ def test_dry_run_figures(dry_run):
     assert r["measured_s"] > 0 and r["measured_bytes"] > 0
     assert r["child_predicted_bytes"] == r["predicted_bytes"]  # the run compiled what the search judged
     hits, requests = map(int, r["cache"].split("/"))
-    assert hits >= 1, r  # ... and found it in the persistent cache the search filled
+    assert requests >= 1, r
+    if not ANALYSIS_OPTIONS.get("cpu"):
+      # ... and found it in the persistent cache the search filled (on CPU the search's analysis
+      # compiles use their own options, LLVM -O0: another cache key than the run's compile)
+      assert hits >= 1, r
   o = doc["oneliner"]["figures"]
   assert o["tokens_per_s_ratio"] > 0 and o["ap"]["search_s"] > 0
   # The same script, model, seed and batches both ways, bf16 both ways: the first losses agree.
