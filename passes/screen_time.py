@@ -56,7 +56,7 @@ class TimeTerms:
     """
     key = (id(part), hw.name, dtype)
     if key not in self._roof_cache:
-      peak, bw = hw.peak(dtype), hw.memory_bandwidth
+      peak, bw = hw.matmul_rate(dtype), hw.streaming_bandwidth
       fc = bc = fm = bm = 0.0
       for f, b, n in part.kernels:
         if f / peak >= b / bw:

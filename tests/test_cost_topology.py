@@ -1,0 +1,96 @@
+"""Collectives costed by topology: NVLink in a node, one NIC per device between nodes, the ring
+NCCL runs (one per NIC) or its tree for all-reduce, and overlap of the 'data' collectives."""
+import pytest
+
+from passes.cost_model import collective_time, estimate_step_time, on_data_axis, topology
+from passes.hardware import HardwareProfile, get_profile
+from passes.hlo_stats import Collective, HloStats, Kernel
+from passes.plan import Plan
+
+GIB = 2**30
+# Round figures: 8 per node, links 400 GB/s, NICs 50 GB/s, no efficiencies.
+NODE8 = HardwareProfile(name="node8", memory_bytes=80 * 10**9, peak_flops={"f32": 1e12, "bf16": 1e15},
+                        memory_bandwidth=2e12, link_bandwidth=400e9, link_latency=0.0, devices_per_node=8,
+                        inter_node_bandwidth=50e9)
+
+
+def test_topology_counts_members_per_node_and_nodes():
+  assert topology(Collective("all-gather", 1, 16), 8) == (8, 2)
+  assert topology(Collective("all-gather", 1, 4), 8) == (4, 1)
+  assert topology(Collective("all-gather", 1, 8, groups=((0, 8, 16, 24, 32, 40, 48, 56),)), 8) == (1, 8)
+  assert topology(Collective("all-gather", 1, 4, groups=((0, 1, 8, 9),)), 8) == (2, 2)
+
+
+def test_ring_over_two_nodes_of_8_pays_the_nic_on_one_hop_in_8():
+  b = GIB
+  one_node = collective_time(Collective("all-gather", b, 8), NODE8)
+  two_nodes = collective_time(Collective("all-gather", b, 16), NODE8)
+  assert one_node == pytest.approx(7 / 8 * b / 400e9)
+  # 8 rings, one per NIC: each device sends 1/8 of its traffic over its 50 GB/s NIC (the
+  # bound: 1/(8 x 50e9) > 7/(8 x 400e9)), not all of it.
+  assert two_nodes == pytest.approx(15 / 16 * b / (8 * 50e9))
+  assert one_node < two_nodes < 1.25 * one_node
+  # Charging the whole group at one NIC, the old model, would be 8x this.
+  assert 15 / 16 * b / 50e9 > 7 * two_nodes
+
+
+def test_ring_with_one_device_per_node_runs_on_the_nics_alone():
+  c = Collective("all-gather", GIB, 8, groups=(tuple(range(0, 64, 8)),))
+  assert collective_time(c, NODE8) == pytest.approx(7 / 8 * GIB / 50e9)
+  rs = Collective("reduce-scatter", GIB // 8, 8, groups=(tuple(range(0, 64, 8)),))
+  assert collective_time(rs, NODE8) == pytest.approx(7 / 8 * GIB / 50e9)
+
+
+def test_all_reduce_across_nodes_takes_the_faster_of_ring_and_tree():
+  b = GIB
+  tree = lambda nic: 2 * 7 / 8 * b / 400e9 + 2 * (1 / 2) * (b / 8) / nic
+  ring = lambda nic: 2 * 15 / 16 * b / (8 * nic)
+  ar = collective_time(Collective("all-reduce", b, 16), NODE8)
+  assert ring(50e9) < tree(50e9) and ar == pytest.approx(ring(50e9))
+  slow_nics = HardwareProfile(**dict(NODE8.__dict__, inter_node_bandwidth=12.5e9))
+  ar = collective_time(Collective("all-reduce", b, 16), slow_nics)
+  assert tree(12.5e9) < ring(12.5e9) and ar == pytest.approx(tree(12.5e9))
+
+
+def test_reduce_scatter_costs_half_an_all_reduce():
+  n, shard = 64, GIB // 64
+  rs = collective_time(Collective("reduce-scatter", shard, n), NODE8)
+  ar = collective_time(Collective("all-reduce", GIB, n), NODE8)
+  assert rs == pytest.approx(63 / 64 * GIB / (8 * 50e9)) and ar >= 1.7 * rs
+
+
+def test_latency_and_efficiencies():
+  hw = get_profile("h100")
+  assert hw.matmul_rate("bf16") == pytest.approx(989.4e12 * 0.803)
+  tiny = Collective("all-gather", 8, 16)
+  # 15 steps, 2 of 16 hops cross nodes: the network's latency there, NVLink's elsewhere
+  assert collective_time(tiny, hw) == pytest.approx(15 * (14 / 16 * 2.8e-6 + 2 / 16 * 15e-6), rel=1e-3)
+  big = Collective("all-gather", GIB, 8)
+  assert collective_time(big, hw) == pytest.approx(7 / 8 * GIB / (450e9 * 0.82) + 7 * 2.8e-6)
+
+
+def test_on_data_axis_reads_the_mesh_coordinates():
+  plan = Plan(dp=4, tp=2)
+  data = Collective("reduce-scatter", 1, 4, groups=((0, 2, 4, 6), (1, 3, 5, 7)))
+  tensor = Collective("all-reduce", 1, 2, groups=((0, 1), (2, 3), (4, 5), (6, 7)))
+  assert on_data_axis(data, plan) and not on_data_axis(tensor, plan)
+  assert not on_data_axis(Collective("all-reduce", 1, 4, groups=((0, 1, 2, 3), (4, 5, 6, 7))), plan)
+  assert on_data_axis(Collective("all-gather", 1, 4), plan)
+
+
+def test_data_collectives_hide_under_compute_tensor_ones_do_not():
+  hw = HardwareProfile(**dict(NODE8.__dict__, overlaps_collectives=True))
+  plan = Plan(dp=4, tp=2, bf16=True)
+  gather = Collective("all-gather", 4 * 10**9, 4, count=1, groups=((0, 2, 4, 6), (1, 3, 5, 7)))
+  tp_ar = Collective("all-reduce", 10**9, 2, count=1, groups=((0, 1), (2, 3), (4, 5), (6, 7)))
+  t_g, t_ar = collective_time(gather, hw), collective_time(tp_ar, hw)
+  compute = HloStats(flops=10**13, kernels=(Kernel(10**13, 0, 1),))  # 10 ms at 1e15
+  stats = HloStats(flops=10**13, collectives=(gather, tp_ar), kernels=compute.kernels)
+  est = estimate_step_time(stats, plan, hw)
+  assert t_g < 0.01 and est.hidden_s == pytest.approx(t_g)
+  assert est.total_s == pytest.approx(0.01 + t_ar)
+  # more data traffic than compute: only the excess shows
+  slow = HloStats(flops=10**12, collectives=(gather,), kernels=(Kernel(10**12, 0, 1),))
+  assert estimate_step_time(slow, plan, hw).total_s == pytest.approx(max(1e-3, t_g))
+  # a profile without overlap (XLA:CPU) charges everything
+  assert estimate_step_time(stats, plan, NODE8).total_s == pytest.approx(0.01 + t_g + t_ar)
