@@ -42,6 +42,9 @@ class HardwareProfile:
     inter_node_efficiency: the same for inter_node_bandwidth.
     overlaps_collectives: whether the target's compiler runs the collectives over 'data' (FSDP
       gathers, gradient reductions) asynchronously beside compute (XLA:GPU does; XLA:CPU does not).
+    flash_attention: whether the target runs fused attention as one flash kernel (cuDNN on
+      GPUs): the analytic screen charges its FLOPs (the causal mask's skipped half left out)
+      and not the score arrays the CPU's chunked path moves through memory.
   """
   name: str
   memory_bytes: int
@@ -57,6 +60,7 @@ class HardwareProfile:
   link_efficiency: float = 1.0
   inter_node_efficiency: float = 1.0
   overlaps_collectives: bool = False
+  flash_attention: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "peak_flops", dict(self.peak_flops))  # a private copy: frozen means frozen
@@ -95,7 +99,8 @@ class HardwareProfile:
             f"inter_node={self.inter_node_bandwidth / 1e9:.4g} GB/s"
             + (f", network latency={self.network_latency * 1e6:.3g} us" if self.inter_node_latency is not None else "")
             + (f", efficiency {' '.join(eff)}" if eff else "")
-            + (", async data collectives" if self.overlaps_collectives else "") + ")")
+            + (", async data collectives" if self.overlaps_collectives else "")
+            + (", flash attention" if self.flash_attention else "") + ")")
 
 
 def _is_number(v) -> bool:
@@ -104,7 +109,7 @@ def _is_number(v) -> bool:
 
 # Fields a profile saved before they existed may lack: they default to "no correction".
 OPTIONAL_FIELDS = ("inter_node_latency", "matmul_efficiency", "memory_efficiency", "link_efficiency",
-                   "inter_node_efficiency", "overlaps_collectives")
+                   "inter_node_efficiency", "overlaps_collectives", "flash_attention")
 
 
 def _check_fields(d: dict) -> list[str]:
@@ -129,8 +134,9 @@ def _check_fields(d: dict) -> list[str]:
     if not _is_number(v) or not 0 < v <= 1.5:
       problems.append(f"field {f!r} must be a number in (0, 1.5] (a share of the peak; above 1 only where "
                       f"a switch reduces in the network), got {v!r}")
-  if not isinstance(d.get("overlaps_collectives", False), bool):
-    problems.append(f"field 'overlaps_collectives' must be true or false, got {d['overlaps_collectives']!r}")
+  for f in ("overlaps_collectives", "flash_attention"):
+    if not isinstance(d.get(f, False), bool):
+      problems.append(f"field {f!r} must be true or false, got {d[f]!r}")
   flops = d.get("peak_flops")
   if not isinstance(flops, dict):
     problems.append(f"field 'peak_flops' must be a mapping dtype -> FLOP/s, got {flops!r}")
@@ -167,7 +173,7 @@ def _check_fields(d: dict) -> list[str]:
 # - memory_efficiency: 1 (no published figure cited; calibration measures it on a lent GPU).
 # The 'cpu' profile keeps the old model: simulated devices with no efficiencies and no overlap.
 _GPU = dict(link_latency=2.8e-6, inter_node_latency=15e-6, link_efficiency=0.82, inter_node_efficiency=0.83,
-            overlaps_collectives=True, devices_per_node=8)
+            overlaps_collectives=True, flash_attention=True, devices_per_node=8)
 _BUILTINS = {
     "h100": HardwareProfile(  # H100 SXM5 80GB
         name="h100", memory_bytes=80 * 10**9,

@@ -54,11 +54,17 @@ class TimeTerms:
     bound the same way), so the step's estimate is unchanged and a plan sums two kernels
     per part instead of hundreds.
     """
-    key = (id(part), hw.name, dtype)
+    key = (id(part), hw.name, dtype, hw.flash_attention)
     if key not in self._roof_cache:
       peak, bw = hw.matmul_rate(dtype), hw.streaming_bandwidth
       fc = bc = fm = bm = 0.0
-      for f, b, n in part.kernels:
+      flash = dict(zip(part.attention, part.attention_causal)) if hw.flash_attention else {}
+      for i, (f, b, n) in enumerate(part.kernels):
+        if i in flash:
+          # One flash kernel in place of the chunked path's: its FLOPs (a causal one skips the
+          # masked half the chunks compute), no score arrays through memory.
+          fc += (0.5 if flash[i] else 1.0) * f * n
+          continue
         if f / peak >= b / bw:
           fc, bc = fc + f * n, bc + b * n
         else:
