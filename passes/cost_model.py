@@ -11,8 +11,13 @@ The model, per device:
   comm    = sum over collectives of count x their time on the topology (below);
   hidden  = on a profile whose compiler overlaps them (`overlaps_collectives`, XLA:GPU's
             latency-hiding scheduler), the collectives over the 'data' axis (FSDP gathers,
-            gradient reduce-scatters and all-reduces), up to the compute they run beside;
-            tensor-parallel all-reduces stay on the critical path;
+            gradient reduce-scatters and all-reduces) but one run of each (the first layer's
+            gather, the last one's reduction have no compute to hide under), up to the
+            compute they run beside; tensor-parallel all-reduces stay on the critical path;
+  flash   = on a profile with `flash_attention`, the fused attention's kernels
+            (`HloStats.attention`) leave compute and come back as one flash kernel: their
+            FLOPs (half when causal: the chunked path computes the masked blocks too) at
+            `attention_rate`, no score traffic;
   total   = compute + (comm - hidden) - overlap x min(compute - hidden, comm - hidden).
 
 Why the traffic term: what separates plans of equal FLOPs is mostly memory-bound work. Data
@@ -219,13 +224,21 @@ def estimate_step_time(stats: HloStats, plan: Plan, hw: HardwareProfile, dtype_f
     memory_bound = math.fsum(k.count * max(0.0, k.bytes / bw - k.flops / peak) for k in stats.kernels)
   else:
     compute, memory_bound = flops_s, 0.0
+  if hw.flash_attention and stats.attention:
+    # The fused attention's kernels (a chunked path on the CPU: score blocks through memory,
+    # every block computed) run on the target as one flash kernel: its FLOPs, the masked half
+    # skipped when causal, at the rate flash kernels reach (`HardwareProfile.attention_rate`).
+    compute -= math.fsum(k.count * max(k.flops / peak, k.bytes / bw) for k in stats.attention)
+    memory_bound -= math.fsum(k.count * max(0.0, k.bytes / bw - k.flops / peak) for k in stats.attention)
+    att_flops = math.fsum(k.count * k.flops for k in stats.attention) * (0.5 if stats.attention_causal else 1.0)
+    compute += att_flops / hw.attention_rate(dtype)
   by_kind: dict[str, float] = {}
   hideable = 0.0
   for c in stats.collectives:
-    t = c.count * collective_time(c, hw)
-    by_kind[c.kind] = by_kind.get(c.kind, 0.0) + t
+    one = collective_time(c, hw)
+    by_kind[c.kind] = by_kind.get(c.kind, 0.0) + c.count * one
     if hw.overlaps_collectives and on_data_axis(c, plan):
-      hideable += t
+      hideable += (c.count - 1) * one  # the first gather, the last reduction: nothing to hide under
   comm = math.fsum(by_kind.values())
   # XLA:GPU's latency-hiding scheduler runs the 'data' collectives asynchronously beside the
   # layers' compute: only what outlasts the compute shows; the rest (TP's all-reduces, whose

@@ -45,6 +45,7 @@ class HardwareProfile:
     flash_attention: whether the target runs fused attention as one flash kernel (cuDNN on
       GPUs): the analytic screen charges its FLOPs (the causal mask's skipped half left out)
       and not the score arrays the CPU's chunked path moves through memory.
+    attention_efficiency: the share of peak_flops flash attention (forward and backward) reaches.
   """
   name: str
   memory_bytes: int
@@ -61,6 +62,7 @@ class HardwareProfile:
   inter_node_efficiency: float = 1.0
   overlaps_collectives: bool = False
   flash_attention: bool = False
+  attention_efficiency: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "peak_flops", dict(self.peak_flops))  # a private copy: frozen means frozen
@@ -74,6 +76,10 @@ class HardwareProfile:
       raise ValueError(f"Hardware profile {self.name!r} has no peak FLOP/s for dtype {dtype!r}; "
                        f"it has {sorted(self.peak_flops)}.")
     return self.peak_flops[dtype]
+
+  def attention_rate(self, dtype: str) -> float:
+    """FLOP/s a flash-attention kernel reaches: `peak(dtype)` x `attention_efficiency`."""
+    return self.peak(dtype) * self.attention_efficiency
 
   def matmul_rate(self, dtype: str) -> float:
     """FLOP/s large matmuls reach: `peak(dtype)` x `matmul_efficiency`."""
@@ -91,7 +97,8 @@ class HardwareProfile:
 
   def __repr__(self):
     flops = ", ".join(f"{k}={v / 1e12:.4g} TFLOP/s" for k, v in sorted(self.peak_flops.items()))
-    eff = [f"{f}={getattr(self, f + '_efficiency'):.3g}" for f in ("matmul", "memory", "link", "inter_node")
+    eff = [f"{f}={getattr(self, f + '_efficiency'):.3g}" for f in ("matmul", "memory", "link", "inter_node",
+                                                                      "attention")
            if getattr(self, f + "_efficiency") != 1.0]
     return (f"HardwareProfile(name={self.name!r}, memory={self.memory_bytes / 1e9:.4g} GB, {flops}, "
             f"mem_bw={self.memory_bandwidth / 1e9:.4g} GB/s, link={self.link_bandwidth / 1e9:.4g} GB/s, "
@@ -109,7 +116,8 @@ def _is_number(v) -> bool:
 
 # Fields a profile saved before they existed may lack: they default to "no correction".
 OPTIONAL_FIELDS = ("inter_node_latency", "matmul_efficiency", "memory_efficiency", "link_efficiency",
-                   "inter_node_efficiency", "overlaps_collectives", "flash_attention")
+                   "inter_node_efficiency", "overlaps_collectives", "flash_attention",
+                   "attention_efficiency")
 
 
 def _check_fields(d: dict) -> list[str]:
@@ -129,7 +137,8 @@ def _check_fields(d: dict) -> list[str]:
   v = d.get("inter_node_latency")
   if v is not None and (not _is_number(v) or v < 0):
     problems.append(f"field 'inter_node_latency' must be a non-negative number or null, got {v!r}")
-  for f in ("matmul_efficiency", "memory_efficiency", "link_efficiency", "inter_node_efficiency"):
+  for f in ("matmul_efficiency", "memory_efficiency", "link_efficiency", "inter_node_efficiency",
+            "attention_efficiency"):
     v = d.get(f, 1.0)
     if not _is_number(v) or not 0 < v <= 1.5:
       problems.append(f"field {f!r} must be a number in (0, 1.5] (a share of the peak; above 1 only where "
@@ -170,6 +179,12 @@ def _check_fields(d: dict) -> list[str]:
 #   8 bytes over 2 x 8 H100 (p5) 69.12 us = 2 x 7 steps in the node (39 us) + 2 steps between
 #   nodes: 15 us a step; 2 GiB over 2 x 8 A100 (p4de, 4 x 100 Gb/s per node) 51.4 ms against
 #   42.9 ms for each GPU's 1/8 share over its 6.25 GB/s of network: 0.83.
+# - attention_efficiency: flash attention's share of the bf16 peak. A100: FlashAttention-2
+#   (Dao, arXiv:2307.08691, abstract) "reaching 50-73% of the theoretical maximum FLOPs/s on
+#   A100": the middle, 0.615. H100/H200 (ap-xla runs cuDNN's flash kernel, of FlashAttention-3's
+#   class): FlashAttention-3 (arXiv:2407.08608, abstract) "FlashAttention-2 achieving only 35%
+#   utilization on the H100 GPU", FlashAttention-3 "speedup on H100 GPUs by 1.5-2.0x": the
+#   middle of 0.525-0.70, 0.61.
 # - memory_efficiency: 1 (no published figure cited; calibration measures it on a lent GPU).
 # The 'cpu' profile keeps the old model: simulated devices with no efficiencies and no overlap.
 _GPU = dict(link_latency=2.8e-6, inter_node_latency=15e-6, link_efficiency=0.82, inter_node_efficiency=0.83,
@@ -179,17 +194,17 @@ _BUILTINS = {
         name="h100", memory_bytes=80 * 10**9,
         peak_flops={"f32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "f16": 989.4e12, "fp8": 1978.9e12},
         memory_bandwidth=3.35e12, link_bandwidth=450e9, inter_node_bandwidth=50e9, matmul_efficiency=0.803,
-        **_GPU),
+        attention_efficiency=0.61, **_GPU),
     "h200": HardwareProfile(  # H200 SXM 141GB: H100's compute with HBM3e
         name="h200", memory_bytes=141 * 10**9,
         peak_flops={"f32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "f16": 989.4e12, "fp8": 1978.9e12},
         memory_bandwidth=4.8e12, link_bandwidth=450e9, inter_node_bandwidth=50e9, matmul_efficiency=0.838,
-        **_GPU),
+        attention_efficiency=0.61, **_GPU),
     "a100": HardwareProfile(  # A100 SXM4 80GB
         name="a100", memory_bytes=80 * 10**9,
         peak_flops={"f32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "f16": 312e12},
         memory_bandwidth=2.039e12, link_bandwidth=300e9, inter_node_bandwidth=25e9, matmul_efficiency=0.869,
-        **_GPU),
+        attention_efficiency=0.615, **_GPU),
     # Simulated host devices share a few cores and one memory: deliberately low figures. The
     # 4 GiB memory is a placeholder; set the real budget with AP_XLA_DEVICE_MEMORY.
     "cpu": HardwareProfile(

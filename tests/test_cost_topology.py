@@ -81,16 +81,31 @@ def test_on_data_axis_reads_the_mesh_coordinates():
 def test_data_collectives_hide_under_compute_tensor_ones_do_not():
   hw = HardwareProfile(**dict(NODE8.__dict__, overlaps_collectives=True))
   plan = Plan(dp=4, tp=2, bf16=True)
-  gather = Collective("all-gather", 4 * 10**9, 4, count=1, groups=((0, 2, 4, 6), (1, 3, 5, 7)))
+  # a gather per layer of 4 layers: the first one has nothing to hide under
+  gather = Collective("all-gather", 10**9, 4, count=4, groups=((0, 2, 4, 6), (1, 3, 5, 7)))
   tp_ar = Collective("all-reduce", 10**9, 2, count=1, groups=((0, 1), (2, 3), (4, 5), (6, 7)))
   t_g, t_ar = collective_time(gather, hw), collective_time(tp_ar, hw)
   compute = HloStats(flops=10**13, kernels=(Kernel(10**13, 0, 1),))  # 10 ms at 1e15
   stats = HloStats(flops=10**13, collectives=(gather, tp_ar), kernels=compute.kernels)
   est = estimate_step_time(stats, plan, hw)
-  assert t_g < 0.01 and est.hidden_s == pytest.approx(t_g)
-  assert est.total_s == pytest.approx(0.01 + t_ar)
+  assert 4 * t_g < 0.01 and est.hidden_s == pytest.approx(3 * t_g)
+  assert est.total_s == pytest.approx(0.01 + t_g + t_ar)
   # more data traffic than compute: only the excess shows
   slow = HloStats(flops=10**12, collectives=(gather,), kernels=(Kernel(10**12, 0, 1),))
-  assert estimate_step_time(slow, plan, hw).total_s == pytest.approx(max(1e-3, t_g))
+  assert estimate_step_time(slow, plan, hw).total_s == pytest.approx(max(1e-3, 3 * t_g) + t_g)
   # a profile without overlap (XLA:CPU) charges everything
-  assert estimate_step_time(stats, plan, NODE8).total_s == pytest.approx(0.01 + t_g + t_ar)
+  assert estimate_step_time(stats, plan, NODE8).total_s == pytest.approx(0.01 + 4 * t_g + t_ar)
+
+
+def test_flash_attention_replaces_the_chunked_kernels():
+  att = (Kernel(4 * 10**12, 10**11, 1),)  # the chunked path: every block computed, scores through memory
+  other = (Kernel(10**13, 0, 1),)
+  stats = HloStats(flops=14 * 10**12, kernels=other + att, attention=att, attention_causal=True)
+  plan = Plan(bf16=True)
+  flash = HardwareProfile(**dict(NODE8.__dict__, flash_attention=True, attention_efficiency=0.5))
+  plain = estimate_step_time(stats, plan, NODE8)
+  assert plain.compute_s == pytest.approx(0.01 + max(4e-3, 1e11 / 2e12))
+  # half the FLOPs (causal) at half the peak, no traffic
+  assert estimate_step_time(stats, plan, flash).compute_s == pytest.approx(0.01 + 2e12 / 0.5e15)
+  full = HloStats(flops=14 * 10**12, kernels=other + att, attention=att, attention_causal=False)
+  assert estimate_step_time(full, plan, flash).compute_s == pytest.approx(0.01 + 4e12 / 0.5e15)
