@@ -55,10 +55,14 @@ def load_rows(path: str = DATA, eligible_only: bool = True) -> list[dict]:
   return [r for r in rows if r["benchmark_eligible"] or not eligible_only]
 
 
+# H100 NVL dense bf16 peak (NVIDIA H100 datasheet: 1,671 TFLOPS with sparsity, halved).
+H100_NVL_BF16 = 835.5e12
+
+
 def hardware_for(row: dict):
   """The row's GPU profile: the built-in one of its class; torchtitan's H100s (96 GB HBM2e at
-  2.4 TB/s, stated in the source) are the h100 profile with that memory and bandwidth (their
-  500 W peak is stated only as 'between SXM and NVL': the SXM peak is kept, an upper bound)."""
+  2.4 TB/s, stated in the source) are the h100 profile with that memory and bandwidth, and a
+  peak in the middle of the range the source states ('between SXM and NVL' at 500 W)."""
   from passes.hardware import get_profile
   gpu = row["hardware"]["gpu_class"]
   if gpu == "A100-80GB":
@@ -66,7 +70,10 @@ def hardware_for(row: dict):
   if gpu == "H100-80GB":
     return get_profile("h100")
   if gpu == "H100-96GB-HBM2e-500W":
-    return get_profile("h100", name="h100-96gb-hbm2e", memory_bytes=96 * 10**9, memory_bandwidth=2.4e12)
+    sxm = get_profile("h100")
+    mid = (sxm.peak("bf16") + H100_NVL_BF16) / 2
+    return get_profile("h100", name="h100-96gb-hbm2e", memory_bytes=96 * 10**9, memory_bandwidth=2.4e12,
+                       peak_flops=dict(sxm.peak_flops, bf16=mid, f16=mid))
   raise ValueError(f"row {row['id']!r}: no profile for GPU class {gpu!r}")
 
 
@@ -175,6 +182,12 @@ def summary(results: list[dict], pairs: list[dict], wall_s: float) -> dict:
           "worst_abs_log2": round(max(errs), 3) if errs else None,
           "median_ratio": round(statistics.median(r["predicted_s"] / r["measured_s"] for r in results), 3)
           if results else None,
+          "median_ratio_by_source": {src: round(statistics.median(r["predicted_s"] / r["measured_s"] for r in results
+                                                                   if r["source"] == src), 3)
+                                     for src in sorted({r["source"] for r in results})},
+          "median_abs_log2_eager_only": round(statistics.median(
+              abs(r["log2"]) for r in results if not any("torch.compile" in n for n in r["notes"])), 3)
+          if any(not any("torch.compile" in n for n in r["notes"]) for r in results) else None,
           "feasible": sum(r["feasible"] for r in results),
           "feasible_or_within_10pct": sum(r["near_feasible"] for r in results),
           "pairs": len(pairs), "ordering_violations": sum(p["verdict"] == "violation" for p in pairs),
