@@ -68,6 +68,12 @@ _PRESETS = {
     "llama2-13b": (LLAMA, _llama(32000, 5120, 40, 40, 13824, seq=4096)),
     "llama2-70b": (LLAMA, _llama(32000, 8192, 80, 64, 28672, kv=8, seq=4096)),
     "llama3-8b": (LLAMA, _llama(128256, 4096, 32, 32, 14336, kv=8, theta=500000.0, seq=8192)),
+    # Llama 3.1 8B has Llama 3 8B's shapes (its rope scaling changes no shape or FLOP).
+    "llama3.1-8b": (LLAMA, _llama(128256, 4096, 32, 32, 14336, kv=8, theta=500000.0, seq=8192)),
+    "llama3-70b": (LLAMA, _llama(128256, 8192, 80, 64, 28672, kv=8, theta=500000.0, seq=8192)),
+    # No Llama 2 34B was released: this is the Llama 2 architecture at CodeLlama-34B's sizes with
+    # Llama 2's 32000-token vocabulary, the '34b' of IBM's fms-fsdp (fms_fsdp/utils/config_utils.py).
+    "llama2-34b-arch": (LLAMA, _llama(32000, 8192, 48, 64, 22016, kv=8, seq=4096)),
     "mistral-7b": (LLAMA, _llama(32000, 4096, 32, 32, 14336, kv=8, seq=8192)),
     "gpt2-tiny": (GPT2, _gpt2(64, 4, 4, vocab=256, positions=64)),
     "gpt2": (GPT2, _gpt2(768, 12, 12)),

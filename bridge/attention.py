@@ -28,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from passes.hlo_stats import ATTENTION_SCOPE, CAUSAL_SUFFIX
+
 log = logging.getLogger("bridge")
 
 # Query rows per chunk of the XLA path: scores of [B, N, QUERY_CHUNK, S] at a time.
@@ -147,7 +149,17 @@ def _live_rows(mask, is_causal: bool, start, rows: int, keys: int, dtype):
 
 
 def _chunked_xla(query, key, value, mask, bias, is_causal, scale, query_chunk):
-  """jax.nn.dot_product_attention('xla') over query chunks, each recomputed in the backward."""
+  """jax.nn.dot_product_attention('xla') over query chunks, each recomputed in the backward.
+
+  Runs under the name scope `passes.hlo_stats.ATTENTION_SCOPE`: a cost model for a GPU target
+  planned on CPU devices charges its kernels as the flash attention the GPU runs instead.
+  """
+  scope = ATTENTION_SCOPE + (CAUSAL_SUFFIX if is_causal else "")
+  with jax.named_scope(scope):
+    return _chunks(query, key, value, mask, bias, is_causal, scale, query_chunk)
+
+
+def _chunks(query, key, value, mask, bias, is_causal, scale, query_chunk):
   b, t, n, h = query.shape
   s = key.shape[1]
   chunk = min(t, max(1, int(QUERY_CHUNK if query_chunk is None else query_chunk)))

@@ -1,7 +1,9 @@
 """Hardware profiles: the per-device figures the cost model and the memory budget use.
 
-Built-in profiles come from vendors' published datasheet figures (dense, no sparsity).
-Figures that no datasheet gives (link latency) are effective estimates and say so.
+Built-in profiles come from vendors' published datasheet figures (dense, no sparsity); what
+a datasheet does not give (what share of a peak real kernels reach, latencies) comes from
+published microbenchmarks, cited at `_BUILTINS`, or from calibration on the devices
+(`passes.calibrate`, whose measured figures are achievable rates: efficiencies 1).
 """
 from __future__ import annotations
 
@@ -29,9 +31,21 @@ class HardwareProfile:
     peak_flops: dense peak FLOP/s per dtype name; at least 'f32' and 'bf16'.
     memory_bandwidth: device memory bandwidth (B/s).
     link_bandwidth: collective bandwidth within a node, per device, one direction (B/s).
-    link_latency: effective latency of one step of a ring collective (s).
+    link_latency: effective latency of one step of a collective within a node (s).
     devices_per_node: devices sharing the fast links.
-    inter_node_bandwidth: bandwidth per device for groups spanning nodes, one direction (B/s).
+    inter_node_bandwidth: network bandwidth per device, one direction (B/s): one NIC per
+      device, as on H100/A100 clusters (a node's NICs together carry devices_per_node times it).
+    inter_node_latency: latency of one step of a collective between nodes (s); None: link_latency.
+    matmul_efficiency: the share of peak_flops large matmuls reach (1: the peak is a measured rate).
+    memory_efficiency: the share of memory_bandwidth streaming kernels reach.
+    link_efficiency: the share of link_bandwidth a large collective's bus bandwidth reaches.
+    inter_node_efficiency: the same for inter_node_bandwidth.
+    overlaps_collectives: whether the target's compiler runs the collectives over 'data' (FSDP
+      gathers, gradient reductions) asynchronously beside compute (XLA:GPU does; XLA:CPU does not).
+    flash_attention: whether the target runs fused attention as one flash kernel (cuDNN on
+      GPUs): the analytic screen charges its FLOPs (the causal mask's skipped half left out)
+      and not the score arrays the CPU's chunked path moves through memory.
+    attention_efficiency: the share of peak_flops flash attention (forward and backward) reaches.
   """
   name: str
   memory_bytes: int
@@ -41,6 +55,14 @@ class HardwareProfile:
   link_latency: float
   devices_per_node: int
   inter_node_bandwidth: float
+  inter_node_latency: float | None = None
+  matmul_efficiency: float = 1.0
+  memory_efficiency: float = 1.0
+  link_efficiency: float = 1.0
+  inter_node_efficiency: float = 1.0
+  overlaps_collectives: bool = False
+  flash_attention: bool = False
+  attention_efficiency: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "peak_flops", dict(self.peak_flops))  # a private copy: frozen means frozen
@@ -55,16 +77,47 @@ class HardwareProfile:
                        f"it has {sorted(self.peak_flops)}.")
     return self.peak_flops[dtype]
 
+  def attention_rate(self, dtype: str) -> float:
+    """FLOP/s a flash-attention kernel reaches: `peak(dtype)` x `attention_efficiency`."""
+    return self.peak(dtype) * self.attention_efficiency
+
+  def matmul_rate(self, dtype: str) -> float:
+    """FLOP/s large matmuls reach: `peak(dtype)` x `matmul_efficiency`."""
+    return self.peak(dtype) * self.matmul_efficiency
+
+  @property
+  def streaming_bandwidth(self) -> float:
+    """Bytes/s streaming kernels reach: `memory_bandwidth` x `memory_efficiency`."""
+    return self.memory_bandwidth * self.memory_efficiency
+
+  @property
+  def network_latency(self) -> float:
+    """Latency of one step between nodes (`inter_node_latency`, else `link_latency`)."""
+    return self.link_latency if self.inter_node_latency is None else self.inter_node_latency
+
   def __repr__(self):
     flops = ", ".join(f"{k}={v / 1e12:.4g} TFLOP/s" for k, v in sorted(self.peak_flops.items()))
+    eff = [f"{f}={getattr(self, f + '_efficiency'):.3g}" for f in ("matmul", "memory", "link", "inter_node",
+                                                                      "attention")
+           if getattr(self, f + "_efficiency") != 1.0]
     return (f"HardwareProfile(name={self.name!r}, memory={self.memory_bytes / 1e9:.4g} GB, {flops}, "
             f"mem_bw={self.memory_bandwidth / 1e9:.4g} GB/s, link={self.link_bandwidth / 1e9:.4g} GB/s, "
             f"latency={self.link_latency * 1e6:.3g} us, {self.devices_per_node}/node, "
-            f"inter_node={self.inter_node_bandwidth / 1e9:.4g} GB/s)")
+            f"inter_node={self.inter_node_bandwidth / 1e9:.4g} GB/s"
+            + (f", network latency={self.network_latency * 1e6:.3g} us" if self.inter_node_latency is not None else "")
+            + (f", efficiency {' '.join(eff)}" if eff else "")
+            + (", async data collectives" if self.overlaps_collectives else "")
+            + (", flash attention" if self.flash_attention else "") + ")")
 
 
 def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Fields a profile saved before they existed may lack: they default to "no correction".
+OPTIONAL_FIELDS = ("inter_node_latency", "matmul_efficiency", "memory_efficiency", "link_efficiency",
+                   "inter_node_efficiency", "overlaps_collectives", "flash_attention",
+                   "attention_efficiency")
 
 
 def _check_fields(d: dict) -> list[str]:
@@ -81,6 +134,18 @@ def _check_fields(d: dict) -> list[str]:
     if not _is_number(v) or v < 0 or (v == 0 and f != "link_latency"):
       what = "a non-negative number" if f == "link_latency" else "a positive number"
       problems.append(f"field {f!r} must be {what}, got {v!r}")
+  v = d.get("inter_node_latency")
+  if v is not None and (not _is_number(v) or v < 0):
+    problems.append(f"field 'inter_node_latency' must be a non-negative number or null, got {v!r}")
+  for f in ("matmul_efficiency", "memory_efficiency", "link_efficiency", "inter_node_efficiency",
+            "attention_efficiency"):
+    v = d.get(f, 1.0)
+    if not _is_number(v) or not 0 < v <= 1.5:
+      problems.append(f"field {f!r} must be a number in (0, 1.5] (a share of the peak; above 1 only where "
+                      f"a switch reduces in the network), got {v!r}")
+  for f in ("overlaps_collectives", "flash_attention"):
+    if not isinstance(d.get(f, False), bool):
+      problems.append(f"field {f!r} must be true or false, got {d[f]!r}")
   flops = d.get("peak_flops")
   if not isinstance(flops, dict):
     problems.append(f"field 'peak_flops' must be a mapping dtype -> FLOP/s, got {flops!r}")
@@ -94,27 +159,52 @@ def _check_fields(d: dict) -> list[str]:
   return problems
 
 
-# Datasheet figures. NVLink bandwidth is the datasheet's bidirectional total halved. The
-# inter-node figure is one NIC per GPU as in DGX/HGX systems (NDR 400 Gb/s for Hopper, HDR
-# 200 Gb/s for A100). 'f32' is the CUDA-core FP32 peak: matmuls at precision 'highest' do not
-# use TF32 tensor cores; 'tf32' is listed for callers that allow it. The 5 us latency is an
-# effective per-step NCCL figure, not a datasheet value.
+# Datasheet figures (dense, no sparsity): peak FLOP/s, memory, memory bandwidth; NVLink
+# bandwidth is the datasheet's bidirectional total halved (H100/H200 NVLink 4: 900 GB/s, A100
+# NVLink 3: 600 GB/s); the network is one NIC per GPU as in DGX/HGX systems (DGX H100: eight
+# ConnectX-7 400 Gb/s; DGX A100: eight ConnectX-6 HDR 200 Gb/s). 'f32' is the CUDA-core FP32
+# peak: matmuls at precision 'highest' do not use TF32 tensor cores; 'tf32' is listed for
+# callers that allow it.
+#
+# Published microbenchmarks for what the datasheets do not give:
+# - matmul_efficiency: Maximum Achievable Matmul FLOPS (bf16 torch.matmul, best shape) / peak,
+#   stas00/ml-engineering compute/accelerator/README.md @b9e2972: A100 SXM 271.2/312 = 0.869,
+#   H100 SXM 794.5/989 = 0.803, GH200 (H200-class) 828.6/989 = 0.838.
+# - link_efficiency, link_latency: all-reduce over one node of 8 H200 (NVLink 4, NCCL 2.27),
+#   stas00/ml-engineering network/benchmarks/results/all-reduce-8xH200.md @c53741b: ring bus
+#   bandwidth with NVLink SHARP off 367.61 GB/s of 450 (0.82); 32 KiB-512 KiB take 38-40 us,
+#   the latency of 2 x 7 ring steps: 2.8 us a step. Taken for NVLink 3 too (no A100 sweep found).
+# - inter_node_latency, inter_node_efficiency: nccl-tests all_reduce_perf on two nodes,
+#   aws-samples/awsome-distributed-training micro-benchmarks/nccl-tests/README.md @0162aac:
+#   8 bytes over 2 x 8 H100 (p5) 69.12 us = 2 x 7 steps in the node (39 us) + 2 steps between
+#   nodes: 15 us a step; 2 GiB over 2 x 8 A100 (p4de, 4 x 100 Gb/s per node) 51.4 ms against
+#   42.9 ms for each GPU's 1/8 share over its 6.25 GB/s of network: 0.83.
+# - attention_efficiency: flash attention's share of the bf16 peak. A100: FlashAttention-2
+#   (Dao, arXiv:2307.08691, abstract) "reaching 50-73% of the theoretical maximum FLOPs/s on
+#   A100": the middle, 0.615. H100/H200 (ap-xla runs cuDNN's flash kernel, of FlashAttention-3's
+#   class): FlashAttention-3 (arXiv:2407.08608, abstract) "FlashAttention-2 achieving only 35%
+#   utilization on the H100 GPU", FlashAttention-3 "speedup on H100 GPUs by 1.5-2.0x": the
+#   middle of 0.525-0.70, 0.61.
+# - memory_efficiency: 1 (no published figure cited; calibration measures it on a lent GPU).
+# The 'cpu' profile keeps the old model: simulated devices with no efficiencies and no overlap.
+_GPU = dict(link_latency=2.8e-6, inter_node_latency=15e-6, link_efficiency=0.82, inter_node_efficiency=0.83,
+            overlaps_collectives=True, flash_attention=True, devices_per_node=8)
 _BUILTINS = {
     "h100": HardwareProfile(  # H100 SXM5 80GB
         name="h100", memory_bytes=80 * 10**9,
         peak_flops={"f32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "f16": 989.4e12, "fp8": 1978.9e12},
-        memory_bandwidth=3.35e12, link_bandwidth=450e9, link_latency=5e-6, devices_per_node=8,
-        inter_node_bandwidth=50e9),
+        memory_bandwidth=3.35e12, link_bandwidth=450e9, inter_node_bandwidth=50e9, matmul_efficiency=0.803,
+        attention_efficiency=0.61, **_GPU),
     "h200": HardwareProfile(  # H200 SXM 141GB: H100's compute with HBM3e
         name="h200", memory_bytes=141 * 10**9,
         peak_flops={"f32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "f16": 989.4e12, "fp8": 1978.9e12},
-        memory_bandwidth=4.8e12, link_bandwidth=450e9, link_latency=5e-6, devices_per_node=8,
-        inter_node_bandwidth=50e9),
+        memory_bandwidth=4.8e12, link_bandwidth=450e9, inter_node_bandwidth=50e9, matmul_efficiency=0.838,
+        attention_efficiency=0.61, **_GPU),
     "a100": HardwareProfile(  # A100 SXM4 80GB
         name="a100", memory_bytes=80 * 10**9,
         peak_flops={"f32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "f16": 312e12},
-        memory_bandwidth=2.039e12, link_bandwidth=300e9, link_latency=5e-6, devices_per_node=8,
-        inter_node_bandwidth=25e9),
+        memory_bandwidth=2.039e12, link_bandwidth=300e9, inter_node_bandwidth=25e9, matmul_efficiency=0.869,
+        attention_efficiency=0.615, **_GPU),
     # Simulated host devices share a few cores and one memory: deliberately low figures. The
     # 4 GiB memory is a placeholder; set the real budget with AP_XLA_DEVICE_MEMORY.
     "cpu": HardwareProfile(
@@ -153,6 +243,9 @@ def get_profile(name, /, **overrides) -> HardwareProfile:
 def load_profile(path: str) -> HardwareProfile:
   """Reads a profile from JSON (the fields of HardwareProfile; memory_bytes may be '80GB').
 
+  A file saved before the OPTIONAL_FIELDS existed loads with their defaults (no efficiency
+  correction, no overlap), i.e. as the cost model used it then.
+
   Raises:
     ValueError: unreadable JSON, or a missing, extra, negative or mistyped field; the
       message names the field, the value and the file.
@@ -167,7 +260,7 @@ def load_profile(path: str) -> HardwareProfile:
   if not isinstance(d, dict):
     raise ValueError(f"Hardware profile file {path!r} must hold a JSON object, got {type(d).__name__}.")
   fields = [f.name for f in dataclasses.fields(HardwareProfile)]
-  missing = [f for f in fields if f not in d]
+  missing = [f for f in fields if f not in d and f not in OPTIONAL_FIELDS]
   extra = sorted(set(d) - set(fields))
   problems = [f"missing field {f!r}" for f in missing] + [f"unknown field {f!r} (value {d[f]!r})" for f in extra]
   if isinstance(d.get("memory_bytes"), str):

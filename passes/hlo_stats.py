@@ -27,6 +27,11 @@ import numpy as np
 log = logging.getLogger("ap_xla")
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# The name scope `bridge.attention` runs fused attention under (with CAUSAL_SUFFIX when causal):
+# the kernels it compiles to are reported apart (`HloStats.attention`), so a cost model can
+# charge them as the flash-attention kernel a GPU runs in their place.
+ATTENTION_SCOPE = "fused_attention"
+CAUSAL_SUFFIX = "_causal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +79,16 @@ class HloStats:
     unknown_trip_counts: while loops without a known trip count (their bodies counted once).
     kernels: the kernels a step runs (module doc), equal ones merged with their counts added.
     unfused_dots: the dots run as kernels of their own (`unfused_dots`), every branch's.
+    attention: the kernels of `kernels` run under ATTENTION_SCOPE (part of `kernels` too).
+    attention_causal: whether every such kernel ran under the causal scope.
   """
   flops: int
   collectives: tuple[Collective, ...] = ()
   unknown_trip_counts: int = 0
   kernels: tuple[Kernel, ...] = dataclasses.field(default=(), repr=False)
   unfused_dots: tuple[Dot, ...] = dataclasses.field(default=(), repr=False)
+  attention: tuple[Kernel, ...] = dataclasses.field(default=(), repr=False)
+  attention_causal: bool = False
 
   @property
   def kernel_bytes(self) -> int:
@@ -418,8 +427,8 @@ def analyze_hlo(hlo_text: str) -> HloStats:
     return memo[name]
 
   flops, colls, unknown = visit(entry)
-  kernels, dots = _kernels(comps, entry, shapes, lambda c: visit(c)[0])
-  return HloStats(int(flops), tuple(colls), unknown, kernels, dots)
+  kernels, dots, attention, causal = _kernels(comps, entry, shapes, lambda c: visit(c)[0])
+  return HloStats(int(flops), tuple(colls), unknown, kernels, dots, attention, causal)
 
 
 # ---------------------------------------------------------------- kernels (memory traffic)
@@ -491,12 +500,30 @@ def _dot(ins: _Instr, shapes: dict) -> Dot:
   return Dot(ins.name, m, n, k, max(_dtype_bits(dtype) // 8, 1))
 
 
-def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[tuple[Kernel, ...], tuple[Dot, ...]]:
-  """The step's kernels (module doc), and its unfused dots from every branch."""
+_SCOPE_RE = re.compile(r'op_name="[^"]*\b' + ATTENTION_SCOPE + r'(' + CAUSAL_SUFFIX + r')?\b')
+
+
+def _scope(ins: _Instr, body: list | None = None) -> str | None:
+  """'causal' or 'full' when the instruction (or, for a fusion, any instruction it fuses) ran
+  under ATTENTION_SCOPE; None otherwise. XLA:CPU leaves some fusions without metadata: the
+  scope of the loops they run in is inherited by the caller (`_kernels`)."""
+  for i in [ins] + list(body or ()):
+    m = _SCOPE_RE.search(i.attrs)
+    if m:
+      return "causal" if m.group(1) else "full"
+  return None
+
+
+def _kernels(comps: dict, entry: str, shapes: dict, comp_flops):
+  """The step's kernels (module doc), its unfused dots from every branch, the kernels run
+  under ATTENTION_SCOPE and whether all of those were causal."""
   counts: dict[tuple[int, int], int] = {}
+  attention: dict[tuple[int, int], int] = {}
+  scopes: set = set()
   dots: list[Dot] = []
 
-  def walk(name: str, times: int, into: dict):
+  def walk(name: str, times: int, into: dict, att: str | None = None, att_into: dict | None = None):
+    att_into = attention if att_into is None else att_into
     for ins in comps.get(name, ()):
       op = ins.opcode
       if op in _BOOKKEEPING or op.endswith("-done"):
@@ -504,21 +531,23 @@ def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[tuple[K
       if op == "while":
         body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs).group(1)
         trip = _TRIP_RE.search(ins.attrs)
-        walk(body, times * (int(trip.group(1)) if trip else 1), into)
+        walk(body, times * (int(trip.group(1)) if trip else 1), into, att or _scope(ins), att_into)
         continue
       if op == "conditional":
         runs = []
         for b in _branches(ins):
-          runs.append({})
-          walk(b, times, runs[-1])
+          runs.append(({}, {}))
+          walk(b, times, runs[-1][0], att or _scope(ins), runs[-1][1])
         if runs:  # the costliest branch, as for FLOPs
-          costly = max(runs, key=lambda r: (sum(f * c for (f, _), c in r.items()), sum(b * c for (_, b), c in r.items())))
-          for key, c in costly.items():
-            into[key] = into.get(key, 0) + c
+          costly = max(runs, key=lambda r: (sum(f * c for (f, _), c in r[0].items()),
+                                            sum(b * c for (_, b), c in r[0].items())))
+          for mine, theirs in zip(costly, (into, att_into)):
+            for key, c in mine.items():
+              theirs[key] = theirs.get(key, 0) + c
         continue
       if op == "call":
         for callee in _callees(ins):
-          walk(callee, times, into)
+          walk(callee, times, into, att or _scope(ins), att_into)
         continue
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if kind in COLLECTIVE_KINDS:
@@ -537,9 +566,14 @@ def _kernels(comps: dict, entry: str, shapes: dict, comp_flops) -> tuple[tuple[K
         moved = sum(_operand_bytes(ins, k, shapes) for k in range(len(ins.operands))) + shape_bytes(ins.shape)
       key = (int(flops), int(moved))
       into[key] = into.get(key, 0) + times
+      scope = att or _scope(ins, comps.get(callees[0], []) if op == "fusion" and callees else None)
+      if scope:
+        scopes.add(scope)
+        att_into[key] = att_into.get(key, 0) + times
 
   walk(entry, 1, counts)
-  return tuple(Kernel(f, b, c) for (f, b), c in sorted(counts.items())), tuple(dots)
+  as_kernels = lambda d: tuple(Kernel(f, b, c) for (f, b), c in sorted(d.items()))
+  return as_kernels(counts), tuple(dots), as_kernels(attention), scopes == {"causal"}
 
 
 def unfused_dots(hlo_text: str) -> list[Dot]:

@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from passes.hlo_stats import ATTENTION_SCOPE, CAUSAL_SUFFIX
+
 # Calls whose sub-jaxpr takes exactly the call's operands: inlined.
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call",
           "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
@@ -82,6 +84,9 @@ class JaxprCost:
     out_dims: per output, its dim sharded over 'tensor' (None: replicated).
     out_deps: per output, the bitmask of the input groups it depends on (`analyze`'s groups).
     out_repeats: per output, whether it is the same value as an earlier output.
+    attention: indices into `kernels` of those traced under `ATTENTION_SCOPE` (the fused
+      attention of `bridge.attention`), which a target running flash attention replaces.
+    attention_causal: per `attention` entry, whether it ran under the causal scope.
   """
   flops: float
   kernels: tuple
@@ -93,6 +98,8 @@ class JaxprCost:
   out_dims: tuple
   out_deps: tuple = ()
   out_repeats: tuple = ()
+  attention: tuple = ()
+  attention_causal: tuple = ()
 
   @property
   def kernel_bytes(self) -> float:
@@ -143,11 +150,12 @@ def _move(name, p, in_shape, out_shape, d):
 
 class _Eqn:
   """An equation of the walker's own IR: primitive name, params, input ids (None for a
-  literal), output ids. Ids index `_Program.avals`; calls are inlined with fresh ids."""
-  __slots__ = ("name", "params", "ins", "outs")
+  literal), output ids, whether it ran under ATTENTION_SCOPE. Ids index `_Program.avals`;
+  calls are inlined with fresh ids."""
+  __slots__ = ("name", "params", "ins", "outs", "att")
 
-  def __init__(self, name, params, ins, outs):
-    self.name, self.params, self.ins, self.outs = name, params, ins, outs
+  def __init__(self, name, params, ins, outs, att=False):
+    self.name, self.params, self.ins, self.outs, self.att = name, params, ins, outs, att
 
 
 class _Program:
@@ -166,8 +174,9 @@ class _Program:
     self.avals.append(aval)
     return len(self.avals) - 1
 
-  def lower(self, jaxpr: Jaxpr, args: Sequence) -> tuple[list, list]:
-    """(equations, output ids) of `jaxpr` applied to the ids `args`, calls inlined."""
+  def lower(self, jaxpr: Jaxpr, args: Sequence, att=False) -> tuple[list, list]:
+    """(equations, output ids) of `jaxpr` applied to the ids `args`, calls inlined; `att`:
+    it runs under ATTENTION_SCOPE (a sub-jaxpr's name stacks are its own, not its caller's)."""
     env = dict(zip(jaxpr.invars, args))
     for v in jaxpr.constvars:
       env[v] = self.new(v.aval)
@@ -175,12 +184,15 @@ class _Program:
     eqns = []
     for e in jaxpr.eqns:
       ins = [get(a) for a in e.invars]
+      stack = str(e.source_info.name_stack)
+      e_att = att or ("causal" if ATTENTION_SCOPE + CAUSAL_SUFFIX in stack else
+                      "full" if ATTENTION_SCOPE in stack else False)
       sub = e.params.get("jaxpr", e.params.get("call_jaxpr", e.params.get("fun_jaxpr")))
       inner = sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub
       if (e.primitive.name in _CALLS and isinstance(inner, Jaxpr) and len(inner.invars) == len(ins)
           and len(inner.outvars) == len(e.outvars)):
         sub_eqns, outs = self.lower(inner, [i if i is not None else self.new(a.aval)
-                                            for i, a in zip(ins, e.invars)])
+                                            for i, a in zip(ins, e.invars)], e_att)
         eqns.extend(sub_eqns)
         for v, o in zip(e.outvars, outs):
           env[v] = o if o is not None else self.new(v.aval)
@@ -195,7 +207,7 @@ class _Program:
         env[v] = o
       if key is not None:
         self._seen[key] = outs
-      eqns.append(_Eqn(e.primitive.name, e.params, ins, outs))
+      eqns.append(_Eqn(e.primitive.name, e.params, ins, outs, e_att))
     return eqns, [get(v) for v in jaxpr.outvars]
 
 
@@ -232,6 +244,8 @@ class _Walker:
     self.tp, self.prog = tp, prog
     self.flops = 0.0
     self.kernels: list[tuple] = []  # (flops, bytes, count), in walk order
+    self.attention: list[tuple] = []  # (index, causal) of the kernels under ATTENTION_SCOPE
+    self.att = False  # walking a sub-jaxpr under ATTENTION_SCOPE: 'causal' or 'full'; else False
     self.comms: list[Comm] = []
     self.largest = (0, "")
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
@@ -250,14 +264,16 @@ class _Walker:
     if self.tp > 1 and nbytes:
       self.comms.append(Comm(kind, int(nbytes), count))
 
-  def kernel(self, flops, nbytes, count):
+  def kernel(self, flops, nbytes, count, att=False):
+    if att:
+      self.attention.append((len(self.kernels), att == "causal"))
     self.kernels.append((float(flops), float(nbytes), count))
 
   def walk(self, jaxpr: Jaxpr, in_dims: Sequence, count: float, args=None) -> tuple[list, list, int]:
     """Walks `jaxpr` run `count` times; returns (output ids, their dims, its own peak bytes)."""
     top = args is not None  # the caller's function (nested loops and calls get fresh ids)
     args = args if args is not None else [self.prog.new(v.aval) for v in jaxpr.invars]
-    eqns, outs = self.prog.lower(jaxpr, args)
+    eqns, outs = self.prog.lower(jaxpr, args, self.att)
     eqns = _dce(eqns, outs)
     dims: dict = dict(zip(args, in_dims))
     consumers: dict[int, list] = {}
@@ -321,7 +337,7 @@ class _Walker:
             read += self.size(a, dims)
           else:
             stack.extend(producer[a].ins)
-        self.kernel(0, read + self.size(o, dims), count)
+        self.kernel(0, read + self.size(o, dims), count, e.att)
     # Liveness of the materialized values created here, in equation order.
     last_use: dict[int, int] = {}
     for i, e in enumerate(eqns):
@@ -394,6 +410,12 @@ class _Walker:
   def eqn(self, e: _Eqn, ins, count, dims) -> tuple[list, int]:
     name, p = e.name, e.params
     n = len(e.outs)
+    if name in ("scan", "while", "cond") and e.att and not self.att:
+      self.att = e.att  # its body runs under the scope too
+      try:
+        return self.eqn(e, ins, count, dims)
+      finally:
+        self.att = False
     if name == "scan":
       nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
       inner = list(ins[:nc + nk]) + [(d - 1 if d else None) for d in ins[nc + nk:]]
@@ -408,6 +430,7 @@ class _Walker:
       best = None
       for br in p["branches"]:
         sub = _Walker(self.tp, self.prog)
+        sub.att = self.att
         _, outs, peak = sub.walk(br.jaxpr, ins[1:], count)
         cost = sub.flops + sum(k[1] * k[2] for k in sub.kernels)
         if best is None or cost > best[0]:
@@ -425,7 +448,7 @@ class _Walker:
       fl = fl / self.tp if sharded else fl
       self.flops += fl * count
       self.kernel(fl, sum(self.size(a, dims) for a in e.ins) + _nbytes(self.prog.avals[out]) //
-                  (self.tp if sharded else 1), count)
+                  (self.tp if sharded else 1), count, e.att)
       return [None], 0
     tagged = [(i, d) for i, d in enumerate(ins) if d is not None]
     if not tagged or self.tp == 1:
@@ -484,11 +507,12 @@ class _Walker:
       flops /= self.tp
     self.flops += flops * count
     out_b = _nbytes(self.prog.avals[out]) // (self.tp if out_dim is not None and self.tp > 1 else 1)
-    self.kernel(flops, self.size(lhs, dims) + self.size(rhs, dims) + out_b, count)
+    self.kernel(flops, self.size(lhs, dims) + self.size(rhs, dims) + out_b, count, e.att)
     return PARTIAL if reduce else out_dim
 
   def merge(self, other: "_Walker"):
     self.flops += other.flops
+    self.attention += [(i + len(self.kernels), c) for i, c in other.attention]
     self.kernels += other.kernels
     self.comms += other.comms
     if other.largest[0] > self.largest[0]:
@@ -536,4 +560,5 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     repeats.append(o is not None and o in seen)
     seen.add(o)
   return JaxprCost(w.flops, tuple(w.kernels), tuple(w.comms), peak, w.largest, tuple(out_b),
-                   tuple(sources), tuple(out_dims), deps, tuple(repeats))
+                   tuple(sources), tuple(out_dims), deps, tuple(repeats),
+                   tuple(i for i, _ in w.attention), tuple(c for _, c in w.attention))

@@ -271,9 +271,12 @@ class Screen(TimeTerms):
                   saved_activations=self.saved_activations(plan, pre, blk, post),
                   gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp)
     ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
+    att, causal = self.attention_kernels(plan, pre, blk, post, runs_edge, runs_block) if hw.flash_attention \
+        else ([], False)
     colls = self.collectives(plan, pre, blk, post, runs_edge, runs_block, layout)
-    flops = sum(k.flops * k.count for k in ks)
-    stats = HloStats(int(flops), tuple(colls), 0, kernels=tuple(ks))
+    flops = sum(k.flops * k.count for k in ks + att)
+    stats = HloStats(int(flops), tuple(colls), 0, kernels=tuple(ks + att), attention=tuple(att),
+                     attention_causal=causal)
     return Screened(plan, memory, cost_model.estimate_step_time(stats, plan, hw), what, flops)
 
 

@@ -72,6 +72,15 @@ class PartCost:
     return self.fwd.comms + self.bwd.comms
 
   @property
+  def attention(self) -> tuple:
+    """Indices into `kernels` of the fused attention's kernels (`JaxprCost.attention`)."""
+    return self.fwd.attention + tuple(i + len(self.fwd.kernels) for i in self.bwd.attention)
+
+  @property
+  def attention_causal(self) -> tuple:
+    return self.fwd.attention_causal + self.bwd.attention_causal
+
+  @property
   def temp_peak(self) -> float:
     """The larger of the forward's and the backward's own temporaries."""
     return max(self.fwd.peak_bytes, self.bwd.peak_bytes)
@@ -87,7 +96,7 @@ def _lerp_cost(a: JaxprCost, b: JaxprCost, t: float) -> JaxprCost:
   largest = (int(_lerp(a.largest[0], b.largest[0], t)), a.largest[1])
   return JaxprCost(_lerp(a.flops, b.flops, t), kernels, comms, int(_lerp(a.peak_bytes, b.peak_bytes, t)), largest,
                    tuple(int(_lerp(x, y, t)) for x, y in zip(a.out_bytes, b.out_bytes)), a.out_sources,
-                   a.out_dims, a.out_deps, a.out_repeats)
+                   a.out_dims, a.out_deps, a.out_repeats, a.attention, a.attention_causal)
 
 
 def _same_structure(a: JaxprCost, b: JaxprCost) -> bool:

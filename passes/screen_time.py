@@ -54,11 +54,14 @@ class TimeTerms:
     bound the same way), so the step's estimate is unchanged and a plan sums two kernels
     per part instead of hundreds.
     """
-    key = (id(part), hw.name, dtype)
+    key = (id(part), hw.name, dtype, hw.flash_attention)
     if key not in self._roof_cache:
-      peak, bw = hw.peak(dtype), hw.memory_bandwidth
+      peak, bw = hw.matmul_rate(dtype), hw.streaming_bandwidth
       fc = bc = fm = bm = 0.0
-      for f, b, n in part.kernels:
+      flash = set(part.attention) if hw.flash_attention else set()
+      for i, (f, b, n) in enumerate(part.kernels):
+        if i in flash:  # costed apart (`attention_kernels`)
+          continue
         if f / peak >= b / bw:
           fc, bc = fc + f * n, bc + b * n
         else:
@@ -83,6 +86,20 @@ class TimeTerms:
     ks.append(Kernel(fl * state["params"], by * state["params"], 1))
     ks += self.loop_traffic(plan, blk, runs_block, state, layout)
     return ks
+
+  def attention_kernels(self, plan: Plan, pre, blk, post, runs_edge, runs_block) -> tuple[list, bool]:
+    """The fused attention's kernels per device (`PartCost.attention`) times their runs, and
+    whether all of them are causal: `cost_model.estimate_step_time` charges them as one flash
+    kernel on a profile with `flash_attention`."""
+    ks, causal = [], True
+    for c, runs in ((pre, runs_edge), (post, self._edge_runs(plan, runs_edge)), (blk, runs_block)):
+      if c is None or not runs or not c.attention:
+        continue
+      f = sum(c.kernels[i][0] * c.kernels[i][2] for i in c.attention)
+      b = sum(c.kernels[i][1] * c.kernels[i][2] for i in c.attention)
+      ks.append(Kernel(f, b, runs))
+      causal = causal and all(c.attention_causal)
+    return ks, bool(ks) and causal
 
   def loop_traffic(self, plan: Plan, blk, runs_block, state, layout) -> list:
     """Bytes the loops around the blocks move, per run of a block: its weights sliced out of

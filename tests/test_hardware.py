@@ -24,6 +24,24 @@ def test_builtins_carry_published_figures():
     r = repr(p)
     assert "\n" not in r and r.startswith(f"HardwareProfile(name={p.name!r}")
   hash(h100)  # usable as a key although peak_flops is a dict
+  # GPUs: 8 per node, one NIC per GPU (DGX H100 400 Gb/s, DGX A100 200 Gb/s), published
+  # efficiencies below 1, XLA:GPU's overlap and flash attention; the CPU profile has none of them
+  assert (h100.devices_per_node, h100.inter_node_bandwidth, a100.inter_node_bandwidth) == (8, 50e9, 25e9)
+  for p in (h100, h200, a100):
+    assert p.overlaps_collectives and p.flash_attention and p.network_latency > p.link_latency
+    assert all(0.5 < getattr(p, f) < 1 for f in ("matmul_efficiency", "link_efficiency",
+                                                  "inter_node_efficiency", "attention_efficiency"))
+  cpu = hardware.get_profile("cpu")
+  assert not cpu.overlaps_collectives and not cpu.flash_attention and cpu.matmul_rate("f32") == cpu.peak("f32")
+
+
+def test_a_profile_saved_before_the_optional_fields_loads_without_corrections(tmp_path):
+  d = dataclasses.asdict(hardware.get_profile("h100"))
+  for f in hardware.OPTIONAL_FIELDS:
+    d.pop(f)
+  p = hardware.load_profile(_write(tmp_path, d))
+  assert (p.matmul_efficiency, p.overlaps_collectives, p.flash_attention, p.network_latency) == (
+      1.0, False, False, p.link_latency)
 
 
 def test_get_profile_names_overrides_and_errors():
@@ -98,6 +116,10 @@ def _write(tmp_path, d, text=None):
     (lambda d: d["peak_flops"].pop("bf16"), r"field 'peak_flops' needs entries \['bf16'\]"),
     (lambda d: d["peak_flops"].update(f32=0), r"field 'peak_flops'\['f32'\] must be a positive number, got 0"),
     (lambda d: d.update(memory_bytes="many"), r"field 'memory_bytes': Cannot parse the byte size 'many'"),
+    (lambda d: d.update(matmul_efficiency=0), r"field 'matmul_efficiency' must be a number in \(0, 1.5\]"),
+    (lambda d: d.update(attention_efficiency=2.0), r"field 'attention_efficiency' must be a number in"),
+    (lambda d: d.update(inter_node_latency=-1), r"field 'inter_node_latency' must be a non-negative number or null"),
+    (lambda d: d.update(overlaps_collectives="yes"), r"field 'overlaps_collectives' must be true or false"),
 ])
 def test_load_profile_names_the_bad_field_value_and_file(tmp_path, change, match):
   d = dataclasses.asdict(hardware.get_profile("a100"))

@@ -1,0 +1,47 @@
+"""benchmarks/published_runs.py on one published row (the full table runs in scripts/bench.sh)."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import published_runs as pr  # noqa: E402
+
+
+def test_the_table_has_the_issue_s_breadth():
+  rows = pr.load_rows()
+  assert len(rows) >= 15 and len({r["source"]["independent_group"] for r in rows}) >= 3
+  assert {r["hardware"]["num_gpus"] for r in rows} >= {8, 128}
+  for r in rows:  # every eligible row pins to a plan of its own device count and a preset of its shapes
+    preset, plan, batch, seq, _ = pr.pin(r)
+    assert plan.num_devices == r["hardware"]["num_gpus"] and batch % plan.dp == 0 and r["source"]["quote"]
+
+
+def test_hsdp_and_selective_recomputation_are_pinned_with_a_note():
+  row = next(r for r in pr.load_rows() if r["id"] == "maxtext-h100x16-llama2-7b-fsdp8-dp2")
+  preset, plan, batch, seq, notes = pr.pin(row)
+  assert (preset, batch, seq) == ("llama2-7b", 64, 4096)
+  assert (plan.dp, plan.tp, plan.fsdp, plan.recompute, plan.low_prec) == (16, 1, True, "dots", False)
+  assert any("HSDP" in n for n in notes) and any("selective" in n for n in notes)
+
+
+def test_one_row_end_to_end(capsys):
+  pr.main(["--rows", "jaxtoolbox-h100x8-llama2-7b-fsdp8"])
+  out = capsys.readouterr().out.strip().splitlines()
+  summary = json.loads(out[-1])
+  assert summary["rows"] == 1 and summary["route"].startswith("analytic screen")
+  # 7B, FSDP over 8 H100, 2 x 4096 tokens per GPU, measured 0.721 s: within 2x, and it fits
+  assert summary["worst_abs_log2"] < 1.0 and summary["feasible"] == 1
+  assert "jaxtoolbox-h100x8-llama2-7b-fsdp8" in out[2]
+
+
+def test_ordering_counts_violations_ties_and_skips_close_pairs():
+  r = lambda i, m, p, g="g": {"id": i, "group": g, "measured_s": m, "predicted_s": p}
+  pairs = pr.ordering([r("a", 1.0, 2.0), r("b", 1.2, 1.5), r("c", 1.02, 1.0), r("d", 2.0, 2.0, "h"),
+                       r("e", 3.0, 2.0, "h")])
+  got = {(p["faster"], p["slower"]): p["verdict"] for p in pairs}
+  assert got == {("a", "b"): "violation", ("c", "b"): "ok", ("d", "e"): "tie"}
+  assert pr.ordering([r("x", 1.0, 2.0), r("y", 2.0, 1.0)])[0]["verdict"] == "violation"
+  with pytest.raises(SystemExit, match="unknown or ineligible"):
+    pr.run(["no-such-row"])
