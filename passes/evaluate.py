@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import jax
 
-from passes import cost_model, hlo_stats, memory
+from passes import cost_model, gpu_target, hlo_stats, memory
 from passes.hardware import HardwareProfile, is_host_profile
 from passes.build import derive_program_tp, edge_tp_dim, tp_dims  # noqa: F401 (re-exported)
 from passes.plan import Plan
@@ -55,7 +55,8 @@ def compile_plan(program: Program, plan: Plan, devices, dims, compiler_options: 
       memory analysis and HLO are those of the default compile; nothing compiled here runs).
   """
   opts = analysis_options(devices[0].platform) if compiler_options is None else compiler_options
-  lowered = build_step(program, plan, devices, dims).lower(program)
+  with gpu_target.tracing_for(devices):  # what the program traces to is the devices' (attention)
+    lowered = build_step(program, plan, devices, dims).lower(program)
   return lowered.compile(compiler_options=opts) if opts else lowered.compile()
 
 
@@ -64,7 +65,8 @@ class Evaluator:
   """What every candidate's evaluation shares.
 
   `compile_fn(program, plan, devices, tp_dims) -> compiled` is replaceable so tests can
-  inject compile failures and delays.
+  inject compile failures and delays. `devices` are those candidates compile for (a
+  `gpu_target.CompileRoute`'s); `route` names where the figures come from (the route's name).
   """
   program: Program
   devices: tuple
@@ -72,6 +74,7 @@ class Evaluator:
   budget_bytes: int
   tp_rules: TPRules | None
   compile_fn: Callable = compile_plan
+  route: str = ""
 
   def __call__(self, plan: Plan) -> CandidateResult:
     t0 = time.perf_counter()
@@ -84,7 +87,7 @@ class Evaluator:
     except Exception as e:  # a failing candidate is a result, not a crash of the search
       msg = f"{type(e).__name__}: {e}".strip().splitlines()
       return CandidateResult(plan, COMPILE_ERROR, reason=" ".join(msg)[:2000],
-                             compile_s=time.perf_counter() - t0)
+                             compile_s=time.perf_counter() - t0, route=self.route)
     dt = time.perf_counter() - t0
     # XLA:CPU's dot scratch is charged to runs on these CPU devices, not to another target
     # simulated on them (ap-xla plan --hardware h100).
@@ -96,9 +99,9 @@ class Evaluator:
     details = {"memory": dataclasses.asdict(mem), "cost": _cost_dict(cost), "flops": stats.flops}
     if mem.total > self.budget_bytes:
       over = mem.total - self.budget_bytes
-      return CandidateResult(plan, OVER_BUDGET, mem.total, cost.total_s,
-                             reason=f"over budget by {fmt_bytes(over)}", compile_s=dt, details=details)
-    return CandidateResult(plan, FEASIBLE, mem.total, cost.total_s, compile_s=dt, details=details)
+      return CandidateResult(plan, OVER_BUDGET, mem.total, cost.total_s, reason=f"over budget by {fmt_bytes(over)}",
+                             compile_s=dt, details=details, route=self.route)
+    return CandidateResult(plan, FEASIBLE, mem.total, cost.total_s, compile_s=dt, details=details, route=self.route)
 
 
 def _cost_dict(cost) -> dict:
