@@ -4,6 +4,7 @@ line naming the flag, variable or path (never a traceback)."""
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,9 +87,13 @@ def test_every_compile_timing_out_says_so_and_exits_1_every_time(tmp_path):
   runs = _in_parallel(lambda i: _run(str(tmp_path / str(i)), *TINY, AP_XLA_COMPILE_TIMEOUT="0.001"), RUNS)
   for r in runs:
     assert r.returncode == 1, f"exit status {r.returncode}\n{r.stderr[-3000:]}"
-    assert "NO_CANDIDATE_COMPILED: none of the 2 candidates tried compiled (2 timed out" in r.stderr
+    # how many the screen has tried when every compile times out depends on the route's platform
+    # (XLA:GPU's reduce-scatters or XLA:CPU's all-reduces in its predictions): 2 or 3 here
+    tried = re.search(r"NO_CANDIDATE_COMPILED: none of the (\d+) candidates tried compiled \((\d+) timed out",
+                      r.stderr)
+    assert tried and tried[1] == tried[2] and int(tried[1]) >= 2, r.stderr[-3000:]
     assert "AP_XLA_COMPILE_TIMEOUT" in r.stderr and "OUT_OF_MEMORY" not in r.stderr
-    assert r.stdout.count("compile exceeded the 0.001 s limit") == 2  # the table of what was tried
+    assert r.stdout.count("compile exceeded the 0.001 s limit") == int(tried[1])  # the table of what was tried
 
 
 def _profile(tmp, text):
