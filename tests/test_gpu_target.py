@@ -115,3 +115,16 @@ def test_the_backward_regather_under_recomputation_is_counted(fsdp_bf16):
   program = llama_tiny(batch=8, cfg=dataclasses.replace(TINY_LLAMA, seq=512))
   blocks_bf16 = sum(x.size * 2 for x in jax.tree.leaves(program.params["blocks"]))
   assert gathered("full") - gathered(512) == blocks_bf16, (gathered("full"), gathered(512), blocks_bf16)
+
+
+def test_the_plan_cache_keeps_routes_apart(monkeypatch):
+  """A plan searched on XLA:CPU (no plugin) is not served where XLA:GPU compiles, nor the reverse."""
+  from ap_xla import plan_cache
+  from passes.search import SearchSettings
+  from passes.space import SearchOptions
+  program = llama_tiny(batch=8)
+  key = lambda: plan_cache.key_document(program, jax.devices(), SearchOptions(), SearchSettings(hardware="h100"))
+  gpu = key()["compile_route"]
+  monkeypatch.setattr(gpu_target, "_plugin_problem", lambda: "no plugin")
+  cpu = key()["compile_route"]
+  assert gpu == "xla:gpu (deviceless): h100_sxm.txtpb, topology 1x1x8" and cpu.startswith("xla:cpu (")
