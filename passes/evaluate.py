@@ -22,27 +22,34 @@ PyTree = Any
 log = logging.getLogger("ap_xla")
 
 
-# Per-compile options for analysis-only compiles, per backend, checked there: on XLA:CPU LLVM
-# at -O0 without its expensive passes compiles a 97.5M-parameter candidate in 2.0-2.4 s
-# instead of 2.5-3.6 s with byte-identical memory analysis and identical FLOPs (FIELD_NOTES).
-# Not yet checked on GPU backends: none there.
-ANALYSIS_OPTIONS = {
-    "cpu": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
-}
+# Per-compile options for analysis-only compiles, per backend, checked there: LLVM at -O0
+# without its expensive passes. On XLA:CPU it compiles a 97.5M-parameter candidate in 2.0-2.4 s
+# instead of 2.5-3.6 s with byte-identical memory analysis and identical FLOPs (FIELD_NOTES). On
+# XLA:GPU without a device (passes/gpu_target.py) 8 plans of a tiny Llama and llama2-7b (FSDP,
+# recomputation, TP 4, a pipeline) compiled in 8-25% fewer CPU seconds with identical memory
+# analysis, FLOPs, collectives and kernel bytes; the PTX is what it changes.
+_LLVM_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+ANALYSIS_OPTIONS = {"cpu": _LLVM_FAST, "gpu": _LLVM_FAST}
 
 
 @functools.cache
-def analysis_options(platform: str) -> dict:
-  """The analysis compile options of `platform` that its compiler accepts ({} if none)."""
-  opts = ANALYSIS_OPTIONS.get(platform, {})
+def analysis_options(device) -> dict:
+  """The analysis compile options of `device`'s platform that its compiler accepts ({} if none).
+
+  Args:
+    device: a jax device (or a platform name, for that platform's first device); checked by
+      compiling a tiny program for it, which works for a compile-only (deviceless) GPU too.
+  """
+  if isinstance(device, str):
+    device = jax.devices(device)[0]
+  opts = ANALYSIS_OPTIONS.get(device.platform, {})
   if not opts:
     return {}
   try:
-    device = jax.devices(platform)[0]
     x = jax.ShapeDtypeStruct((2,), "float32", sharding=jax.sharding.SingleDeviceSharding(device))
     jax.jit(lambda v: v + 1).lower(x).compile(compiler_options=opts)
   except Exception as e:  # an unknown option name on this jaxlib: compile without them
-    log.warning("Compiling without the analysis options %s on %s: %s", opts, platform, e)
+    log.warning("Compiling without the analysis options %s on %s: %s", opts, device.platform, e)
     return {}
   return dict(opts)
 
@@ -51,10 +58,10 @@ def compile_plan(program: Program, plan: Plan, devices, dims, compiler_options: 
   """Lowers and compiles a plan's step from abstract shapes (nothing is allocated), for analysis.
 
   Args:
-    compiler_options: per-compile XLA options; None: the platform's `analysis_options` (its
+    compiler_options: per-compile XLA options; None: the devices' `analysis_options` (their
       memory analysis and HLO are those of the default compile; nothing compiled here runs).
   """
-  opts = analysis_options(devices[0].platform) if compiler_options is None else compiler_options
+  opts = analysis_options(devices[0]) if compiler_options is None else compiler_options
   with gpu_target.tracing_for(devices):  # what the program traces to is the devices' (attention)
     lowered = build_step(program, plan, devices, dims).lower(program)
   return lowered.compile(compiler_options=opts) if opts else lowered.compile()
