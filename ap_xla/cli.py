@@ -284,6 +284,7 @@ def _plan(args) -> int:
     return 130
   doc.update(elapsed_s=time.perf_counter() - t0, from_cache=result.from_cache, screen=result.screen,
              plan=result.plan.to_dict(), config_line=config_line(result.plan, result.global_batch),
+             route=result.route,
              memory_bytes=result.chosen.memory_bytes, est_time_s=result.chosen.est_time_s)
   print(json.dumps(dict(doc, result=result.to_json()), indent=1) if args.json else
         _text_report(spec, program, hw, result, doc, args.top))
@@ -310,6 +311,8 @@ def _text_report(spec, program, hw, result, doc, top) -> str:
            f"{program.batch_size} x seq {doc['seq']}" + (f"  [{spec.note}]" if spec.note else ""),
            f"Target:   {result.num_devices} x {hw.name} ({fmt_bytes(result.capacity_bytes)} each; budget "
            f"{fmt_bytes(result.budget_bytes)}), simulated on CPU devices", f"Search:   {how}"]
+  if result.route:  # which compiler gave the compiled candidates' figures
+    lines.append(f"Compiled: {result.route}")
   scr = result.screen
   if scr.get("samples"):
     lines.append(f"  the screen's largest stated error after {scr['samples']} compiled candidates: memory "

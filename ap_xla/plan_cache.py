@@ -41,6 +41,7 @@ import jaxlib
 import numpy as np
 
 from ap_xla import env, plan_cache_check
+from passes import gpu_target
 from passes import search as search_pass
 from passes.devices import check_devices
 from passes.evaluate import compile_plan
@@ -108,6 +109,8 @@ def key_document(program: Program, devices, options: SearchOptions,
                   "count": len(devices)},
       "hardware": dataclasses.asdict(hw),
       "capacity_bytes": capacity,
+      # XLA:GPU without a device or XLA:CPU: the figures differ (passes/gpu_target.py).
+      "compile_route": gpu_target.compile_route(hw, devices).describe(),
       "options": dataclasses.asdict(options),
       "settings": {k: getattr(settings, k) for k in _RESULT_SETTINGS},
   }

@@ -7,8 +7,11 @@ call, on every backend:
 
 - GPU, bf16/fp16 inputs, no additive float bias: `jax.nn.dot_product_attention(...,
   implementation='cudnn')`, cuDNN's flash attention. It saves q, k, v, the output and the
-  softmax statistics ([B, N, T] floats); scores never reach device memory.
-- otherwise (CPU, fp32, float biases): `implementation='xla'`, which materialises the
+  softmax statistics ([B, N, T] floats); scores never reach device memory. "GPU" is the
+  platform the program is traced for (`passes.gpu_target.target_platform`): jax's default
+  backend, or the GPU a search compiles for without a device (`ap-xla plan --hardware h100`).
+- otherwise (CPU, fp32, float biases, inside a `shard_map`'s manual axes: `_in_manual_region`):
+  `implementation='xla'`, which materialises the
   scores [B, N, T, S] of what it is given. It runs on chunks of `query_chunk` query rows
   (scores of one chunk, [B, N, chunk, S], at a time), each under `jax.checkpoint` saving
   nothing: the backward recomputes a chunk's scores from q, k and v (as flash attention
@@ -28,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from passes.gpu_target import target_platform
 from passes.hlo_stats import ATTENTION_SCOPE, CAUSAL_SUFFIX
 
 log = logging.getLogger("bridge")
@@ -122,7 +126,16 @@ def _use_cudnn(query, bias, implementation) -> bool:
     return implementation == "cudnn"
   # cuDNN's flash attention takes fp16/bf16 only. A float bias may depend on parameters and
   # cuDNN returns its gradient only for some bias shapes: such calls take the XLA path.
-  return jax.default_backend() == "gpu" and query.dtype in _CUDNN_DTYPES and bias is None
+  return (target_platform() == "gpu" and query.dtype in _CUDNN_DTYPES and bias is None
+          and not _in_manual_region())
+
+
+def _in_manual_region() -> bool:
+  """Whether the trace is inside a `shard_map`'s manual axes (a pipeline stage, the per-data-shard
+  gradient accumulation). jax's cuDNN attention is a `custom_partitioning` op, which jax 0.10
+  cannot partition there (an assertion on a manual sharding, found compiling for an H100 without
+  a device): such calls take the XLA path."""
+  return bool(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
 
 
 def _causal_and(mask, is_causal: bool, start, rows: int, keys: int):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import jax
 
-from passes import cost_model, hlo_stats, memory
+from passes import cost_model, gpu_target, hlo_stats, memory
 from passes.hardware import HardwareProfile, is_host_profile
 from passes.build import derive_program_tp, edge_tp_dim, tp_dims  # noqa: F401 (re-exported)
 from passes.plan import Plan
@@ -22,27 +22,34 @@ PyTree = Any
 log = logging.getLogger("ap_xla")
 
 
-# Per-compile options for analysis-only compiles, per backend, checked there: on XLA:CPU LLVM
-# at -O0 without its expensive passes compiles a 97.5M-parameter candidate in 2.0-2.4 s
-# instead of 2.5-3.6 s with byte-identical memory analysis and identical FLOPs (FIELD_NOTES).
-# Not yet checked on GPU backends: none there.
-ANALYSIS_OPTIONS = {
-    "cpu": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
-}
+# Per-compile options for analysis-only compiles, per backend, checked there: LLVM at -O0
+# without its expensive passes. On XLA:CPU it compiles a 97.5M-parameter candidate in 2.0-2.4 s
+# instead of 2.5-3.6 s with byte-identical memory analysis and identical FLOPs (FIELD_NOTES). On
+# XLA:GPU without a device (passes/gpu_target.py) 8 plans of a tiny Llama and llama2-7b (FSDP,
+# recomputation, TP 4, a pipeline) compiled in 8-25% fewer CPU seconds with identical memory
+# analysis, FLOPs, collectives and kernel bytes; the PTX is what it changes.
+_LLVM_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+ANALYSIS_OPTIONS = {"cpu": _LLVM_FAST, "gpu": _LLVM_FAST}
 
 
 @functools.cache
-def analysis_options(platform: str) -> dict:
-  """The analysis compile options of `platform` that its compiler accepts ({} if none)."""
-  opts = ANALYSIS_OPTIONS.get(platform, {})
+def analysis_options(device) -> dict:
+  """The analysis compile options of `device`'s platform that its compiler accepts ({} if none).
+
+  Args:
+    device: a jax device (or a platform name, for that platform's first device); checked by
+      compiling a tiny program for it, which works for a compile-only (deviceless) GPU too.
+  """
+  if isinstance(device, str):
+    device = jax.devices(device)[0]
+  opts = ANALYSIS_OPTIONS.get(device.platform, {})
   if not opts:
     return {}
   try:
-    device = jax.devices(platform)[0]
     x = jax.ShapeDtypeStruct((2,), "float32", sharding=jax.sharding.SingleDeviceSharding(device))
     jax.jit(lambda v: v + 1).lower(x).compile(compiler_options=opts)
   except Exception as e:  # an unknown option name on this jaxlib: compile without them
-    log.warning("Compiling without the analysis options %s on %s: %s", opts, platform, e)
+    log.warning("Compiling without the analysis options %s on %s: %s", opts, device.platform, e)
     return {}
   return dict(opts)
 
@@ -51,11 +58,12 @@ def compile_plan(program: Program, plan: Plan, devices, dims, compiler_options: 
   """Lowers and compiles a plan's step from abstract shapes (nothing is allocated), for analysis.
 
   Args:
-    compiler_options: per-compile XLA options; None: the platform's `analysis_options` (its
+    compiler_options: per-compile XLA options; None: the devices' `analysis_options` (their
       memory analysis and HLO are those of the default compile; nothing compiled here runs).
   """
-  opts = analysis_options(devices[0].platform) if compiler_options is None else compiler_options
-  lowered = build_step(program, plan, devices, dims).lower(program)
+  opts = analysis_options(devices[0]) if compiler_options is None else compiler_options
+  with gpu_target.tracing_for(devices):  # what the program traces to is the devices' (attention)
+    lowered = build_step(program, plan, devices, dims).lower(program)
   return lowered.compile(compiler_options=opts) if opts else lowered.compile()
 
 
@@ -64,7 +72,8 @@ class Evaluator:
   """What every candidate's evaluation shares.
 
   `compile_fn(program, plan, devices, tp_dims) -> compiled` is replaceable so tests can
-  inject compile failures and delays.
+  inject compile failures and delays. `devices` are those candidates compile for (a
+  `gpu_target.CompileRoute`'s); `route` names where the figures come from (the route's name).
   """
   program: Program
   devices: tuple
@@ -72,6 +81,7 @@ class Evaluator:
   budget_bytes: int
   tp_rules: TPRules | None
   compile_fn: Callable = compile_plan
+  route: str = ""
 
   def __call__(self, plan: Plan) -> CandidateResult:
     t0 = time.perf_counter()
@@ -84,7 +94,7 @@ class Evaluator:
     except Exception as e:  # a failing candidate is a result, not a crash of the search
       msg = f"{type(e).__name__}: {e}".strip().splitlines()
       return CandidateResult(plan, COMPILE_ERROR, reason=" ".join(msg)[:2000],
-                             compile_s=time.perf_counter() - t0)
+                             compile_s=time.perf_counter() - t0, route=self.route)
     dt = time.perf_counter() - t0
     # XLA:CPU's dot scratch is charged to runs on these CPU devices, not to another target
     # simulated on them (ap-xla plan --hardware h100).
@@ -96,9 +106,9 @@ class Evaluator:
     details = {"memory": dataclasses.asdict(mem), "cost": _cost_dict(cost), "flops": stats.flops}
     if mem.total > self.budget_bytes:
       over = mem.total - self.budget_bytes
-      return CandidateResult(plan, OVER_BUDGET, mem.total, cost.total_s,
-                             reason=f"over budget by {fmt_bytes(over)}", compile_s=dt, details=details)
-    return CandidateResult(plan, FEASIBLE, mem.total, cost.total_s, compile_s=dt, details=details)
+      return CandidateResult(plan, OVER_BUDGET, mem.total, cost.total_s, reason=f"over budget by {fmt_bytes(over)}",
+                             compile_s=dt, details=details, route=self.route)
+    return CandidateResult(plan, FEASIBLE, mem.total, cost.total_s, compile_s=dt, details=details, route=self.route)
 
 
 def _cost_dict(cost) -> dict:

@@ -254,6 +254,8 @@ def _flops(ins: _Instr, shapes: dict) -> int:
   target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
   target = target.group(1) if target else ""
   result = _arrays(ins.shape)[0][1]  # library calls return (output, workspace)
+  if target.startswith("__cudnn$fmha"):  # flash attention: QK^T and PV forward, 5 such matmuls backward
+    return _fmha_flops(ins, target, shapes)
   if "dot_dimension_numbers" in ins.attrs:  # cuBLAS / cuBLASLt / hipBLAS gemm
     m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
     lhs = _operand_dims(ins, 0, shapes)
@@ -265,6 +267,23 @@ def _flops(ins: _Instr, shapes: dict) -> int:
       return _conv_flops(_operand_dims(ins, 1, shapes), result, ins.attrs)
     return _conv_flops(result, _operand_dims(ins, 1, shapes), ins.attrs)
   return 0
+
+
+_FMHA_SCORES_RE = re.compile(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]')
+
+
+def _fmha_flops(ins: _Instr, target: str, shapes: dict) -> int:
+  """FLOPs of a cuDNN fused-attention call, all scores counted (a causal mask's skipped half is
+  the cost model's to take off): the scores [B, N, T, S] come from its backend config, the
+  head dim from the query ([B, T, N, H]); forward 2 matmuls (QK^T, PV), backward 5 (QK^T again,
+  dP, dV, dQ, dK)."""
+  m = _FMHA_SCORES_RE.search(ins.attrs)
+  if not m:
+    return 0
+  scores = math.prod(_ints(m.group(1)))
+  head = _operand_dims(ins, 0, shapes)[-1]
+  matmuls = 5 if "Backward" in target else 2
+  return 2 * matmuls * scores * head
 
 
 # ---------------------------------------------------------------- replica groups
@@ -508,6 +527,8 @@ def _scope(ins: _Instr, body: list | None = None) -> str | None:
   under ATTENTION_SCOPE; None otherwise. XLA:CPU leaves some fusions without metadata: the
   scope of the loops they run in is inherited by the caller (`_kernels`)."""
   for i in [ins] + list(body or ()):
+    if i.opcode == "custom-call" and '"__cudnn$fmha' in i.attrs:  # cuDNN's flash attention itself
+      return "causal" if '"mask_type": "CAUSAL"' in i.attrs or '"mask_type":"CAUSAL"' in i.attrs else "full"
     m = _SCOPE_RE.search(i.attrs)
     if m:
       return "causal" if m.group(1) else "full"

@@ -24,7 +24,8 @@ class Plan:
     recompute: activation recomputation per block: 'none', 'full' (save nothing) or
       'dots' (save matmul outputs).
     fsdp: parameters, gradients and optimizer state sharded over 'data' (ZeRO-3).
-    low_prec: with `bf16` and `fsdp`, gather the bf16 working copy instead of fp32.
+    low_prec: with `bf16` and `fsdp`, gather the bf16 working copy instead of fp32 (half the
+      bytes on GPUs; XLA:CPU has no bf16 collectives and widens them back to fp32).
     bf16: bf16 compute with fp32 master weights.
     schedule: pipeline schedule: 'gpipe' (fill and drain: every micro-batch's residuals kept
       until the backward) or '1f1b' (one forward, one backward: at most 2 x pp kept);

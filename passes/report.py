@@ -48,6 +48,8 @@ class CandidateResult:
     details: memory and cost breakdowns for the detailed log.
     figures: where memory_bytes and est_time_s come from: 'compiled' (XLA's analysis of the
       compiled candidate) or 'predicted' (the analytic screen, calibrated; not compiled).
+    route: for a compiled candidate, which compiler gave its figures ('xla:gpu (deviceless)',
+      'xla:cpu', ...: `passes.gpu_target`); '' when not recorded.
   """
   plan: Plan
   verdict: str
@@ -57,6 +59,7 @@ class CandidateResult:
   compile_s: float = 0.0
   details: dict = dataclasses.field(default_factory=dict, compare=False)
   figures: str = COMPILED
+  route: str = ""
 
   def __post_init__(self):
     if self.figures not in (COMPILED, PREDICTED):
@@ -67,6 +70,12 @@ class CandidateResult:
             f"time={fmt_time(self.est_time_s)}, {self.figures})")
 
   @property
+  def source(self) -> str:
+    """Where its figures come from, as the report's table says it: 'predicted' (the screen), or
+    the compiler that gave them ('xla:gpu (deviceless)', 'xla:cpu'; 'compiled' if not recorded)."""
+    return self.route if self.figures == COMPILED and self.route else self.figures
+
+  @property
   def compiled(self) -> bool:
     """Whether XLA compiled it (its figures are XLA's, not the screen's)."""
     return self.figures == COMPILED and self.verdict not in (PRUNED, SKIPPED)
@@ -74,13 +83,13 @@ class CandidateResult:
   def to_json(self) -> dict:
     return {"plan": self.plan.to_dict(), "verdict": self.verdict, "memory_bytes": self.memory_bytes,
             "est_time_s": self.est_time_s, "reason": self.reason, "compile_s": self.compile_s,
-            "details": self.details, "figures": self.figures}
+            "details": self.details, "figures": self.figures, "route": self.route}
 
   @classmethod
   def from_json(cls, d: dict) -> "CandidateResult":
     return cls(plan=Plan.from_dict(d["plan"]), verdict=d["verdict"], memory_bytes=d["memory_bytes"],
                est_time_s=d["est_time_s"], reason=d["reason"], compile_s=d["compile_s"],
-               details=d.get("details", {}), figures=d.get("figures", COMPILED))
+               details=d.get("details", {}), figures=d.get("figures", COMPILED), route=d.get("route", ""))
 
 
 def rank(results) -> list[CandidateResult]:
@@ -111,6 +120,8 @@ class SearchResult:
     screen: what the analytic screen did: candidates 'predicted' and 'compiled', and its
       stated 'memory_error' and 'time_error' after 'samples' compiled candidates (empty for
       an exhaustive search).
+    route: where the candidates were compiled (`gpu_target.CompileRoute.describe()`: e.g.
+      'xla:gpu (deviceless): h100_sxm.txtpb, topology 1x8x8'); '' when not recorded.
   """
   plan: Plan
   candidates: tuple[CandidateResult, ...]
@@ -122,6 +133,7 @@ class SearchResult:
   timings: dict
   from_cache: bool = False
   screen: dict = dataclasses.field(default_factory=dict)
+  route: str = ""
 
   @property
   def chosen(self) -> CandidateResult:
@@ -139,7 +151,7 @@ class SearchResult:
     """A readable table of the candidates."""
     rows = [("#", "plan", "memory/device", "est. step", "figures", "verdict", "reason")]
     for i, c in enumerate(self.candidates[:limit] if limit else self.candidates):
-      figures = "-" if c.memory_bytes is None and c.est_time_s is None else c.figures
+      figures = "-" if c.memory_bytes is None and c.est_time_s is None else c.source
       rows.append((str(i), repr(c.plan), fmt_bytes(c.memory_bytes), fmt_time(c.est_time_s), figures, c.verdict,
                    c.reason[:80]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -151,7 +163,7 @@ class SearchResult:
     return {"plan": self.plan.to_dict(), "candidates": [c.to_json() for c in self.candidates],
             "budget_bytes": self.budget_bytes, "capacity_bytes": self.capacity_bytes,
             "hardware": self.hardware, "num_devices": self.num_devices, "global_batch": self.global_batch,
-            "timings": self.timings, "screen": self.screen}
+            "timings": self.timings, "screen": self.screen, "route": self.route}
 
   @classmethod
   def from_json(cls, d: dict, from_cache: bool = False) -> "SearchResult":
@@ -159,7 +171,7 @@ class SearchResult:
                candidates=tuple(CandidateResult.from_json(c) for c in d["candidates"]),
                budget_bytes=d["budget_bytes"], capacity_bytes=d["capacity_bytes"], hardware=d["hardware"],
                num_devices=d["num_devices"], global_batch=d["global_batch"], timings=d["timings"],
-               from_cache=from_cache, screen=d.get("screen", {}))
+               from_cache=from_cache, screen=d.get("screen", {}), route=d.get("route", ""))
 
 
 class OutOfMemoryError(RuntimeError):

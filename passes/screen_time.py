@@ -164,7 +164,7 @@ class TimeTerms:
     blocks = [(s, gb, n) for part, s, gb, n in layout if part == BLOCKS]
     edges = [(s, gb) for part, s, gb, _ in layout if part != BLOCKS]
     out = []
-    low = plan.low_prec and plan.bf16
+    low = plan.low_prec and plan.bf16 and self.platform != "cpu"  # XLA:CPU widens bf16 collectives to fp32
     kind = fsdp_grad_kind(self.platform)
 
     def add(colls):

@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-from passes import compile_threads
+from passes import compile_threads, gpu_target
 from passes import hardware as hw_lib
 from passes.devices import check_devices
 from passes.evaluate import Evaluator, compile_plan, derive_program_tp
@@ -308,13 +308,15 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     left_out = [CandidateResult(s.plan, SKIPPED, reason=s.reason) for s in skipped]
     _dump(settings, left_out, None, budget, capacity, hw, devices, batch, t_start)
     raise NoCandidateError(no_candidate_message(len(devices), batch, skipped, options.pinned()), left_out)
-  evaluate = Evaluator(abstract, devices, hw, budget, tp_rules, compile_fn)
+  route = _route(hw, devices)
+  evaluate = Evaluator(abstract, route.devices, hw, budget, tp_rules, compile_fn, route=route.name)
   compile_all = lambda ps: _compile_all(ps, evaluate, settings)
   workers = compile_workers(settings)
   screened, t_screen = None, 0.0
   if not settings.exhaustive:
     t0 = time.perf_counter()
-    screened = _screen(abstract, devices, tp_rules, plans, hw)
+    with gpu_target.tracing_for(route):  # the screen reads the program the target runs
+      screened = _screen(abstract, route.devices, tp_rules, plans, hw)
     t_screen = time.perf_counter() - t0
     if screened is not None:
       log.info("Screened %d candidates in %.2f s: compiling only those that can win.", len(plans), t_screen)
@@ -367,9 +369,21 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
       "memory_error": calibration.memory_error, "time_error": calibration.time_error}
   result = SearchResult(chosen.plan, tuple(ranked), budget, capacity, hw.name, len(devices), batch,
                         {"screen": t_screen, "compile": t_compile, "select": t_select, "measure": t_measure,
-                         "total": time.perf_counter() - t_start}, screen=screen_doc)
+                         "total": time.perf_counter() - t_start}, screen=screen_doc, route=route.describe())
   _dump(settings, ranked, result, budget, capacity, hw, devices, batch, t_start)
   return result
+
+
+def _route(hw: hw_lib.HardwareProfile, devices) -> gpu_target.CompileRoute:
+  """Where the candidates compile (`passes.gpu_target`), logged; a GPU profile that falls back
+  to the CPU devices says why."""
+  route = gpu_target.compile_route(hw, devices)
+  if route.note:
+    log.warning("Compiling the candidates for %s on CPU devices (XLA:CPU), not for the GPU: %s. Memory and "
+                "time are then XLA:CPU's program's, not XLA:GPU's.", hw.name, route.note)
+  else:
+    log.info("Compiling the candidates with %s.", route.describe())
+  return route
 
 
 def _screen(program: Program, devices, tp_rules, plans, hw) -> dict | None:

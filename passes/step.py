@@ -141,7 +141,9 @@ def _prepare_fns(plan: Plan):
 
   def prepare(p, specs):
     if cast_early:
-      p = _to_bf16(p)
+      # The barrier keeps the cast before the gather: without it XLA:GPU moved the convert of
+      # most weights after the backward's re-gather under recomputation (fp32 gathered).
+      p = jax.lax.optimization_barrier(_to_bf16(p)) if plan.fsdp else _to_bf16(p)
     if plan.fsdp:
       p = _gather(p, specs)
     return _to_bf16(p) if plan.bf16 else p

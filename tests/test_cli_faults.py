@@ -87,11 +87,13 @@ def test_every_compile_timing_out_says_so_and_exits_1_every_time(tmp_path):
   runs = _in_parallel(lambda i: _run(str(tmp_path / str(i)), *TINY, AP_XLA_COMPILE_TIMEOUT="0.001"), RUNS)
   for r in runs:
     assert r.returncode == 1, f"exit status {r.returncode}\n{r.stderr[-3000:]}"
-    m = re.search(r"NO_CANDIDATE_COMPILED: none of the (\d+) candidates tried compiled \((\d+) timed out", r.stderr)
-    assert m and int(m[1]) == int(m[2]) >= 2, r.stderr[-3000:]
+    # how many the screen has tried when every compile times out depends on the route's platform
+    # (XLA:GPU's reduce-scatters or XLA:CPU's all-reduces in its predictions): 2 or 3 here
+    tried = re.search(r"NO_CANDIDATE_COMPILED: none of the (\d+) candidates tried compiled \((\d+) timed out",
+                      r.stderr)
+    assert tried and tried[1] == tried[2] and int(tried[1]) >= 2, r.stderr[-3000:]
     assert "AP_XLA_COMPILE_TIMEOUT" in r.stderr and "OUT_OF_MEMORY" not in r.stderr
-    # the table of what was tried: each of them, with its reason
-    assert r.stdout.count("compile exceeded the 0.001 s limit") == int(m[1])
+    assert r.stdout.count("compile exceeded the 0.001 s limit") == int(tried[1])  # the table of what was tried
 
 
 def _profile(tmp, text):

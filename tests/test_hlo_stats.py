@@ -258,3 +258,25 @@ def test_unrecognized_replica_groups_warn_and_assume_all_devices(caplog):
   with caplog.at_level("WARNING", logger="ap_xla"):
     c = _one("someday<new>")
   assert c.group_size == 8 and "Unrecognized replica_groups=" in caplog.text
+
+
+_FMHA = """HloModule m
+
+ENTRY %main (q: bf16[2,256,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64]) -> bf16[2,4,256,64] {
+  %q = bf16[2,256,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[2,256,4,64]{3,2,1,0} parameter(1)
+  %v = bf16[2,256,4,64]{3,2,1,0} parameter(2)
+  %a = (bf16[2,4,256,64]{3,1,2,0}, f32[2,4,256]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaKIND", backend_config={"cudnn_fmha_backend_config": {"bmm1_dot_dimension_numbers": {"lhs_contracting_dimensions": ["3"]}, "intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "256", "256"], "tuple_shapes": []}, "mask_type": "MASK"}}
+  ROOT %o = bf16[2,4,256,64]{3,1,2,0} get-tuple-element(%a), index=0
+}
+"""
+
+
+@pytest.mark.parametrize("kind,mask,matmuls", [("Softmax", "CAUSAL", 2), ("SoftmaxBackward", "NO_MASK", 5)])
+def test_cudnn_flash_attention_counts_its_matmuls_and_is_reported_as_attention(kind, mask, matmuls):
+  """XLA's own cost analysis counts cuDNN's attention calls as 0 FLOPs (and their config names
+  'bmm1_dot_dimension_numbers', which is not a gemm's): every score's dot with the head dim."""
+  stats = hlo_stats.analyze_hlo(_FMHA.replace("KIND", kind).replace("MASK", mask))
+  assert stats.flops == 2 * matmuls * (2 * 4 * 256 * 256) * 64
+  assert [k.flops for k in stats.attention] == [stats.flops]
+  assert stats.attention_causal == (mask == "CAUSAL")
