@@ -36,7 +36,7 @@ class TimeTerms:
   def _optimizer(self):
     """(flops, bytes moved) of the optimizer update per parameter byte (traced once)."""
     if self._opt is None:
-      tx, params = self.program.optimizer, self.program.params
+      tx, params = self.program.optimizer, self.program.split(self.program.params)[0]
       def update(g, s, p):
         import optax
         u, s = tx.update(g, s, p)
@@ -80,7 +80,8 @@ class TimeTerms:
       else:
         ks += [Kernel(f, b, runs) for f, b in self._rooflined(c, hw, dtype) if f or b]
     fl, by = self._optimizer()
-    ks.append(Kernel(fl * state["params"], by * state["params"], 1))
+    trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
+    ks.append(Kernel(fl * trained, by * trained, 1))
     ks += self.loop_traffic(plan, blk, runs_block, state, layout)
     return ks
 
@@ -92,7 +93,8 @@ class TimeTerms:
     staging of the micro-batch and of the output."""
     out = []
     if plan.pp == 1 and plan.mb > 1:  # acc + grads per micro-batch
-      out.append(Kernel(0, 3 * state["params"], plan.mb))
+      trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
+      out.append(Kernel(0, 3 * trained, plan.mb))
     if blk is None or not runs_block:
       return out
     stored = sum(s / n for part, s, _, n in layout if part == BLOCKS)
