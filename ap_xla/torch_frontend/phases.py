@@ -28,7 +28,7 @@ from ap_xla import config, env, plan_cache
 from passes import search as search_pass
 from passes.build import build_plan
 from passes.plan import Plan
-from passes.program import Program
+from passes.program import Program, combine
 from passes.report import OutOfMemoryError, SearchResult, out_of_memory_message
 from passes.space import SearchOptions, divisors
 from passes.step import BuiltStep, _MeshBound
@@ -56,7 +56,10 @@ class Phase:
     scale: `scale(grads, s) -> s * grads`.
     update: `update(params, opt_state, grads, group_lrs, grad_scale) -> (params, opt_state)`
       (params and state donated; the gradients are multiplied by `grad_scale` first).
-    zeros: `zeros(params) -> zeros like params` with the param shardings.
+    zeros: `zeros(params) -> zeros like the trainable params` with the gradient shardings.
+
+  Gradients (and the optimizer state) are trees of the trainable leaves only, None at the
+  frozen ones (`Program.trainable`), placed by `grad_shardings`.
   """
   plan: Plan
   devices: tuple
@@ -71,6 +74,10 @@ class Phase:
   @property
   def param_shardings(self):
     return self.built.param_shardings
+
+  @property
+  def grad_shardings(self):
+    return self.built.grad_shardings
 
   def batch_ok(self, batch_size: int) -> str | None:
     """Why this phase's plan cannot run a batch of `batch_size` (None: it can)."""
@@ -97,11 +104,13 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
     program: the bridged program (its optimizer built at lr 1).
     plan: the plan to run.
     devices: the devices the plan's mesh is taken from.
-    labels: pytree like the params; each leaf the index of its torch param group.
+    labels: pytree like the trainable params (None at frozen leaves); each leaf the index
+      of its torch param group.
     report: the search report, kept for inspection.
   """
   built = build_plan(program, plan, devices)
-  pshard, oshard = built.param_shardings, built.opt_shardings
+  pshard, oshard, gshard = built.param_shardings, built.opt_shardings, built.grad_shardings
+  split = program.split
   replicated = NamedSharding(built.mesh, P())
   tx = program.optimizer
 
@@ -113,22 +122,23 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
 
   def update(params, opt_state, grads, lrs, grad_scale):
     grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    trained, frozen = split(params)
+    updates, opt_state = tx.update(grads, opt_state, trained)
     updates = jax.tree.map(lambda u, i: u * lrs[i].astype(u.dtype), updates, labels)
-    return optax.apply_updates(params, updates), opt_state
+    return combine(optax.apply_updates(trained, updates), frozen), opt_state
 
   def zeros(params):
-    return jax.tree.map(jnp.zeros_like, params)
+    return jax.tree.map(jnp.zeros_like, split(params)[0])
 
   mesh = built.mesh
   return Phase(
       plan=plan, devices=tuple(devices), program=program, built=built, report=report,
-      accumulate=_MeshBound(mesh, jax.jit(accumulate, in_shardings=(pshard, pshard, replicated),
-                                          out_shardings=pshard, donate_argnums=(0,))),
-      scale=_MeshBound(mesh, jax.jit(scale, in_shardings=(pshard, replicated), out_shardings=pshard)),
-      update=_MeshBound(mesh, jax.jit(update, in_shardings=(pshard, oshard, pshard, replicated, replicated),
+      accumulate=_MeshBound(mesh, jax.jit(accumulate, in_shardings=(gshard, gshard, replicated),
+                                          out_shardings=gshard, donate_argnums=(0,))),
+      scale=_MeshBound(mesh, jax.jit(scale, in_shardings=(gshard, replicated), out_shardings=gshard)),
+      update=_MeshBound(mesh, jax.jit(update, in_shardings=(pshard, oshard, gshard, replicated, replicated),
                                       out_shardings=(pshard, oshard), donate_argnums=(0, 1))),
-      zeros=_MeshBound(mesh, jax.jit(zeros, in_shardings=(pshard,), out_shardings=pshard)),
+      zeros=_MeshBound(mesh, jax.jit(zeros, in_shardings=(pshard,), out_shardings=gshard)),
   )
 
 

@@ -91,12 +91,14 @@ class Session:
     self.bridges = BridgeCache(model, optimizer, call, plain_forward)
     first = self.bridges.first
     self.param_names = names = self.bridges.param_names
+    # gradients and optimizer state: of the trainable leaves (None at frozen ones)
+    self.grad_names = first.bridged.trainable_names
     from bridge import state
-    self.labels = state.group_tree(optimizer, model, names)
+    self.labels = state.group_tree(optimizer, model, self.grad_names)
     self.params = first.bridged.program.params
     tensors = dict(model.named_parameters(remove_duplicate=False))
     managed = {n: tensors[n] for n in flat_names(names)}
-    self.grads = Accumulator(names, lambda: self.phase, lambda n: managed[n].dtype)
+    self.grads = Accumulator(self.grad_names, lambda: self.phase, lambda n: managed[n].dtype)
     self._requires_grad = {n: p.requires_grad for n, p in managed.items()}
     self.mirror = TorchMirror(managed, write=lambda: self.bridges.io.to_torch(self.params),
                               read=self._read_torch, zero_grad=self.zero_grad,
@@ -168,7 +170,7 @@ class Session:
       self.opt_state = phase.built.init_opt(self.params)
     else:
       self.opt_state = jax.device_put(self.opt_state, phase.built.opt_shardings)
-    self.grads.place(phase.param_shardings)
+    self.grads.place(phase.grad_shardings)
     self.current = planned
 
   def training_state(self) -> tuple:
@@ -256,7 +258,7 @@ class Session:
           "adds a forward's gradients once. Run the forward again for another backward.")
     grads, pending.grads = pending.grads, None
     if pending.phase is not self.phase:
-      grads = jax.device_put(grads, self.phase.param_shardings)
+      grads = jax.device_put(grads, self.phase.grad_shardings)
     self.grads.add(grads, float(grad_output) * pending.rescale)
 
   def step(self, closure=None):
@@ -309,13 +311,13 @@ class Session:
 
   # -- the optimizer state ---------------------------------------------------------------------
   def _torch_optimizer_state(self) -> dict:
-    return optim_state.export_state(self.opt_state, self.param_names, self.mirror.params)
+    return optim_state.export_state(self.opt_state, self.grad_names, self.mirror.params)
 
   def _load_optimizer_state(self, torch_state: dict) -> None:
     """Reads torch's optimizer state (a checkpoint being resumed) into the optax state."""
     if not torch_state:
       return
-    state = optim_state.import_state(self.opt_state, self.param_names, self.mirror.params, torch_state)
+    state = optim_state.import_state(self.opt_state, self.grad_names, self.mirror.params, torch_state)
     self.opt_state = jax.device_put(state, self.phase.built.opt_shardings)
     log.info("ap-xla: read the torch optimizer state (%d parameters) into the compiled update.",
              len(torch_state))

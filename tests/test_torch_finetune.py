@@ -1,0 +1,93 @@
+"""Fine-tuning patterns through the torch one-liner, against plain torch: frozen weights, PEFT LoRA.
+
+Each test runs one torch loop twice on twin copies of a tiny Hugging Face Llama (hidden 32,
+2 layers): plain torch, and with the one-liner on 8 simulated devices under one pinned plan,
+FSDP over the 8 devices (`PINNED`: no search, so a case costs one bridge and one compile).
+Tolerances (fp32, matmul precision 'highest'): losses over 5 AdamW steps within 1e-4
+relative; parameters within 1e-4 absolute (AdamW divides by sqrt(v), which amplifies
+round-off on near-zero gradients: tests/test_torch_architectures.py); frozen weights
+bit-identical to their initial values.
+"""
+import contextlib
+import copy
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from ap_xla import config, torch_frontend
+from bridge import testing
+from passes.space import SearchOptions
+
+LOSS_RTOL, PARAM_TOL = 1e-4, 1e-4
+PINNED = SearchOptions(pipeline_parallel=False, num_stages=1, num_micro_batches=1,
+                       activation_recomputation=False, distribute_parameter=True, mixed_precision=False,
+                       tensor_parallel=1)
+BATCHES = [{k: v for k, v in testing.lm_batch(8, 16, seed=s).items() if k != "use_cache"} for s in range(2)]
+
+
+@contextlib.contextmanager
+def one_liner(options: SearchOptions = PINNED):
+  """The one-liner with `options` (as `enable_advanced_parallelization` sets them)."""
+  config.set_options(options)
+  torch_frontend.install()
+  try:
+    yield
+  finally:
+    torch_frontend.uninstall()
+    config.set_options(None)
+
+
+def train(model, opt, steps=5) -> list[float]:
+  losses = []
+  for step in range(steps):
+    loss = model(**BATCHES[step % len(BATCHES)]).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+  return losses
+
+
+def twins(freeze=None):
+  ref = testing.tiny_causal_lm("llama")
+  if freeze:
+    freeze(ref)
+  return ref, copy.deepcopy(ref)
+
+
+def session_of(model):
+  from ap_xla.torch_frontend import registry
+  return registry.session_of(model)
+
+
+def test_frozen_embeddings_train_like_torch_without_their_gradients_or_optimizer_state():
+  def freeze(m):
+    m.get_input_embeddings().requires_grad_(False)
+  ref, model = twins(freeze)
+  before = model.get_input_embeddings().weight.detach().clone()
+  want = train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1))
+  with one_liner():
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)  # frozen ones included
+    got = train(model, opt)
+    session = session_of(model)
+    assert str(session.phase.plan) == "Plan(dp=8, tp=1, pp=1, mb=1, recompute='none', fsdp=True)"
+    emb = model.get_input_embeddings().weight
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moments = sum(x.size for x in jax.tree.leaves(session.opt_state) if x.ndim)
+    assert moments == 2 * trained  # AdamW's mu and nu, of the trained parameters only
+    model(**BATCHES[0]).loss.backward()  # a backward without a step: p.grad as torch has it
+    assert emb.grad is None and model.lm_head.weight.grad is not None
+    opt.zero_grad(set_to_none=True)
+    assert model.lm_head.weight.grad is None
+    state = opt.state_dict()["state"]  # torch's optimizer state: the trained parameters only
+    params = list(model.parameters())
+    assert len(state) == sum(p.requires_grad for p in params)
+    assert params.index(emb) not in state
+    torch_frontend.release(model)
+  np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=0)
+  assert torch.equal(model.get_input_embeddings().weight.detach(), before)
+  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    assert float((a - b).abs().max()) <= PARAM_TOL, n
