@@ -91,3 +91,39 @@ def test_frozen_embeddings_train_like_torch_without_their_gradients_or_optimizer
   assert torch.equal(model.get_input_embeddings().weight.detach(), before)
   for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
     assert float((a - b).abs().max()) <= PARAM_TOL, n
+
+
+def lora(model):
+  import peft
+  cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+  return peft.get_peft_model(model, cfg)
+
+
+def test_peft_lora_trains_only_the_adapters_like_torch(tmp_path):
+  import peft
+  base = testing.tiny_causal_lm("llama")
+  ref = lora(copy.deepcopy(base))
+  model = copy.deepcopy(ref)  # the same random lora_A
+  start = {n: p.detach().clone() for n, p in model.named_parameters()}
+  want = train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2))
+  with one_liner():
+    got = train(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert session_of(model) is not None
+    model.save_pretrained(tmp_path / "adapter")  # while taken over: the trained adapter
+    torch_frontend.release(model)
+  np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=0)
+  changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), start[n])}
+  adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+  assert changed and changed <= adapters and all("lora_" in n for n in adapters)  # only adapters changed
+  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    assert float((a - b).abs().max()) <= PARAM_TOL, n
+  # the saved adapter, reloaded on the base model, gives the trained model's outputs
+  reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+  ids = BATCHES[0]["input_ids"]
+  with torch.no_grad():
+    np.testing.assert_allclose(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-6)
+    # merged as torch merges it
+    merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
+    for (n, a), b in zip(merged.state_dict().items(), merged_ref.state_dict().values()):
+      assert float((a - b).abs().max()) <= PARAM_TOL, n
+    assert not any("lora_" in n for n in merged.state_dict())
