@@ -127,3 +127,30 @@ def test_peft_lora_trains_only_the_adapters_like_torch(tmp_path):
     for (n, a), b in zip(merged.state_dict().items(), merged_ref.state_dict().values()):
       assert float((a - b).abs().max()) <= PARAM_TOL, n
     assert not any("lora_" in n for n in merged.state_dict())
+
+
+def test_gradient_checkpointing_maps_to_the_plans_recomputation(caplog):
+  """`gradient_checkpointing_enable()` is the plan's per-block recomputation (not a crash);
+  with `use_cache=False` and `model.zero_grad(set_to_none=True)` as fine-tuning scripts write."""
+  ref, model = twins()
+  for m in (ref, model):
+    m.gradient_checkpointing_enable()
+    m.config.use_cache = False
+  want = train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-3))
+  with one_liner(dataclasses.replace(PINNED, activation_recomputation="auto")), caplog.at_level("INFO"):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    got = train(model, opt, 4)
+    loss = model(**BATCHES[0]).loss
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    model.zero_grad(set_to_none=True)  # the module's zero_grad clears the accumulated gradients
+    assert model.lm_head.weight.grad is None
+    model(**BATCHES[0]).loss.backward()
+    opt.step()
+    got.append(loss.item())
+    assert session_of(model).phase.plan.recompute == "full"
+    torch_frontend.release(model)
+  assert "gradient checkpointing on: the plan recomputes each block" in caplog.text
+  np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=0)
+  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    assert float((a - b).abs().max()) <= PARAM_TOL, n

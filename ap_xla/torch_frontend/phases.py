@@ -143,7 +143,7 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
 
 
 def choose_plan(program: Program, devices: Sequence, advanced: bool,
-                mixed_precision: bool = False) -> tuple[SearchResult, tuple]:
+                mixed_precision: bool = False, checkpointing: bool = False) -> tuple[SearchResult, tuple]:
   """The plan for `program`'s batch: AP's search, or MoAI's default plain data parallelism.
 
   Args:
@@ -152,6 +152,8 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
     advanced: AP's search (False: plain data parallelism, memory checked).
     mixed_precision: the forward runs under autocast: bf16 compute with fp32 master weights
       (else the AP options' own `mixed_precision`, or fp32 for plain data parallelism).
+    checkpointing: the model asked for gradient checkpointing (`gradient_checkpointing_enable()`):
+      the plan recomputes each block's activations in its backward (`with_checkpointing`).
 
   Returns:
     (report, devices the plan runs on).
@@ -166,6 +168,7 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
     options = config.current_options() or SearchOptions()
     if mixed_precision:
       options = dataclasses.replace(options, mixed_precision=True)
+    options = with_checkpointing(options, checkpointing, program)
     try:
       return plan_cache.cached_search(program, devices, options, settings), devices
     except OutOfMemoryError as e:
@@ -177,7 +180,8 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
                batch, usable)
       return plan_cache.cached_search(program, devices[:usable], options, settings), devices[:usable]
   dp = _largest_divisor(len(devices), batch)
-  options = dataclasses.replace(PLAIN_OPTIONS, mixed_precision=mixed_precision)
+  options = with_checkpointing(dataclasses.replace(PLAIN_OPTIONS, mixed_precision=mixed_precision),
+                               checkpointing, program)
   log.info("Advanced Parallelization is off: running %s on %d device(s) with plain data parallelism "
            "(Plan(dp=%d)%s), checking that it fits.", program.name, dp, dp,
            ", bf16 under autocast" if mixed_precision else "")
@@ -186,6 +190,27 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
   except OutOfMemoryError as e:
     raise OutOfMemoryError(_plain_out_of_memory_message(e.results, settings, devices[:dp], batch),
                            e.results) from None
+
+
+def with_checkpointing(options: SearchOptions, checkpointing: bool, program: Program) -> SearchOptions:
+  """The options with the model's gradient checkpointing as recomputation.
+
+  torch's gradient checkpointing recomputes each decoder layer's forward in the backward;
+  the plan's per-block recomputation is that: the options' `activation_recomputation`
+  becomes True ('full') unless it already names a policy ('full', 'dots'). A program
+  without a block stack has no blocks to recompute: it is planned as it is (logged).
+  """
+  if not checkpointing or options.activation_recomputation in ("full", "dots"):
+    return options
+  if not program.num_blocks:
+    log.info("%s asked for gradient checkpointing, but it has no block stack to recompute per block; "
+             "planning it without recomputation.", program.name)
+    return options
+  if options.activation_recomputation is not True:
+    log.info("%s has gradient checkpointing on: the plan recomputes each block's activations in the "
+             "backward (activation_recomputation=True instead of %r).", program.name,
+             options.activation_recomputation)
+  return dataclasses.replace(options, activation_recomputation=True)
 
 
 # The remedy a script without the AP line has first; the search's own message would instead

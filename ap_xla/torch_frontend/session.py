@@ -148,12 +148,18 @@ class Session:
         log.info("ap-xla: batch of %d (%s) cannot reuse %s (%s); re-planning.", size, describe(call),
                  now.phase.plan, why)
     if planned is None:
-      report, devices = phase_lib.choose_plan(program, self.devices, self.advanced, mixed)
+      report, devices = phase_lib.choose_plan(program, self.devices, self.advanced, mixed,
+                                              checkpointing=self._checkpointing())
       phase = phase_lib.build_phase(program, report.plan, devices, self.labels, report)
       planned = _Planned(phase, bridge, {k: v.numel() for k, v in call.tensors.items()}, mixed)
       log.info("ap-xla plan for %s with batch %d: %s", program.name, size, report.plan)
     self._planned[key] = planned
     return planned
+
+  def _checkpointing(self) -> bool:
+    """Whether the model asked for gradient checkpointing (a Hugging Face model's
+    `gradient_checkpointing_enable()`; a peft model forwards the attribute to its base)."""
+    return bool(getattr(self.model, "is_gradient_checkpointing", False))
 
   @property
   def phase(self) -> phase_lib.Phase | None:
