@@ -192,6 +192,27 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
                            e.results) from None
 
 
+def fp32_masters(program: Program) -> Program:
+  """The program with fp32 master weights for its bf16/fp16 trainable parameters.
+
+  The rule for a model loaded in low precision (`from_pretrained(..., torch_dtype=torch.bfloat16)`):
+  without mixed precision it trains in its own dtype, as torch does (weights, gradients and
+  optimizer state in bf16); with mixed precision on (autocast, or the AP option
+  `mixed_precision=True`) its trainable weights are held in fp32 (master weights, with fp32
+  optimizer state), cast to bf16 for the compute by the plan, and written back to torch in
+  the model's dtype. Frozen weights stay in their dtype: they are never updated.
+  """
+  low = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+  def master(x, trained):
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32) if trained and jnp.dtype(x.dtype) in low else x
+
+  params = jax.tree.map(master, program.params, program.trainable_mask)
+  if all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(program.params))):
+    return program
+  return dataclasses.replace(program, params=params)
+
+
 def with_checkpointing(options: SearchOptions, checkpointing: bool, program: Program) -> SearchOptions:
   """The options with the model's gradient checkpointing as recomputation.
 

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import torch
 
+from ap_xla import config
 from ap_xla.torch_frontend import checkpoints, device_memory, optim_state
 from ap_xla.torch_frontend.accumulator import Accumulator
 from ap_xla.torch_frontend import outputs as out_lib
@@ -51,6 +52,11 @@ class _Planned:
   bridge: Bridged
   sizes: dict
   mixed: bool  # planned for a forward under autocast
+
+
+def _as_dtypes(tree: PyTree, like: PyTree) -> PyTree:
+  """`tree` with the dtypes of `like` (fp32 master weights of a bf16 model, `phases.fp32_masters`)."""
+  return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), tree, like)
 
 
 class _Pending:
@@ -130,6 +136,8 @@ class Session:
     if key in self._planned:
       return self._planned[key]
     program = dataclasses.replace(bridge.program, batch=abstractify(jax_batch(call)))
+    if mixed or (self.advanced and getattr(config.current_options(), "mixed_precision", True)):
+      program = phase_lib.fp32_masters(program)
     now = self.current
     planned = None
     if now is not None and now.mixed != mixed:
@@ -171,11 +179,12 @@ class Session:
     if phase is self.phase:
       self.current = planned
       return
-    self.params = jax.device_put(self.params, phase.param_shardings)
+    self.params = jax.device_put(_as_dtypes(self.params, phase.program.params), phase.param_shardings)
     if self.opt_state is None:
       self.opt_state = phase.built.init_opt(self.params)
     else:
-      self.opt_state = jax.device_put(self.opt_state, phase.built.opt_shardings)
+      opt = jax.eval_shape(phase.program.init_optimizer, phase.program.params)
+      self.opt_state = jax.device_put(_as_dtypes(self.opt_state, opt), phase.built.opt_shardings)
     self.grads.place(phase.grad_shardings)
     self.current = planned
 
@@ -185,7 +194,8 @@ class Session:
 
   # -- torch <-> JAX -------------------------------------------------------------------------
   def _read_torch(self) -> None:
-    self.params = jax.device_put(self.bridges.io.from_torch(), self.phase.param_shardings)
+    self.params = jax.device_put(_as_dtypes(self.bridges.io.from_torch(), self.phase.program.params),
+                                 self.phase.param_shardings)
 
   def sync_to_torch(self) -> None:
     """Writes the trained parameters into the torch module (if it holds older values)."""
