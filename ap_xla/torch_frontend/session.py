@@ -206,7 +206,8 @@ class Session:
       changed = [n for n, p in self.mirror.params.items() if p.requires_grad != self._requires_grad[n]]
     if changed:
       raise UnsupportedUsageError(
-          f"requires_grad of {changed[:3]} changed after ap-xla took the model over; the compiled "
+          f"requires_grad of {changed[:3]} changed to {not self._requires_grad[changed[0]]} after ap-xla "
+          "took the model over; the compiled "
           "program trains the parameters that were trainable at the first training call. Freeze "
           "or unfreeze parameters before the first training forward.")
 
