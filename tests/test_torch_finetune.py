@@ -191,8 +191,9 @@ def test_bf16_checkpoint_trains_in_bf16_as_torch_does(bf16_dir):
 def test_bf16_checkpoint_with_mixed_precision_keeps_fp32_master_weights(bf16_dir):
   """With mixed precision on, the bf16 weights get fp32 masters (and fp32 AdamW state); the
   torch model keeps its dtype. Reference: torch training fp32 copies of the bf16 weights
-  under bf16 autocast. Tolerance: losses 2e-2 relative (bf16 compute: the plan casts every
-  op's inputs to bf16, torch's CPU autocast only the matmuls; measured below 1e-2)."""
+  under bf16 autocast. Tolerance: losses 2e-3 relative (bf16 compute, where the plan and
+  torch's CPU autocast round different ops; measured 1.0e-4), weights 1e-2 absolute (the
+  fp32 masters written back to the bf16 model: about one bf16 ulp at 1; measured 3.9e-3)."""
   ref, model = from_pretrained(bf16_dir).float(), from_pretrained(bf16_dir)
   opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
   want = []
@@ -210,5 +211,7 @@ def test_bf16_checkpoint_with_mixed_precision_keeps_fp32_master_weights(bf16_dir
     assert {x.dtype for x in jax.tree.leaves(session.params)} == {np.dtype(np.float32)}
     assert {x.dtype for x in jax.tree.leaves(session.opt_state) if x.ndim} == {np.dtype(np.float32)}
     torch_frontend.release(model)
-  np.testing.assert_allclose(got, want, rtol=2e-2, atol=0)
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=0)
   assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    assert float((a.float() - b.float()).abs().max()) <= 1e-2, n
