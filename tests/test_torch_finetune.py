@@ -215,3 +215,30 @@ def test_bf16_checkpoint_with_mixed_precision_keeps_fp32_master_weights(bf16_dir
   assert all(p.dtype == torch.bfloat16 for p in model.parameters())
   for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
     assert float((a.float() - b.float()).abs().max()) <= 1e-2, n
+
+
+def test_frozen_embeddings_leave_the_plans_memory(tmp_path):
+  """The bridged HF model with frozen embeddings: XLA's memory analysis of the FSDP step and
+  the analytic screen both drop the embeddings' AdamW moments (to the byte) and the screen
+  their gradients, while the embeddings themselves are held, sharded over the 8 devices."""
+  from bridge.program import bridge_model
+  from passes import build, memory, screen
+  from passes.evaluate import compile_plan
+  from passes.hardware import get_profile
+  from passes.plan import Plan
+  plan, figures = Plan(dp=8, fsdp=True), {}
+  for frozen in (True, False):
+    model = testing.tiny_causal_lm("llama")
+    model.get_input_embeddings().requires_grad_(not frozen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    prog = bridge_model(model, {**BATCHES[0], "use_cache": False}, opt).program.abstract()
+    s = screen.build_screen(prog, jax.devices(), None, [plan])(plan, get_profile("cpu"))
+    m = memory.memory_stats(compile_plan(prog, plan, jax.devices(), None))
+    assert s.persistent_bytes == m.argument + m.output - m.alias  # the screen's state is XLA's
+    figures[frozen] = (s.memory, m)
+  emb = model.get_input_embeddings().weight.numel() * 4 // 8  # fp32, sharded over 8 devices
+  (sf, mf), (sa, ma) = figures[True], figures[False]
+  assert sf["params"] == sa["params"]
+  assert sa["opt_state"] - sf["opt_state"] == 2 * emb == ma.argument - mf.argument  # no mu, nu
+  assert sa["grads"] - sf["grads"] == emb
+  assert ma.total - mf.total >= 2 * emb
