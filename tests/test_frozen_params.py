@@ -28,13 +28,12 @@ TRAINABLE = {"pre": False, "post": {"lm_head": {"kernel": True}, "norm": {"scale
              "blocks": {"attn_norm": True, "down": True, "gate": False, "k": False, "mlp_norm": True,
                         "o": True, "q": True, "up": True, "v": True}}
 
-CASES = {
-    "fsdp": Plan(dp=8, fsdp=True),
-    "dp_x_tp": Plan(dp=2, tp=4),
+CASES = {  # one per code path of passes.step: plain, accumulation per data shard, FSDP accumulation, GPipe, 1F1B
+    "fsdp_x_tp": Plan(dp=4, tp=2, fsdp=True),
     "accumulate": Plan(dp=4, mb=2),
-    "accumulate_fsdp": Plan(dp=4, mb=2, fsdp=True),
+    "accumulate_fsdp": Plan(dp=8, mb=2, fsdp=True),
     "pipeline": Plan(pp=2, dp=4, mb=2),
-    "1f1b_fsdp": Plan(pp=2, dp=2, tp=2, mb=4, fsdp=True, schedule="1f1b"),
+    "1f1b_tp_fsdp": Plan(pp=2, dp=2, tp=2, mb=4, fsdp=True, schedule="1f1b"),
 }
 
 
@@ -110,7 +109,7 @@ def test_memory_excludes_frozen_gradients_and_optimizer_state():
   frozen leaves (to the byte), and the screen's gradient term drops their gradients."""
   frozen = frozen_program().abstract()
   full = dataclasses_replace(frozen, trainable=None)
-  plans = [Plan(dp=8), Plan(dp=4, tp=2, fsdp=True)]
+  plans = [Plan(dp=4, tp=2, fsdp=True)]  # plain DP with FSDP: tests/test_torch_finetune.py
   rules = build.derive_program_tp(full)
   out = {}
   for label, prog in (("frozen", frozen), ("full", full)):
