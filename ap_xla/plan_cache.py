@@ -92,8 +92,9 @@ def program_key(program: Program) -> dict:
   digest = hashlib.sha256(_ADDRESS.sub("", str(closed.jaxpr)).encode())
   for c in closed.consts:  # constants the loss closes over are part of what it computes
     digest.update(np.asarray(c).tobytes())
-  opt_state = jax.eval_shape(abstract.optimizer.init, abstract.params)
-  return {"loss_jaxpr_sha256": digest.hexdigest(), "params": _shapes(abstract.params),
+  opt_state = jax.eval_shape(abstract.init_optimizer, abstract.params)
+  frozen = {} if program.trainable is None else {"trainable": [bool(t) for t in jax.tree.leaves(program.trainable)]}
+  return {**frozen, "loss_jaxpr_sha256": digest.hexdigest(), "params": _shapes(abstract.params),
           "batch": _shapes(abstract.batch), "opt_state": _shapes(opt_state),
           "layered": program.layers is not None, "num_blocks": program.num_blocks}
 

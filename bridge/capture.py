@@ -37,9 +37,9 @@ class Captured:
     exported: the decomposed `torch.export.ExportedProgram`.
     inputs: batch key -> placeholder node, for the tensor entries of the batch.
     params: placeholder node -> torch parameter name (as the model names it, before
-      tied names are merged).
-    constants: placeholder node -> name of a buffer, a frozen parameter or a lifted tensor
-      constant, all closed over and not trained.
+      tied names are merged), frozen (`requires_grad=False`) ones included: the bridged
+      program holds them as parameters it does not train (`Program.trainable`).
+    constants: placeholder node -> name of a buffer or a lifted tensor constant, closed over.
     constant_values: the name -> torch tensor of each constant.
     loss: the graph node holding the scalar loss.
     outputs: the graph nodes of the model outputs (flattened), `out_spec` rebuilds them.
@@ -247,15 +247,14 @@ def _index(exported, model, tensors, closed, dynamic_batch, notes) -> Captured:
     raise RuntimeError(f"export produced {len(user_specs)} user inputs for batch keys {user_keys}.")
   inputs = {k: placeholders[s.arg.name] for k, s in zip(user_keys, user_specs)}
 
-  trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
   all_tensors = dict(model.named_parameters(remove_duplicate=False))
   all_tensors.update(model.named_buffers(remove_duplicate=False))
   params, constants, constant_values = {}, {}, {}
   for spec in sig.input_specs:
     node = placeholders[spec.arg.name]
-    if spec.kind == InputKind.PARAMETER and _strip(spec.target) in trainable:
+    if spec.kind == InputKind.PARAMETER:  # frozen ones too: held and sharded, not trained
       params[node] = _strip(spec.target)
-    elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+    elif spec.kind == InputKind.BUFFER:
       constants[node] = _strip(spec.target)
       constant_values[_strip(spec.target)] = all_tensors[_strip(spec.target)].detach()
     elif spec.kind == InputKind.CONSTANT_TENSOR:

@@ -20,7 +20,7 @@ from bridge.blocks import BlockSplit, find_blocks
 from bridge.capture import Captured, capture, split_batch
 from bridge.functions import GraphFunctions
 from bridge.lowering import check_supported, to_jax
-from passes.program import BLOCKS, POST, PRE, Layers, Program
+from passes.program import BLOCKS, POST, PRE, Layers, Program, partition
 
 log = logging.getLogger("bridge")
 
@@ -35,7 +35,9 @@ class BridgedModel:
     program: the `passes.program.Program` (params keyed by torch names; `program.batch`
       is the example batch's tensors as JAX arrays).
     param_names: pytree like `program.params`; each leaf is the torch name of that leaf,
-      or for a stacked block leaf the tuple of the L names along its leading axis.
+      or for a stacked block leaf the tuple of the L names along its leading axis. Frozen
+      (`requires_grad=False`) parameters are leaves too, marked untrained in
+      `program.trainable`.
     structure_log: how the model was cut (or why it stays flat), one line each.
     split: the `BlockSplit`, or None for a flat program.
     tied: first torch name -> all names, for tensors with several names.
@@ -49,6 +51,12 @@ class BridgedModel:
   model: torch.nn.Module
   captured: Captured
   _forward: Callable
+
+  @property
+  def trainable_names(self) -> PyTree:
+    """`param_names` with None at the frozen leaves: the structure of the gradients and of
+    the optimizer state."""
+    return partition(self.param_names, self.program.trainable_mask)[0]
 
   @property
   def has_layers(self) -> bool:
@@ -134,6 +142,15 @@ def bridge_model(model: torch.nn.Module, example_batch: Mapping[str, Any],
 
   unused = sorted(set(fns.canonical.values()) - {fns.canonical[n] for n in fns.used_params(fns.loss_nodes).values()}
                   - {n for n, p in model.named_parameters() if not p.requires_grad})
+  requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+  if split is not None:
+    mixed = [names for names in split.block_params.values() if len({requires_grad[n] for n in names}) > 1]
+    if mixed:
+      lines.append(f"the blocks' {mixed[0][0].rsplit('.', 1)[-1]} (and {len(mixed) - 1} more) are frozen in "
+                   f"some layers and trained in others ({', '.join(mixed[0][:3])}...): a stacked weight "
+                   "is trained or frozen as a whole, so the program stays flat (freeze whole weights "
+                   "across all layers to keep the block stack)")
+      split = None
   if unused:
     lines.append(f"parameters the loss does not read are left out (torch skips them too): {unused[:5]}"
                  + (" ..." if len(unused) > 5 else ""))
@@ -151,7 +168,18 @@ def bridge_model(model: torch.nn.Module, example_batch: Mapping[str, Any],
     names = _names(fns.used_params(fns.loss_nodes), fns.canonical)
     build = dict(loss_fn=fns.flat_loss())
 
-  tx = training_transform(optimizer, model, names, scheduler)
+  trainable = jax.tree.map(lambda leaf: all(requires_grad[n] for n in (leaf if state.is_stacked(leaf) else (leaf,))),
+                           names, is_leaf=state.is_stacked)
+  if not any(jax.tree.leaves(trainable)):
+    raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True that the loss "
+                     "reads: there is nothing to train. Unfreeze the weights to train "
+                     "(p.requires_grad_(True)) before the first training call.")
+  frozen = [n for n, t in zip(jax.tree.leaves(names, is_leaf=state.is_stacked), jax.tree.leaves(trainable)) if not t]
+  if frozen:
+    lines.append(f"{len(frozen)} frozen (requires_grad=False) parameter leaves held and sharded like the "
+                 f"others, with no gradient or optimizer state: {[f if isinstance(f, str) else f[0] for f in frozen[:3]]}"
+                 + (" ..." if len(frozen) > 3 else ""))
+  tx = training_transform(optimizer, model, partition(names, trainable)[0], scheduler)
 
   tensors, _ = split_batch(example_batch)
   batch = {k: to_jax(v) for k, v in tensors.items()}
@@ -161,7 +189,7 @@ def bridge_model(model: torch.nn.Module, example_batch: Mapping[str, Any],
     lines.append("the loss is a mean over what its divisor counts (e.g. labelled tokens): micro-batches "
                  "are weighted by it")
   program = Program(params=params, optimizer=tx, batch=batch, name=name or type(model).__name__,
-                    loss_weight=weight, **build)
+                    loss_weight=weight, trainable=trainable, **build)
   for line in lines:
     log.info("%s: %s", program.name, line)
   if split is None and find_stack:

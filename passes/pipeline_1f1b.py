@@ -26,7 +26,9 @@ stage's is the one that counts and the ticks wait for it).
 
 `loss_and_grad_1f1b` returns the loss and the gradients of blocks, post parameters (as post
 used them), the hidden input and the side inputs; `passes.step` turns them into the
-parameters' gradients with the vjp of `pre` and of the casts and gathers.
+parameters' gradients with the vjp of `pre` and of the casts and gathers. Frozen weights
+(`block_trainable`, `post_trainable`) are used as they are: the vjps are taken with respect
+to the trainable ones, which alone have accumulators and reductions (None at frozen leaves).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from passes.pipeline import _fsdp_dims, _gather_narrow, _in_f32, _vary, _zeros_like, check_pipeline
 from passes.plan import DATA, STAGE
+from passes.program import combine, partition
 
 PyTree = Any
 
@@ -53,7 +56,8 @@ def ring_slots(num_stages: int) -> int:
 def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callable | None, blocks: PyTree,
                        post_params: PyTree, hidden: jax.Array, aux: PyTree, batch: PyTree, *, num_stages: int,
                        num_micro_batches: int, mesh: Mesh, block_specs: PyTree | None = None,
-                       gather_dtype=None, compute_dtype=None):
+                       gather_dtype=None, compute_dtype=None, block_trainable: PyTree | None = None,
+                       post_trainable: PyTree | None = None):
   """(loss, (d_blocks, d_post, d_hidden, d_aux)) of the block stack and post under 1F1B.
 
   Call inside `jax.jit`, with `mesh` as the context mesh.
@@ -74,10 +78,12 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
       the stage's weights are cast once per step, at hand for every tick; the gradients are
       those of the cast weights, widened and accumulated in the weights' dtype (what
       differentiating a cast inside the block gives).
+    block_trainable, post_trainable: bool trees like `blocks` and `post_params` (None: all
+      trained); frozen leaves get no gradient (None in d_blocks / d_post).
 
   Returns:
     The loss (the batch's, as `Program.loss` gives it) and its gradients with respect to
-    blocks, post_params, hidden and aux.
+    blocks (trainable leaves), post_params (likewise), hidden and aux.
   """
   S, M = num_stages, num_micro_batches
   if STAGE not in mesh.axis_names or mesh.shape[STAGE] != S:
@@ -96,11 +102,15 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
   replicated = jax.tree.map(lambda _: P(), post_params)
   a_leaves, a_tree = jax.tree.flatten(aux)
   floats = [jnp.issubdtype(v.dtype, jnp.inexact) for v in a_leaves]
-  body = functools.partial(_body, block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype)
+  b_mask = block_trainable if block_trainable is not None else jax.tree.map(lambda _: True, blocks)
+  p_mask = post_trainable if post_trainable is not None else jax.tree.map(lambda _: True, post_params)
+  body = functools.partial(_body, block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype,
+                           b_mask, p_mask)
   loss, (d_blocks, d_post, d_hidden, d_float) = jax.shard_map(
       body, mesh=mesh, axis_names=set(manual),
       in_specs=(bspecs, replicated, P(batch_axis), local(aux), local(batch)),
-      out_specs=(P(), (bspecs, replicated, P(batch_axis), [P(batch_axis)] * sum(floats))))(
+      out_specs=(P(), (partition(bspecs, b_mask)[0], partition(replicated, p_mask)[0], P(batch_axis),
+                       [P(batch_axis)] * sum(floats))))(
           blocks, post_params, hidden, aux, batch)
   it = iter(d_float)  # side inputs that are not floats take no cotangent (float0 zeros)
   d_aux = jax.tree.unflatten(a_tree, [next(it) if f else np.zeros(v.shape, jax.dtypes.float0)
@@ -108,8 +118,8 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
   return loss, (d_blocks, d_post, d_hidden, d_aux)
 
 
-def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype, blocks, post_params,
-          hidden, aux, batch):
+def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype, b_mask, p_mask,
+          blocks, post_params, hidden, aux, batch):
   """Per (stage, data shard): blocks [L/S, ...], hidden/aux/batch [B/dp, ...] (module doc)."""
   s = lax.axis_index(STAGE)
   K = ring_slots(S)
@@ -124,11 +134,13 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
     return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
   weights = jax.tree.map(gather, blocks, fsdp)
   weights = jax.tree.map(lambda w: _vary(w, manual), weights)
-  acc_like = weights  # gradients accumulate in the weights' own dtype
+  acc_like = partition(weights, b_mask)[0]  # gradients accumulate in the weights' own dtype
   if compute_dtype is not None:
     narrow = lambda w: w.astype(compute_dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w
     weights = jax.tree.map(narrow, weights)
+  w_train, w_frozen = partition(weights, b_mask)
   post_params = jax.tree.map(lambda w: _vary(w, manual), post_params)
+  pp_train, pp_frozen = partition(post_params, p_mask)
   split = lambda x: _vary(x.reshape((M, x.shape[0] // M) + x.shape[1:]), manual)
   xs, auxs, batches = split(hidden), jax.tree.map(split, aux), jax.tree.map(split, batch)
   pick = lambda tree, i: jax.tree.map(lambda v: lax.dynamic_index_in_dim(v, i, keepdims=False), tree)
@@ -164,7 +176,7 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
 
   def forward(x, a):
     af, ai = split_aux(a)
-    y, vjp = jax.vjp(lambda w, x, af: stage(w, x, af, ai), weights, x, af)
+    y, vjp = jax.vjp(lambda w, x, af: stage(combine(w, w_frozen), x, af, ai), w_train, x, af)
     leaves, tree = jax.tree.flatten(vjp)
     at_hand = jax.tree.leaves((weights, af, ai))
     found = [next((k for k, z in enumerate(at_hand) if z is l), None) for l in leaves]
@@ -187,8 +199,8 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
   def post_grad(y, a, b, i):
     af, ai = split_aux(a)
     def piece(pp, h, af):
-      return post_fn(pp, h, join_aux(af, ai), b).astype(jnp.float32)
-    l, vjp = jax.vjp(piece, post_params, y, af)
+      return post_fn(combine(pp, pp_frozen), h, join_aux(af, ai), b).astype(jnp.float32)
+    l, vjp = jax.vjp(piece, pp_train, y, af)
     has = w_i[i] > 0
     scale = jnp.where(has, w_i[i] / total, 0.0)
     dpp, dy, da = vjp(_vary(scale.astype(l.dtype), manual))
@@ -198,7 +210,7 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
   ring = jax.tree.map(lambda r: _vary(jnp.zeros((K,) + r.shape, r.dtype), manual), stored)
   carry0 = dict(
       recv_f=_zeros_like(x0), recv_b=_zeros_like(x0), pending=_zeros_like(x0), ring=ring,
-      loss=_vary(jnp.zeros((), jnp.float32), manual), d_w=zeros(acc_like), d_post=zeros(post_params),
+      loss=_vary(jnp.zeros((), jnp.float32), manual), d_w=zeros(acc_like), d_post=zeros(pp_train),
       d_x=_zeros_like(xs), d_aux=zeros(split_aux(auxs)[0]))
   fwd_pairs = [(k, k + 1) for k in range(S - 1)]
   bwd_pairs = [(k + 1, k) for k in range(S - 1)]
@@ -249,7 +261,9 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
     if d is None:
       return _in_f32(lambda v: lax.psum(v, others), g) if others else g
     return _in_f32(lambda v: lax.psum_scatter(v, DATA, scatter_dimension=d, tiled=True), g)
-  d_blocks = jax.tree.map(reduce_w, c["d_w"], fsdp)
+  treedef = jax.tree.structure(b_mask)
+  d_blocks = treedef.unflatten([reduce_w(g, d) if m else None for g, d, m in zip(
+      treedef.flatten_up_to(c["d_w"]), treedef.flatten_up_to(fsdp), treedef.flatten_up_to(b_mask))])
   everywhere = manual
   d_post = jax.tree.map(lambda g: _in_f32(lambda v: lax.psum(v, everywhere), g), c["d_post"])
   loss = lax.psum(c["loss"], everywhere)

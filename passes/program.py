@@ -3,7 +3,12 @@
 A `Program` is a pure JAX training problem: parameters, a loss, an optax optimizer and an
 example batch. Optionally it exposes its layer structure as `Layers` (pre -> a stack of
 identical blocks with stacked weights run by scan -> post), which per-block recomputation
-and pipelining need.
+and pipelining need, and which of its parameters are trained (`trainable`): the others are
+frozen, held and sharded like any parameter but given no gradient and no optimizer state.
+
+Trees split by `trainable` (`partition`, `combine`) keep the parameters' structure with None
+in place of the other side's leaves (an empty subtree to jax and optax), so gradients and the
+optimizer state are trees of the trainable leaves alone, keyed by the same paths.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -66,6 +72,11 @@ class Program:
     loss_fn: `loss_fn(params, batch) -> scalar`. Optional when `layers` is given.
     layers: the optional layer structure.
     name: a label for logs.
+    trainable: optional pytree of bools with the structure of `params`, or a prefix of it
+      (`{'pre': False, 'blocks': True, 'post': True}`): which leaves are trained. The others
+      are frozen (a fine-tuned model's base weights): in the loss and sharded like any
+      parameter, never differentiated, updated or given optimizer state. None: all are
+      trained. Normalized to the full tree, or to None when every leaf is trained.
     loss_weight: optional `loss_weight(batch) -> scalar`, a function of the batch alone, for
       a loss that is a mean over something other than the examples (an LM loss over its
       labelled tokens): the loss of a batch cut into pieces is then sum_i w_i loss_i / sum_i w_i
@@ -84,6 +95,7 @@ class Program:
   layers: Layers | None = None
   name: str = "program"
   loss_weight: Callable[[PyTree], jax.Array] | None = None
+  trainable: PyTree | None = None
 
   def __post_init__(self):
     if self.loss_fn is None and self.layers is None:
@@ -110,6 +122,7 @@ class Program:
         raise ValueError("Every leaf of Program.params['blocks'] must be stacked on a leading axis of "
                          f"the same length (the number of blocks); got leading sizes {sorted(map(str, depths))}.")
     self.batch_size  # validates the batch
+    object.__setattr__(self, "trainable", _normalize_mask(self.trainable, self.params))
 
   @property
   def batch_size(self) -> int:
@@ -130,6 +143,30 @@ class Program:
   def num_params(self) -> int:
     return sum(int(l.size) for l in jax.tree.leaves(self.params))
 
+  @property
+  def has_frozen(self) -> bool:
+    """Whether some parameters are frozen (`trainable`)."""
+    return self.trainable is not None
+
+  @property
+  def trainable_mask(self) -> PyTree:
+    """`trainable` as a full tree of bools (all True when nothing is frozen)."""
+    if self.trainable is None:
+      return jax.tree.map(lambda _: True, self.params)
+    return self.trainable
+
+  @property
+  def num_trainable_params(self) -> int:
+    return sum(int(l.size) for l in jax.tree.leaves(self.split(self.params)[0]))
+
+  def split(self, tree: PyTree) -> tuple[PyTree, PyTree]:
+    """(trainable, frozen) parts of a tree structured like the params (see `partition`)."""
+    return partition(tree, self.trainable_mask)
+
+  def init_optimizer(self, params: PyTree) -> PyTree:
+    """The optimizer state of `params`: of their trainable leaves only."""
+    return self.optimizer.init(self.split(params)[0])
+
   def loss(self, params: PyTree, batch: PyTree) -> jax.Array:
     """The single-device reference loss."""
     if self.layers is None:
@@ -143,8 +180,55 @@ class Program:
     return dataclasses.replace(self, params=abstractify(self.params), batch=abstractify(self.batch))
 
   def __repr__(self):
-    return (f"Program(name={self.name!r}, params={self.num_params:,}, batch={self.batch_size}, "
+    frozen = f", trainable={self.num_trainable_params:,}" if self.has_frozen else ""
+    return (f"Program(name={self.name!r}, params={self.num_params:,}{frozen}, batch={self.batch_size}, "
             f"blocks={self.num_blocks})")
+
+
+def partition(tree: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
+  """Splits `tree` by a bool `mask` of its structure (leaves of `tree` may be any objects,
+  e.g. PartitionSpecs) into (selected, the rest), each with None in place of the other's.
+
+  Example:
+    >>> partition({'w': w, 'b': b}, {'w': True, 'b': False})
+    ({'w': w, 'b': None}, {'w': None, 'b': b})
+  """
+  treedef = jax.tree.structure(mask)
+  leaves, flags = treedef.flatten_up_to(tree), treedef.flatten_up_to(mask)
+  return (treedef.unflatten([x if m else None for x, m in zip(leaves, flags)]),
+          treedef.unflatten([None if m else x for x, m in zip(leaves, flags)]))
+
+
+def combine(selected: PyTree, rest: PyTree) -> PyTree:
+  """The inverse of `partition`: each leaf from whichever side holds it."""
+  return jax.tree.map(lambda a, b: b if a is None else a, selected, rest, is_leaf=lambda x: x is None)
+
+
+def _normalize_mask(mask: PyTree | None, params: PyTree) -> PyTree | None:
+  """The full bool tree of `mask` (a tree or prefix of `params`), or None when all are True.
+
+  Raises:
+    ValueError: `mask` is not a prefix of `params`, has non-bool leaves, or trains nothing.
+  """
+  if mask is None:
+    return None
+  try:
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"Program.trainable must be a tree of bools with the structure of params (or a "
+                     f"prefix of it); got {jax.tree.structure(mask)} for params "
+                     f"{jax.tree.structure(params)}.") from e
+  flags = jax.tree.leaves(full)
+  bad = [m for m in flags if not isinstance(m, (bool, np.bool_))]
+  if bad:
+    raise ValueError(f"Program.trainable leaves must be True (trained) or False (frozen), got "
+                     f"{bad[0]!r} ({type(bad[0]).__name__}).")
+  if not any(flags):
+    raise ValueError("Program.trainable freezes every parameter: there is nothing to train. Mark "
+                     "at least one leaf True (or pass trainable=None to train them all).")
+  if all(flags):
+    return None
+  return jax.tree.map(bool, full)
 
 
 def abstractify(tree: PyTree) -> PyTree:

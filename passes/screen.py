@@ -9,7 +9,9 @@ memory (per device)
   params, opt_state, batch   the training state under the plan's shardings: exact, from the
                              shapes and partition specs (XLA's argument + output - alias)
   grads                      the gradient buffers (one set; two under gradient accumulation:
-                             the accumulator and the micro-batch's)
+                             the accumulator and the micro-batch's), of the trainable
+                             parameters only: frozen ones (`Program.trainable`) have none,
+                             nor optimizer state
   saved_activations          the residuals each block keeps for its backward under the plan's
                              recomputation policy (read from the block's jaxpr), times the
                              layers a device runs, times the micro-batches in flight (all
@@ -111,7 +113,7 @@ class Screen(TimeTerms):
     self.num_devices = num_devices
     self.platform = platform
     self.tp_dims_fn = tp_dims_fn
-    self.opt_shapes = jax.eval_shape(program.optimizer.init, program.params)
+    self.opt_shapes = jax.eval_shape(program.init_optimizer, program.params)
     self._opt = None
     self._spec_cache: dict = {}
     self._roof_cache: dict = {}
@@ -123,7 +125,9 @@ class Screen(TimeTerms):
     key = (plan.dp, plan.tp, plan.pp, plan.fsdp)
     if key not in self._spec_cache:
       pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
-      self._spec_cache[key] = (pspecs, sh.opt_state_specs(self.opt_shapes, self.program.params, pspecs))
+      split = self.program.split
+      self._spec_cache[key] = (pspecs, sh.opt_state_specs(self.opt_shapes, split(self.program.params)[0],
+                                                          split(pspecs)[0]))
     return self._spec_cache[key]
 
   def state(self, plan: Plan) -> dict:
@@ -140,6 +144,20 @@ class Screen(TimeTerms):
     # table of pointers (8 bytes per output).
     outputs = len(pleaves) + len(jax.tree.leaves(self.opt_shapes)) + 1
     return {"params": params, "opt_state": opt, "batch": batch + 4 + 8 * outputs}
+
+  def trainable_bytes(self, plan: Plan, part: str | None = None, gathered: bool = False) -> int:
+    """Per-device bytes of the trainable parameters (of one `part`; as gathered over 'data')."""
+    mesh = plan.mesh_shape
+    pspecs, _ = self._specs(plan)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    total = 0
+    flat = jax.tree_util.tree_leaves_with_path(self.program.params)
+    flags = jax.tree.leaves(self.program.trainable_mask)
+    for (path, x), s, t in zip(flat, jax.tree.leaves(pspecs, is_leaf=is_spec), flags):
+      where = str(getattr(path[0], "key", "")) if self.program.layers is not None else PRE
+      if t and (part is None or where == part):
+        total += _nbytes(x) // _shards(sh.without_axis(s, DATA) if gathered else s, mesh)
+    return total
 
   def leaf_layout(self, plan: Plan) -> list[tuple[str, int, int, int]]:
     """Per parameter leaf: (part, per-device bytes as stored, bytes gathered over 'data',
@@ -199,17 +217,19 @@ class Screen(TimeTerms):
   # ---------------------------------------------------------------- memory terms
 
   def grads(self, plan: Plan, state: dict, layout) -> float:
-    """Gradient buffers: one set sharded like the parameters; two under gradient accumulation
-    (the accumulator and the micro-batch's); a pipeline's below."""
+    """Gradient buffers of the trainable parameters: one set sharded like them; two under
+    gradient accumulation (the accumulator and the micro-batch's); a pipeline's below."""
+    trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
     if plan.pp > 1:
       # A stage accumulates its blocks' gradients through the loops: in the output buffer
       # when they are replicated over 'data'; whole beside it under FSDP, which then
       # reduce-scatters them (and XLA:CPU keeps one more whole copy for that, measured on
       # the search_time model). 1F1B computes each tick's gradient beside the accumulator.
-      stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
+      stage = (self.trainable_bytes(plan, BLOCKS, gathered=True) if self.program.has_frozen
+               else sum(g for part, _, g, _ in layout if part == BLOCKS))
       whole = (2 if plan.fsdp and plan.dp > 1 else 0) + (1 if plan.schedule == "1f1b" else 0)
-      return state["params"] + whole * stage
-    return (2 if plan.mb > 1 else 1) * state["params"]
+      return trained + whole * stage
+    return (2 if plan.mb > 1 else 1) * trained
 
   def saved_activations(self, plan: Plan, pre, blk, post) -> float:
     """Residuals kept for the backward: per layer x layers x micro-batches in flight."""

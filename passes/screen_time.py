@@ -36,7 +36,7 @@ class TimeTerms:
   def _optimizer(self):
     """(flops, bytes moved) of the optimizer update per parameter byte (traced once)."""
     if self._opt is None:
-      tx, params = self.program.optimizer, self.program.params
+      tx, params = self.program.optimizer, self.program.split(self.program.params)[0]
       def update(g, s, p):
         import optax
         u, s = tx.update(g, s, p)
@@ -83,7 +83,8 @@ class TimeTerms:
       else:
         ks += [Kernel(f, b, runs) for f, b in self._rooflined(c, hw, dtype) if f or b]
     fl, by = self._optimizer()
-    ks.append(Kernel(fl * state["params"], by * state["params"], 1))
+    trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
+    ks.append(Kernel(fl * trained, by * trained, 1))
     ks += self.loop_traffic(plan, blk, runs_block, state, layout)
     return ks
 
@@ -109,7 +110,8 @@ class TimeTerms:
     staging of the micro-batch and of the output."""
     out = []
     if plan.pp == 1 and plan.mb > 1:  # acc + grads per micro-batch
-      out.append(Kernel(0, 3 * state["params"], plan.mb))
+      trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
+      out.append(Kernel(0, 3 * trained, plan.mb))
     if blk is None or not runs_block:
       return out
     stored = sum(s / n for part, s, _, n in layout if part == BLOCKS)
@@ -161,8 +163,10 @@ class TimeTerms:
     """
     g = self._groups(plan, DATA)
     L = max(1, self.program.num_blocks)
-    blocks = [(s, gb, n) for part, s, gb, n in layout if part == BLOCKS]
-    edges = [(s, gb) for part, s, gb, _ in layout if part != BLOCKS]
+    # frozen leaves (`Program.trainable`) are gathered like the others but have no gradient
+    flags = jax.tree.leaves(self.program.trainable_mask)
+    blocks = [(s, gb, n, t) for (part, s, gb, n), t in zip(layout, flags) if part == BLOCKS]
+    edges = [(s, gb, None, t) for (part, s, gb, _), t in zip(layout, flags) if part != BLOCKS]
     out = []
     low = plan.low_prec and plan.bf16 and self.platform != "cpu"  # XLA:CPU widens bf16 collectives to fp32
     kind = fsdp_grad_kind(self.platform)
@@ -173,9 +177,9 @@ class TimeTerms:
     for group, layers in ((edges, 1), (blocks, L if blocks else 1)):
       if not group:
         continue
-      pairs = [(x[0], x[1]) for x in group]
-      rep = sum(gb for s, gb in pairs if s == gb or not plan.fsdp)
-      shard = [(s, gb) for s, gb in pairs if plan.fsdp and s != gb]
+      pairs = [(x[0], x[1], x[3]) for x in group]
+      rep = sum(gb for s, gb, t in pairs if t and (s == gb or not plan.fsdp))
+      shard = [(s, gb, t) for s, gb, t in pairs if plan.fsdp and s != gb]
       per_layer = group is blocks and plan.pp == 1
       n = layers if per_layer else 1
       if rep:  # combined per layer; once per step under accumulation or in a pipeline
@@ -184,11 +188,11 @@ class TimeTerms:
       if shard:
         reps = 1 if plan.pp > 1 and group is blocks else plan.mb
         regather = 2 if (plan.recompute != "none" and per_layer) else 1
-        for _, gb in shard:  # one gather per leaf (and layer)
+        for _, gb, _ in shard:  # one gather per leaf (and layer)
           add([Collective("all-gather", int((gb // 2 if low else gb) // n), plan.dp, n * reps * regather, g)])
         # the pipeline reduce-scatters its blocks' gradients itself (psum_scatter)
         k = "reduce-scatter" if plan.pp > 1 and group is blocks else kind
-        total = sum(gb if k == "all-reduce" else s for s, gb in shard)
+        total = sum(gb if k == "all-reduce" else s for s, gb, t in shard if t)
         add([Collective(k, int(total // n), plan.dp, n * reps, g)])
     return out
 

@@ -1,4 +1,10 @@
-"""Builds a plan's sharded training step: value_and_grad + optimizer update, jitted on its mesh."""
+"""Builds a plan's sharded training step: value_and_grad + optimizer update, jitted on its mesh.
+
+Frozen parameters (`Program.trainable`) are inputs of the loss like the others, sharded by
+the same specs, but the gradient is taken with respect to the trainable ones alone: the
+gradients, their accumulators and the optimizer state are trees of the trainable leaves
+(None elsewhere), and the step passes the frozen leaves through unchanged.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from passes import shardings as sh
 from passes.plan import DATA, Plan
-from passes.program import BLOCKS, POST, PRE, Program, scan_blocks
+from passes.program import BLOCKS, POST, PRE, Program, combine, partition, scan_blocks
 
 PyTree = Any
 
@@ -27,8 +33,10 @@ class BuiltStep:
 
   Attributes:
     step: `step(params, opt_state, batch) -> (params, opt_state, loss)`, params and state donated.
-    loss_and_grad: `loss_and_grad(params, batch) -> (loss, grads)` with the same shardings.
-    init_opt: `init_opt(params) -> opt_state`, placed by `opt_shardings`.
+    loss_and_grad: `loss_and_grad(params, batch) -> (loss, grads)`; grads of the trainable
+      leaves (None at frozen ones), placed by `grad_shardings`.
+    init_opt: `init_opt(params) -> opt_state` of the trainable leaves, placed by `opt_shardings`.
+    grad_shardings: the trainable part of `param_shardings` (None at frozen leaves).
   """
   plan: Plan
   mesh: Mesh
@@ -38,13 +46,14 @@ class BuiltStep:
   step: Callable
   loss_and_grad: Callable
   init_opt: Callable
+  grad_shardings: PyTree = None
 
   def abstract_inputs(self, program: Program):
     """ShapeDtypeStructs with shardings for lowering `step` without allocating anything."""
     def sds(x, s):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     params = jax.tree.map(sds, program.params, self.param_shardings)
-    opt = jax.eval_shape(program.optimizer.init, program.params)
+    opt = jax.eval_shape(program.init_optimizer, program.params)
     opt = jax.tree.map(sds, opt, self.opt_shardings)
     batch = jax.tree.map(sds, program.batch, self.batch_shardings)
     return params, opt, batch
@@ -166,29 +175,45 @@ def _one_f_one_b(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Ca
   if plan.recompute != "none":
     block_fn = jax.checkpoint(block_fn, policy=_POLICIES[plan.recompute])
 
+  mask = program.trainable_mask
+  tspecs = program.split(pspecs)[0]
+
   def loss_and_grad(params, batch):
     batch = cast_batch(batch)
-    (h, aux), pre_vjp = jax.vjp(lambda p: layers.pre(prepare(p, pspecs[PRE]), batch), params[PRE])
-    post_params, post_vjp = jax.vjp(lambda p: prepare(p, pspecs[POST]), params[POST])
+    pre_t, pre_f = partition(params[PRE], mask[PRE])
+    (h, aux), pre_vjp = jax.vjp(
+        lambda p: layers.pre(prepare(combine(p, pre_f), pspecs[PRE]), batch), pre_t)
+    # post's frozen weights are prepared (cast, gathered) outside the vjp: no gradient
+    post_t, post_f = partition(params[POST], mask[POST])
+    post_spec_t, post_spec_f = partition(pspecs[POST], mask[POST])
+    post_ready, post_vjp = jax.vjp(lambda p: prepare(p, post_spec_t), post_t)
+    post_params = combine(post_ready, prepare(post_f, post_spec_f))
     loss, (d_blocks, d_post, d_h, d_aux) = pipeline_1f1b.loss_and_grad_1f1b(
         block_fn, layers.post, program.loss_weight, params[BLOCKS], post_params, h, aux, batch,
         num_stages=plan.pp, num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS],
         gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None,
-        compute_dtype=jnp.bfloat16 if plan.bf16 else None)
+        compute_dtype=jnp.bfloat16 if plan.bf16 else None,
+        block_trainable=mask[BLOCKS], post_trainable=mask[POST])
     grads = {PRE: pre_vjp((d_h.astype(h.dtype), d_aux))[0], BLOCKS: d_blocks, POST: post_vjp(d_post)[0]}
-    return loss.astype(jnp.float32), jax.lax.with_sharding_constraint(grads, pspecs)
+    return loss.astype(jnp.float32), jax.lax.with_sharding_constraint(grads, tspecs)
   return loss_and_grad
 
 
 def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Callable:
-  """`(params, batch) -> (loss, grads)`; micro-batches accumulate gradients when pp == 1."""
+  """`(params, batch) -> (loss, grads)`, grads of the trainable leaves; micro-batches
+  accumulate gradients when pp == 1."""
   if plan.pp > 1 and plan.schedule == "1f1b":
     return _one_f_one_b(program, plan, pspecs, mesh)
   loss = make_loss(program, plan, pspecs, mesh)
-  vg = jax.value_and_grad(loss)
+  split = program.split
+  tspecs = split(pspecs)[0]
+  by_part = jax.value_and_grad(lambda t, f, batch: loss(combine(t, f), batch))
+
+  def vg(params, batch):  # differentiated with respect to the trainable leaves alone
+    return by_part(*split(params), batch)
 
   def constrain(g):
-    return jax.lax.with_sharding_constraint(g, pspecs)
+    return jax.lax.with_sharding_constraint(g, tspecs)
 
   if plan.mb == 1 or plan.pp > 1:
     # The loss runs on the whole batch (with a pipeline, `post` does): exact for any mean.
@@ -198,14 +223,14 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
     return loss_and_grad
   piece = _weighted_piece(vg, program.loss_weight)
   if plan.dp > 1 and not plan.fsdp:
-    return _accumulate_per_data_shard(piece, plan, mesh, pspecs)
+    return _accumulate_per_data_shard(piece, plan, mesh, tspecs, split)
 
   # FSDP (or no data axis): gradients accumulate in their sharded layout, so each micro-batch's
   # are reduce-scattered over 'data' as the backward makes them (per layer, per micro-batch):
   # ZeRO-3's trade, which keeps the accumulator sharded instead of holding a full local copy.
   def accumulated(params, batch):
     micro = _split_micro_batches(batch, plan.mb)
-    zeros = constrain(jax.tree.map(jnp.zeros_like, params))
+    zeros = constrain(jax.tree.map(jnp.zeros_like, split(params)[0]))
 
     def body(carry, mbatch):
       tot, acc, wsum = carry
@@ -219,7 +244,8 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
   return accumulated
 
 
-def _accumulate_per_data_shard(piece: Callable, plan: Plan, mesh: Mesh, pspecs: PyTree) -> Callable:
+def _accumulate_per_data_shard(piece: Callable, plan: Plan, mesh: Mesh, tspecs: PyTree,
+                               split: Callable) -> Callable:
   """Gradient accumulation with replicated weights: one all-reduce over 'data' per step.
 
   Under GSPMD the weight gradients of each micro-batch come out replicated, i.e. all-reduced
@@ -228,7 +254,8 @@ def _accumulate_per_data_shard(piece: Callable, plan: Plan, mesh: Mesh, pspecs: 
   each data shard takes the weighted loss and gradient of its own slice of each micro-batch
   (`_weighted_piece`), at the weights made 'data'-varying once, accumulates them locally,
   and one psum after the loop sums the shards; dividing by the summed weight gives the
-  whole batch's mean (over examples, or over what `Program.loss_weight` counts).
+  whole batch's mean (over examples, or over what `Program.loss_weight` counts). Only the
+  trainable leaves (`split`, with `tspecs` their specs) have accumulators and reductions.
   """
   mb = plan.mb
 
@@ -242,7 +269,7 @@ def _accumulate_per_data_shard(piece: Callable, plan: Plan, mesh: Mesh, pspecs: 
       l, g, w = piece(local, mbatch)
       return (tot + l, jax.tree.map(jnp.add, acc, g), wsum + w), None
 
-    zeros = jax.tree.map(jnp.zeros_like, local)
+    zeros = jax.tree.map(jnp.zeros_like, split(local)[0])
     zero = jax.lax.pcast(jnp.zeros((), jnp.float32), (DATA,), to="varying")
     (tot, acc, wsum), _ = jax.lax.scan(body, (zero, zeros, zero), micro)
     # After both loops: the one reduction of the step. In fp32: the CPU compiler aborts on a
@@ -256,9 +283,9 @@ def _accumulate_per_data_shard(piece: Callable, plan: Plan, mesh: Mesh, pspecs: 
     replicated = jax.tree.map(lambda _: P(), params)
     run = jax.shard_map(region, mesh=mesh, axis_names={DATA},
                         in_specs=(replicated, jax.tree.map(lambda _: P(DATA), batch)),
-                        out_specs=(P(), replicated))
+                        out_specs=(P(), split(replicated)[0]))
     l, g = run(params, batch)
-    return l, jax.lax.with_sharding_constraint(g, pspecs)
+    return l, jax.lax.with_sharding_constraint(g, tspecs)
 
   return accumulated
 
@@ -290,17 +317,20 @@ def build_step(program: Program, plan: Plan, devices, tp_dims: PyTree | None = N
   """
   mesh = sh.make_mesh(plan, devices)
   pspecs = sh.param_specs(program, plan, tp_dims)
-  opt_shapes = jax.eval_shape(program.optimizer.init, program.params)
-  ospecs = sh.opt_state_specs(opt_shapes, program.params, pspecs)
+  split = program.split
+  tspecs = split(pspecs)[0]
+  opt_shapes = jax.eval_shape(program.init_optimizer, program.params)
+  ospecs = sh.opt_state_specs(opt_shapes, split(program.params)[0], tspecs)
   bspecs = sh.batch_specs(program.batch)
-  pshard, oshard, bshard = (sh.named(mesh, s) for s in (pspecs, ospecs, bspecs))
+  pshard, oshard, bshard, gshard = (sh.named(mesh, s) for s in (pspecs, ospecs, bspecs, tspecs))
   loss_and_grad = make_loss_and_grad(program, plan, pspecs, mesh)
   tx = program.optimizer
 
   def step(params, opt_state, batch):
     loss, grads = loss_and_grad(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    trained, frozen = split(params)
+    updates, opt_state = tx.update(grads, opt_state, trained)
+    return combine(optax.apply_updates(trained, updates), frozen), opt_state, loss
 
   replicated = jax.sharding.NamedSharding(mesh, P())
   return BuiltStep(
@@ -308,6 +338,7 @@ def build_step(program: Program, plan: Plan, devices, tp_dims: PyTree | None = N
       step=_MeshBound(mesh, jax.jit(step, in_shardings=(pshard, oshard, bshard),
                                     out_shardings=(pshard, oshard, replicated), donate_argnums=(0, 1))),
       loss_and_grad=_MeshBound(mesh, jax.jit(loss_and_grad, in_shardings=(pshard, bshard),
-                                             out_shardings=(replicated, pshard))),
-      init_opt=_MeshBound(mesh, jax.jit(tx.init, in_shardings=(pshard,), out_shardings=oshard)),
+                                             out_shardings=(replicated, gshard))),
+      init_opt=_MeshBound(mesh, jax.jit(program.init_optimizer, in_shardings=(pshard,), out_shardings=oshard)),
+      grad_shardings=gshard,
   )

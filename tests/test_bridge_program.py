@@ -7,6 +7,7 @@ import torch
 
 from bridge import testing
 from bridge.program import bridge_model
+from passes.program import combine
 from bridge.state import by_torch_name
 from tests.test_bridge_blocks import Stack, _batch
 
@@ -66,21 +67,30 @@ class ConvBN(torch.nn.Module):
     return torch.nn.functional.cross_entropy(self.fc(h), y)
 
 
-def test_buffers_and_frozen_weights_are_constants():
+def test_buffers_are_constants_and_frozen_weights_untrained_params():
   model = ConvBN()
   batch = {"x": torch.randn(4, 3, 8, 8), "y": torch.tensor([0, 1, 1, 0])}
   bridged = bridge_model(model, batch, optax.sgd(0.1))
-  assert set(bridged.program.params) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"}
+  assert set(bridged.program.params) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight",
+                                         "fc.bias"}
+  assert bridged.program.trainable == {n: n != "fc.bias" for n in bridged.program.params}
+  assert bridged.trainable_names["fc.bias"] is None
+  assert not any(n.startswith(("conv", "bn.weight", "bn.bias", "fc")) for n in bridged.captured.constant_values)
   assert any("buffer updates are not carried over" in line and "bn.running_mean" in line
              for line in bridged.structure_log)
   # The torch one-liner refuses such a model (tests/test_torch_oneliner.py); it reads this.
   assert set(bridged.captured.mutated_buffers) == {"bn.running_mean", "bn.running_var",
                                                    "bn.num_batches_tracked"}
-  loss, grads = jax.value_and_grad(bridged.program.loss)(bridged.program.params, bridged.program.batch)
+  prog = bridged.program
+  trained, frozen = prog.split(prog.params)
+  loss, grads = jax.value_and_grad(lambda t: prog.loss(combine(t, frozen), prog.batch))(trained)
   torch_loss = model(**batch)  # train mode: batch statistics, like the program
   torch_loss.backward()
   assert abs(float(loss) - torch_loss.item()) <= 1e-5
+  assert grads["fc.bias"] is None and model.fc.bias.grad is None
   for name, g in grads.items():
+    if g is None:
+      continue
     np.testing.assert_allclose(np.asarray(g), model.get_parameter(name).grad.numpy(), atol=1e-5)
 
 

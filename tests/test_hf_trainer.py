@@ -8,7 +8,10 @@ line after `import moreh`). Run by `ap_xla.launcher.main` in this process, as `a
   * with the recipe's options (adamw_torch, cosine with warm-up, max_grad_norm=1, evaluation
     each epoch) plus gradient accumulation (the Trainer's `num_items_in_batch` loss scaling)
     and a checkpoint every 3 of 6 steps; then again from the step-3 checkpoint
-    (`resume_from_checkpoint`).
+    (`resume_from_checkpoint`);
+  * with default `TrainingArguments` and peft LoRA adapters on q_proj, v_proj (`--lora`): the
+    Trainer builds its optimizer on the adapters, the base weights are frozen; the saved
+    adapter is compared.
 
 Tolerances (fp32): the logged loss, grad_norm and eval_loss 1e-4 relative (measured ~1e-6);
 the learning rate exactly; saved weights 5e-5 absolute and optimizer moments 1e-5 absolute
@@ -38,6 +41,9 @@ def runs(tmp_path_factory):
     for name, args in (("default", DEFAULT), ("recipe", RECIPE)):
       r[f"ref_{name}"] = sr.last_json(sr.reference(TRAINER, [*args, "--output-dir", str(out / f"ref_{name}")]))
       r[name] = sr.last_json(sr.ap_run(TRAINER, [*args, "--output-dir", str(out / name)]))
+    lora = [*DEFAULT, "--lora"]
+    r["ref_lora"] = sr.last_json(sr.reference(TRAINER, [*lora, "--output-dir", str(out / "ref_lora")]))
+    r["lora"] = sr.last_json(sr.ap_run(TRAINER, [*lora, "--output-dir", str(out / "lora")]))
     r["resume"] = sr.last_json(sr.ap_run(TRAINER, [*RECIPE, "--output-dir", str(out / "resume"),
                                                    "--resume", str(out / "recipe" / "checkpoint-3")]))
   finally:
@@ -95,3 +101,16 @@ def test_resume_from_checkpoint(runs):
   resumed = [h for h in got["log_history"] if h["step"] > 3]
   assert_same_logs(resumed, [h for h in want["log_history"] if h["step"] > 3], 3)
   assert_same_weights(got["final"], want["final"])
+
+
+def test_lora_adapters_with_the_trainer(runs):
+  """Only the adapters train; `save_model` writes the adapter, which matches torch's."""
+  from safetensors.torch import load_file
+  got, want = runs["lora"], runs["ref_lora"]
+  assert_same_logs(got["log_history"], want["log_history"], 5)
+  a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (got["final"], want["final"]))
+  assert a.keys() == b.keys() and a and all("lora_" in k for k in a)
+  for k in a:
+    assert float((a[k] - b[k]).abs().max()) <= 5e-5, k
+  assert not os.path.exists(os.path.join(got["final"], "model.safetensors"))  # the adapter alone
+  assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # trained (B starts at 0)

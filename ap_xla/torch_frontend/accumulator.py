@@ -26,7 +26,8 @@ class Accumulator:
   """Accumulated gradients on the current phase's devices.
 
   Args:
-    names: the `param_names` tree (the accumulator has its structure).
+    names: the trainable part of the `param_names` tree, None at frozen leaves (the
+      accumulator has its structure; frozen parameters have no gradient: `p.grad` is None).
     phase: `() -> Phase`, the phase whose shardings and jitted pieces apply now.
     dtype_of: torch name -> the parameter's dtype (what `p.grad` has).
   """
@@ -97,7 +98,7 @@ class Accumulator:
         self._fns[key] = clipping.grad_norm_fn(self.index, selected, arg)
       else:
         make = clipping.clamp_fn if kind == "clamp" else clipping.scale_fn
-        self._fns[key] = make(self.index, selected, phase.param_shardings)
+        self._fns[key] = make(self.index, selected, phase.grad_shardings)
     return self._fns[key]
 
   def _selected(self, names: frozenset) -> frozenset:

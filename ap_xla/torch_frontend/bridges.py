@@ -3,9 +3,10 @@
 The first training call bridges the model with its torch optimizer (`bridge.bridge_model`,
 built at lr 1: the phase multiplies each group's update by its lr at every step). A later
 call with other input names, shapes or constants is bridged again, reusing the optimizer
-transform; it must read the same parameters. Buffers and frozen parameters are constants
-of the programs (`constants.py`): when one changes in torch, every program is dropped and
-the next call bridges the model again with the new values.
+transform; it must read the same parameters. Buffers are constants of the programs
+(`constants.py`): when one changes in torch, every program is dropped and the next call
+bridges the model again with the new values. Frozen parameters are untrained parameters of
+the programs (`Program.trainable`), not constants.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Buffers and frozen parameters of a taken-over model: constants of its compiled programs.
+"""Buffers of a taken-over model: constants of its compiled programs.
 
-The bridge closes over every buffer and frozen (`requires_grad=False`) parameter the forward
-reads: their values at bridging are baked into the programs. Two things would then train
+The bridge closes over every buffer (and lifted tensor constant) the forward reads: their
+values at bridging are baked into the programs. Frozen (`requires_grad=False`) parameters
+are not constants: the programs hold them as untrained parameters (`Program.trainable`),
+kept in step with torch like the trained ones (`sync.py`). Two things would then train
 silently wrong, and are handled here:
 
   * a forward that updates buffers (BatchNorm running statistics in training mode): the

@@ -28,7 +28,7 @@ from ap_xla import config, env, plan_cache
 from passes import search as search_pass
 from passes.build import build_plan
 from passes.plan import Plan
-from passes.program import Program
+from passes.program import Program, combine
 from passes.report import OutOfMemoryError, SearchResult, out_of_memory_message
 from passes.space import SearchOptions, divisors
 from passes.step import BuiltStep, _MeshBound
@@ -56,7 +56,10 @@ class Phase:
     scale: `scale(grads, s) -> s * grads`.
     update: `update(params, opt_state, grads, group_lrs, grad_scale) -> (params, opt_state)`
       (params and state donated; the gradients are multiplied by `grad_scale` first).
-    zeros: `zeros(params) -> zeros like params` with the param shardings.
+    zeros: `zeros(params) -> zeros like the trainable params` with the gradient shardings.
+
+  Gradients (and the optimizer state) are trees of the trainable leaves only, None at the
+  frozen ones (`Program.trainable`), placed by `grad_shardings`.
   """
   plan: Plan
   devices: tuple
@@ -71,6 +74,10 @@ class Phase:
   @property
   def param_shardings(self):
     return self.built.param_shardings
+
+  @property
+  def grad_shardings(self):
+    return self.built.grad_shardings
 
   def batch_ok(self, batch_size: int) -> str | None:
     """Why this phase's plan cannot run a batch of `batch_size` (None: it can)."""
@@ -97,11 +104,13 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
     program: the bridged program (its optimizer built at lr 1).
     plan: the plan to run.
     devices: the devices the plan's mesh is taken from.
-    labels: pytree like the params; each leaf the index of its torch param group.
+    labels: pytree like the trainable params (None at frozen leaves); each leaf the index
+      of its torch param group.
     report: the search report, kept for inspection.
   """
   built = build_plan(program, plan, devices)
-  pshard, oshard = built.param_shardings, built.opt_shardings
+  pshard, oshard, gshard = built.param_shardings, built.opt_shardings, built.grad_shardings
+  split = program.split
   replicated = NamedSharding(built.mesh, P())
   tx = program.optimizer
 
@@ -113,27 +122,28 @@ def build_phase(program: Program, plan: Plan, devices: Sequence, labels: PyTree,
 
   def update(params, opt_state, grads, lrs, grad_scale):
     grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    trained, frozen = split(params)
+    updates, opt_state = tx.update(grads, opt_state, trained)
     updates = jax.tree.map(lambda u, i: u * lrs[i].astype(u.dtype), updates, labels)
-    return optax.apply_updates(params, updates), opt_state
+    return combine(optax.apply_updates(trained, updates), frozen), opt_state
 
   def zeros(params):
-    return jax.tree.map(jnp.zeros_like, params)
+    return jax.tree.map(jnp.zeros_like, split(params)[0])
 
   mesh = built.mesh
   return Phase(
       plan=plan, devices=tuple(devices), program=program, built=built, report=report,
-      accumulate=_MeshBound(mesh, jax.jit(accumulate, in_shardings=(pshard, pshard, replicated),
-                                          out_shardings=pshard, donate_argnums=(0,))),
-      scale=_MeshBound(mesh, jax.jit(scale, in_shardings=(pshard, replicated), out_shardings=pshard)),
-      update=_MeshBound(mesh, jax.jit(update, in_shardings=(pshard, oshard, pshard, replicated, replicated),
+      accumulate=_MeshBound(mesh, jax.jit(accumulate, in_shardings=(gshard, gshard, replicated),
+                                          out_shardings=gshard, donate_argnums=(0,))),
+      scale=_MeshBound(mesh, jax.jit(scale, in_shardings=(gshard, replicated), out_shardings=gshard)),
+      update=_MeshBound(mesh, jax.jit(update, in_shardings=(pshard, oshard, gshard, replicated, replicated),
                                       out_shardings=(pshard, oshard), donate_argnums=(0, 1))),
-      zeros=_MeshBound(mesh, jax.jit(zeros, in_shardings=(pshard,), out_shardings=pshard)),
+      zeros=_MeshBound(mesh, jax.jit(zeros, in_shardings=(pshard,), out_shardings=gshard)),
   )
 
 
 def choose_plan(program: Program, devices: Sequence, advanced: bool,
-                mixed_precision: bool = False) -> tuple[SearchResult, tuple]:
+                mixed_precision: bool = False, checkpointing: bool = False) -> tuple[SearchResult, tuple]:
   """The plan for `program`'s batch: AP's search, or MoAI's default plain data parallelism.
 
   Args:
@@ -142,6 +152,8 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
     advanced: AP's search (False: plain data parallelism, memory checked).
     mixed_precision: the forward runs under autocast: bf16 compute with fp32 master weights
       (else the AP options' own `mixed_precision`, or fp32 for plain data parallelism).
+    checkpointing: the model asked for gradient checkpointing (`gradient_checkpointing_enable()`):
+      the plan recomputes each block's activations in its backward (`with_checkpointing`).
 
   Returns:
     (report, devices the plan runs on).
@@ -156,6 +168,7 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
     options = config.current_options() or SearchOptions()
     if mixed_precision:
       options = dataclasses.replace(options, mixed_precision=True)
+    options = with_checkpointing(options, checkpointing, program)
     try:
       return plan_cache.cached_search(program, devices, options, settings), devices
     except OutOfMemoryError as e:
@@ -167,7 +180,8 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
                batch, usable)
       return plan_cache.cached_search(program, devices[:usable], options, settings), devices[:usable]
   dp = _largest_divisor(len(devices), batch)
-  options = dataclasses.replace(PLAIN_OPTIONS, mixed_precision=mixed_precision)
+  options = with_checkpointing(dataclasses.replace(PLAIN_OPTIONS, mixed_precision=mixed_precision),
+                               checkpointing, program)
   log.info("Advanced Parallelization is off: running %s on %d device(s) with plain data parallelism "
            "(Plan(dp=%d)%s), checking that it fits.", program.name, dp, dp,
            ", bf16 under autocast" if mixed_precision else "")
@@ -176,6 +190,48 @@ def choose_plan(program: Program, devices: Sequence, advanced: bool,
   except OutOfMemoryError as e:
     raise OutOfMemoryError(_plain_out_of_memory_message(e.results, settings, devices[:dp], batch),
                            e.results) from None
+
+
+def fp32_masters(program: Program) -> Program:
+  """The program with fp32 master weights for its bf16/fp16 trainable parameters.
+
+  The rule for a model loaded in low precision (`from_pretrained(..., torch_dtype=torch.bfloat16)`):
+  without mixed precision it trains in its own dtype, as torch does (weights, gradients and
+  optimizer state in bf16); with mixed precision on (autocast, or the AP option
+  `mixed_precision=True`) its trainable weights are held in fp32 (master weights, with fp32
+  optimizer state), cast to bf16 for the compute by the plan, and written back to torch in
+  the model's dtype. Frozen weights stay in their dtype: they are never updated.
+  """
+  low = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+  def master(x, trained):
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32) if trained and jnp.dtype(x.dtype) in low else x
+
+  params = jax.tree.map(master, program.params, program.trainable_mask)
+  if all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(program.params))):
+    return program
+  return dataclasses.replace(program, params=params)
+
+
+def with_checkpointing(options: SearchOptions, checkpointing: bool, program: Program) -> SearchOptions:
+  """The options with the model's gradient checkpointing as recomputation.
+
+  torch's gradient checkpointing recomputes each decoder layer's forward in the backward;
+  the plan's per-block recomputation is that: the options' `activation_recomputation`
+  becomes True ('full') unless it already names a policy ('full', 'dots'). A program
+  without a block stack has no blocks to recompute: it is planned as it is (logged).
+  """
+  if not checkpointing or options.activation_recomputation in ("full", "dots"):
+    return options
+  if not program.num_blocks:
+    log.info("%s asked for gradient checkpointing, but it has no block stack to recompute per block; "
+             "planning it without recomputation.", program.name)
+    return options
+  if options.activation_recomputation is not True:
+    log.info("%s has gradient checkpointing on: the plan recomputes each block's activations in the "
+             "backward (activation_recomputation=True instead of %r).", program.name,
+             options.activation_recomputation)
+  return dataclasses.replace(options, activation_recomputation=True)
 
 
 # The remedy a script without the AP line has first; the search's own message would instead

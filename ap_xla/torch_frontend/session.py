@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import torch
 
+from ap_xla import config
 from ap_xla.torch_frontend import checkpoints, device_memory, optim_state
 from ap_xla.torch_frontend.accumulator import Accumulator
 from ap_xla.torch_frontend import outputs as out_lib
@@ -51,6 +52,11 @@ class _Planned:
   bridge: Bridged
   sizes: dict
   mixed: bool  # planned for a forward under autocast
+
+
+def _as_dtypes(tree: PyTree, like: PyTree) -> PyTree:
+  """`tree` with the dtypes of `like` (fp32 master weights of a bf16 model, `phases.fp32_masters`)."""
+  return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), tree, like)
 
 
 class _Pending:
@@ -91,12 +97,14 @@ class Session:
     self.bridges = BridgeCache(model, optimizer, call, plain_forward)
     first = self.bridges.first
     self.param_names = names = self.bridges.param_names
+    # gradients and optimizer state: of the trainable leaves (None at frozen ones)
+    self.grad_names = first.bridged.trainable_names
     from bridge import state
-    self.labels = state.group_tree(optimizer, model, names)
+    self.labels = state.group_tree(optimizer, model, self.grad_names)
     self.params = first.bridged.program.params
     tensors = dict(model.named_parameters(remove_duplicate=False))
     managed = {n: tensors[n] for n in flat_names(names)}
-    self.grads = Accumulator(names, lambda: self.phase, lambda n: managed[n].dtype)
+    self.grads = Accumulator(self.grad_names, lambda: self.phase, lambda n: managed[n].dtype)
     self._requires_grad = {n: p.requires_grad for n, p in managed.items()}
     self.mirror = TorchMirror(managed, write=lambda: self.bridges.io.to_torch(self.params),
                               read=self._read_torch, zero_grad=self.zero_grad,
@@ -128,6 +136,8 @@ class Session:
     if key in self._planned:
       return self._planned[key]
     program = dataclasses.replace(bridge.program, batch=abstractify(jax_batch(call)))
+    if mixed or (self.advanced and getattr(config.current_options(), "mixed_precision", True)):
+      program = phase_lib.fp32_masters(program)
     now = self.current
     planned = None
     if now is not None and now.mixed != mixed:
@@ -146,12 +156,18 @@ class Session:
         log.info("ap-xla: batch of %d (%s) cannot reuse %s (%s); re-planning.", size, describe(call),
                  now.phase.plan, why)
     if planned is None:
-      report, devices = phase_lib.choose_plan(program, self.devices, self.advanced, mixed)
+      report, devices = phase_lib.choose_plan(program, self.devices, self.advanced, mixed,
+                                              checkpointing=self._checkpointing())
       phase = phase_lib.build_phase(program, report.plan, devices, self.labels, report)
       planned = _Planned(phase, bridge, {k: v.numel() for k, v in call.tensors.items()}, mixed)
       log.info("ap-xla plan for %s with batch %d: %s", program.name, size, report.plan)
     self._planned[key] = planned
     return planned
+
+  def _checkpointing(self) -> bool:
+    """Whether the model asked for gradient checkpointing (a Hugging Face model's
+    `gradient_checkpointing_enable()`; a peft model forwards the attribute to its base)."""
+    return bool(getattr(self.model, "is_gradient_checkpointing", False))
 
   @property
   def phase(self) -> phase_lib.Phase | None:
@@ -163,12 +179,13 @@ class Session:
     if phase is self.phase:
       self.current = planned
       return
-    self.params = jax.device_put(self.params, phase.param_shardings)
+    self.params = jax.device_put(_as_dtypes(self.params, phase.program.params), phase.param_shardings)
     if self.opt_state is None:
       self.opt_state = phase.built.init_opt(self.params)
     else:
-      self.opt_state = jax.device_put(self.opt_state, phase.built.opt_shardings)
-    self.grads.place(phase.param_shardings)
+      opt = jax.eval_shape(phase.program.init_optimizer, phase.program.params)
+      self.opt_state = jax.device_put(_as_dtypes(self.opt_state, opt), phase.built.opt_shardings)
+    self.grads.place(phase.grad_shardings)
     self.current = planned
 
   def training_state(self) -> tuple:
@@ -177,7 +194,8 @@ class Session:
 
   # -- torch <-> JAX -------------------------------------------------------------------------
   def _read_torch(self) -> None:
-    self.params = jax.device_put(self.bridges.io.from_torch(), self.phase.param_shardings)
+    self.params = jax.device_put(_as_dtypes(self.bridges.io.from_torch(), self.phase.program.params),
+                                 self.phase.param_shardings)
 
   def sync_to_torch(self) -> None:
     """Writes the trained parameters into the torch module (if it holds older values)."""
@@ -188,7 +206,8 @@ class Session:
       changed = [n for n, p in self.mirror.params.items() if p.requires_grad != self._requires_grad[n]]
     if changed:
       raise UnsupportedUsageError(
-          f"requires_grad of {changed[:3]} changed after ap-xla took the model over; the compiled "
+          f"requires_grad of {changed[:3]} changed to {not self._requires_grad[changed[0]]} after ap-xla "
+          "took the model over; the compiled "
           "program trains the parameters that were trainable at the first training call. Freeze "
           "or unfreeze parameters before the first training forward.")
 
@@ -256,7 +275,7 @@ class Session:
           "adds a forward's gradients once. Run the forward again for another backward.")
     grads, pending.grads = pending.grads, None
     if pending.phase is not self.phase:
-      grads = jax.device_put(grads, self.phase.param_shardings)
+      grads = jax.device_put(grads, self.phase.grad_shardings)
     self.grads.add(grads, float(grad_output) * pending.rescale)
 
   def step(self, closure=None):
@@ -309,13 +328,13 @@ class Session:
 
   # -- the optimizer state ---------------------------------------------------------------------
   def _torch_optimizer_state(self) -> dict:
-    return optim_state.export_state(self.opt_state, self.param_names, self.mirror.params)
+    return optim_state.export_state(self.opt_state, self.grad_names, self.mirror.params)
 
   def _load_optimizer_state(self, torch_state: dict) -> None:
     """Reads torch's optimizer state (a checkpoint being resumed) into the optax state."""
     if not torch_state:
       return
-    state = optim_state.import_state(self.opt_state, self.param_names, self.mirror.params, torch_state)
+    state = optim_state.import_state(self.opt_state, self.grad_names, self.mirror.params, torch_state)
     self.opt_state = jax.device_put(state, self.phase.built.opt_shardings)
     log.info("ap-xla: read the torch optimizer state (%d parameters) into the compiled update.",
              len(torch_state))

@@ -10,7 +10,8 @@ eval_dataset).train()`. What differs: a tiny Qwen2 built from a config and a dat
 in code with `datasets` (no hub downloads), padding labelled -100 (so the labelled tokens
 differ per batch and `num_items_in_batch` matters), `--default` for default
 `TrainingArguments` (logging every step, so there are losses to compare), gradient
-accumulation, checkpoints and a resume from the command line, `save_model` at the end, and
+accumulation, checkpoints, a resume and LoRA adapters (peft, `--lora`) from the command line,
+`save_model` at the end (the adapter alone under `--lora`), and
 one JSON line with the log history and the saved weights' folder. The AP line pins the
 dimensions the tests do not search.
 """
@@ -42,6 +43,8 @@ def arg_parse():
     parser.add_argument("--resume", type=str, default=None, help="a checkpoint folder to resume from")
     parser.add_argument("--rows", type=int, default=70)
     parser.add_argument("--default", action="store_true", help="default TrainingArguments")
+    parser.add_argument("--lora", action="store_true",
+                        help="fine-tune LoRA adapters on q_proj, v_proj (Moreh's recipe's --lora)")
     return parser.parse_args()
 
 
@@ -73,6 +76,10 @@ def main(args):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=PAD, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
 
     full = build_dataset(args.rows, args.sequence_length, config.vocab_size).with_format("torch")
     cut = len(full) // 20 * 2  # the validation split, as train[:5%] (x2: enough rows for a batch)
