@@ -11,6 +11,8 @@
   evaluate    compiles one candidate from abstract shapes; reads its memory and cost
   memory      per-device memory of a compiled program
   hlo_stats   FLOPs, memory traffic and collectives from the optimized HLO
+  hlo_text    the HLO text parser (instructions, computations, shapes, bytes)
+  hlo_groups  the replica groups of HLO collectives
   cost_model  estimated step time: compute plus communication
   hardware    hardware profiles (per-device figures)
   calibrate   microbenchmarks of the devices present -> a profile

@@ -16,13 +16,13 @@ result, or only the updates where its root is (a tuple of) dynamic-update-slices
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import re
 from typing import NamedTuple
 
-import numpy as np
+from passes.hlo_groups import replica_groups
+from passes.hlo_text import Instr, dtype_bits, ints_in, parse_arrays, parse_module, shape_bytes
 
 log = logging.getLogger("ap_xla")
 
@@ -112,126 +112,15 @@ class HloStats:
             f"comm={self.comm_bytes / 2**20:.4g} MiB, unknown_trip_counts={self.unknown_trip_counts})")
 
 
-class _Instr(NamedTuple):
-  name: str
-  shape: str
-  opcode: str
-  operands: list  # [(inline shape or '', name)]
-  attrs: str
-
-
-_ARRAY_RE = re.compile(r"\b([a-z][a-z0-9]*)\[([^\]]*)\]")
-_BITS_RE = re.compile(r"[a-z]+?(\d+)")
-
-
-def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-  """(dtype, dims) of every array in a shape string, tuples flattened."""
-  out = []
-  for dtype, dims in _ARRAY_RE.findall(shape):
-    out.append((dtype, tuple(int(d.strip().lstrip("<=")) for d in dims.split(",") if d.strip())))
-  return out
-
-
-def _dtype_bits(dtype: str) -> int:
-  if dtype == "pred":
-    return 8
-  m = _BITS_RE.match(dtype)
-  return int(m.group(1)) if m else 0  # token, opaque: no data
-
-
-def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape string such as 'f32[8,32]{1,0}' or '(s32[], bf16[4])'."""
-  return sum(math.prod(dims) * _dtype_bits(dt) // 8 for dt, dims in _arrays(shape))
-
-
-def _close(s: str, i: int) -> int:
-  """Index just past the bracket that closes the one at s[i]."""
-  depth = 0
-  for j in range(i, len(s)):
-    depth += (s[j] in "([{") - (s[j] in ")]}")
-    if depth == 0:
-      return j + 1
-  raise ValueError(f"unbalanced brackets in HLO text: {s[i:i + 80]!r}")
-
-
-def _split_top(s: str) -> list[str]:
-  parts, depth, start = [], 0, 0
-  for j, ch in enumerate(s):
-    depth += ch in "([{"
-    depth -= ch in ")]}"
-    if ch == "," and depth == 0:
-      parts.append(s[start:j])
-      start = j + 1
-  parts.append(s[start:])
-  return [p.strip() for p in parts if p.strip()]
-
-
-_LHS_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_OPCODE_RE = re.compile(r"([\w\-]+)\(")
-
-
-def _parse_instr(line: str) -> _Instr | None:
-  m = _LHS_RE.match(line)
-  if not m:
-    return None
-  rest = line[m.end():]
-  end = _close(rest, 0) if rest.startswith("(") else rest.find(" ")
-  if end <= 0:
-    return None
-  shape, rest = rest[:end], rest[end:].lstrip()
-  m2 = _OPCODE_RE.match(rest)
-  if not m2:
-    return None
-  close = _close(rest, m2.end() - 1)
-  operands = []
-  for op in _split_top(rest[m2.end():close - 1]):
-    head, _, name = op.rpartition(" ")
-    operands.append((head, name.lstrip("%")))
-  return _Instr(m.group(1), shape, m2.group(1), operands, rest[close:])
-
-
-def _parse_module(text: str):
-  """({computation: [instr]}, entry name, {instr name: shape}, number of devices)."""
-  comps: dict[str, list[_Instr]] = {}
-  entry, cur = None, None
-  for line in text.splitlines():
-    s = line.strip()
-    if cur is None:
-      if s.endswith("{") and " = " not in s and not s.startswith("HloModule"):
-        is_entry = s.startswith("ENTRY")
-        m = re.match(r"%?([\w.\-]+)", s[len("ENTRY"):].strip() if is_entry else s)
-        if m:
-          cur = m.group(1)
-          comps[cur] = []
-          entry = cur if is_entry else entry
-    elif s == "}":
-      cur = None
-    else:
-      ins = _parse_instr(s)
-      if ins is not None:
-        comps[cur].append(ins)
-  if entry is None:
-    raise ValueError("analyze_hlo: no ENTRY computation found; pass the text of "
-                     "`jax.jit(f).lower(...).compile().as_text()`.")
-  shapes = {i.name: i.shape for instrs in comps.values() for i in instrs}
-  header = text.split("\n", 1)[0]
-  n = math.prod(int(m.group(1)) for k in ("num_partitions", "replica_count")
-                if (m := re.search(k + r"=(\d+)", header)))
-  return comps, entry, shapes, n
-
-
 # ---------------------------------------------------------------- FLOPs
 
-def _operand_dims(ins: _Instr, k: int, shapes: dict) -> tuple[int, ...]:
+def _operand_dims(ins: Instr, k: int, shapes: dict) -> tuple[int, ...]:
   head, name = ins.operands[k]
-  arrays = _arrays(head) or _arrays(shapes.get(name, ""))
+  arrays = parse_arrays(head) or parse_arrays(shapes.get(name, ""))
   if not arrays:
     raise ValueError(f"analyze_hlo: no shape for operand {name!r} of {ins.name!r}.")
   return arrays[0][1]
 
-
-def _ints(s: str) -> list[int]:
-  return [int(x) for x in re.findall(r"\d+", s)]
 
 
 def _conv_flops(out_dims, kernel_dims, attrs) -> int:
@@ -240,26 +129,26 @@ def _conv_flops(out_dims, kernel_dims, attrs) -> int:
   return 2 * math.prod(out_dims) * math.prod(kernel_dims) // max(kernel_dims[o], 1)
 
 
-def _flops(ins: _Instr, shapes: dict) -> int:
+def _flops(ins: Instr, shapes: dict) -> int:
   op = ins.opcode
   if op == "dot":
     m = re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins.attrs)
     lhs = _operand_dims(ins, 0, shapes)
-    k = math.prod(lhs[d] for d in _ints(m.group(1))) if m else 1
-    return 2 * math.prod(_arrays(ins.shape)[0][1]) * k
+    k = math.prod(lhs[d] for d in ints_in(m.group(1))) if m else 1
+    return 2 * math.prod(parse_arrays(ins.shape)[0][1]) * k
   if op == "convolution":
-    return _conv_flops(_arrays(ins.shape)[0][1], _operand_dims(ins, 1, shapes), ins.attrs)
+    return _conv_flops(parse_arrays(ins.shape)[0][1], _operand_dims(ins, 1, shapes), ins.attrs)
   if op != "custom-call":
     return 0
   target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
   target = target.group(1) if target else ""
-  result = _arrays(ins.shape)[0][1]  # library calls return (output, workspace)
+  result = parse_arrays(ins.shape)[0][1]  # library calls return (output, workspace)
   if target.startswith("__cudnn$fmha"):  # flash attention: QK^T and PV forward, 5 such matmuls backward
     return _fmha_flops(ins, target, shapes)
   if "dot_dimension_numbers" in ins.attrs:  # cuBLAS / cuBLASLt / hipBLAS gemm
     m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
     lhs = _operand_dims(ins, 0, shapes)
-    return 2 * math.prod(result) * math.prod(lhs[d] for d in _ints(m.group(1) if m else ""))
+    return 2 * math.prod(result) * math.prod(lhs[d] for d in ints_in(m.group(1) if m else ""))
   if target.startswith("__cudnn$conv"):  # forward output x kernel, whichever pass this is
     if "BackwardInput" in target:
       return _conv_flops(_operand_dims(ins, 0, shapes), _operand_dims(ins, 1, shapes), ins.attrs)
@@ -272,7 +161,7 @@ def _flops(ins: _Instr, shapes: dict) -> int:
 _FMHA_SCORES_RE = re.compile(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]')
 
 
-def _fmha_flops(ins: _Instr, target: str, shapes: dict) -> int:
+def _fmha_flops(ins: Instr, target: str, shapes: dict) -> int:
   """FLOPs of a cuDNN fused-attention call, all scores counted (a causal mask's skipped half is
   the cost model's to take off): the scores [B, N, T, S] come from its backend config, the
   head dim from the query ([B, T, N, H]); forward 2 matmuls (QK^T, PV), backward 5 (QK^T again,
@@ -280,95 +169,10 @@ def _fmha_flops(ins: _Instr, target: str, shapes: dict) -> int:
   m = _FMHA_SCORES_RE.search(ins.attrs)
   if not m:
     return 0
-  scores = math.prod(_ints(m.group(1)))
+  scores = math.prod(ints_in(m.group(1)))
   head = _operand_dims(ins, 0, shapes)[-1]
   matmuls = 5 if "Backward" in target else 2
   return 2 * matmuls * scores * head
-
-
-# ---------------------------------------------------------------- replica groups
-
-_IOTA_RE = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-
-
-def _iota(reshape, perm, shape) -> np.ndarray:
-  ids = np.arange(math.prod(reshape)).reshape(reshape)
-  return (ids.transpose(perm) if perm else ids).reshape(shape)
-
-
-def _mesh_groups(s: str) -> list[list[int]]:
-  """Groups of `mesh['a'=2,'b'=4](, device_ids=(...))? {'b'}` (sub-axes 'a':(1)2 too)."""
-  m = re.match(r"mesh\[([^\]]*)\]", s)
-  axes = re.findall(r"'?([^'=,\s]+)'?=(\d+)", m.group(1))
-  names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-  rest = s[m.end():]
-  ids = np.arange(math.prod(sizes))
-  d = re.match(r",\s*device_ids=", rest)
-  if d:
-    start = d.end()
-    end = _close(rest, start)
-    body = rest[start + 1:end - 1].strip()
-    it = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", body)
-    ids = (_iota(_ints(it.group(1)), _ints(it.group(2) or ""), -1) if it
-           else np.array(_ints(body)[-math.prod(sizes):]))
-    rest = rest[end:]
-  ids = ids.reshape(sizes)
-  refs = re.findall(r"'?([^'{}:,\s]+)'?(?::\((\d+)\)(\d+))?", rest[rest.find("{") + 1:rest.find("}")])
-  groups: dict[tuple, list[int]] = {}
-  for coord in np.ndindex(*sizes):
-    key = list(coord)
-    for axis, pre, size in refs:
-      i = names.index(axis)
-      if not size:  # the whole axis is in the group
-        key[i] = 0
-      else:  # XLA reshapes the axis to [pre, size, rest] and groups over `size`
-        rest_size = sizes[i] // (int(pre) * int(size))
-        key[i] -= (key[i] // rest_size) % int(size) * rest_size
-    groups.setdefault(tuple(key), []).append(int(ids[coord]))
-  return list(groups.values())
-
-
-def _spec_len(s: str) -> int:
-  """Length of the replica-group spelling at the start of `s` (0: not recognized)."""
-  if s.startswith("{"):
-    return _close(s, 0)
-  if m := _IOTA_RE.match(s):
-    return m.end()
-  if s.startswith("mesh["):
-    j = _close(s, 4)
-    if d := re.match(r",\s*device_ids=", s[j:]):
-      j = _close(s, j + d.end())
-    k = s.find("{", j)
-    return _close(s, k) if k >= 0 else j
-  return 0
-
-
-@functools.lru_cache(maxsize=1024)  # programs repeat a few spellings many times
-def _parse_groups(key: str, spec: str, num_devices: int) -> tuple[tuple[tuple[int, ...], ...], int]:
-  if key == "source_target_pairs=":
-    pairs = tuple(tuple(_ints(p)) for p in re.findall(r"\{(\d+,\s*\d+)\}", spec))
-    return pairs, 2 if pairs else 1
-  if spec.startswith("{"):
-    groups = [_ints(g) for g in re.findall(r"\{([\d,\s]*)\}", spec[1:-1])] or [list(range(num_devices))]
-  elif m := _IOTA_RE.match(spec):
-    groups = _iota(_ints(m.group(2)), _ints(m.group(3) or ""), _ints(m.group(1))).tolist()
-  else:
-    groups = _mesh_groups(spec)
-  groups = tuple(tuple(g) for g in groups)
-  return groups, len(groups[0])
-
-
-def _groups(ins: _Instr, num_devices: int) -> tuple[tuple[tuple[int, ...], ...], int]:
-  """(replica groups, group size) of a collective; no groups means all devices."""
-  for key in ("source_target_pairs=", "replica_groups="):
-    i = ins.attrs.find(key)
-    if i >= 0:
-      s = ins.attrs[i + len(key):]
-      n = _spec_len(s)
-      if n:
-        return _parse_groups(key, s[:n], num_devices)
-      log.warning("Unrecognized %s%r in %s; assuming all %d devices.", key, s[:60], ins.name, num_devices)
-  return (tuple(range(num_devices)),), num_devices
 
 
 # ---------------------------------------------------------------- walking the call graph
@@ -376,7 +180,7 @@ def _groups(ins: _Instr, num_devices: int) -> tuple[tuple[tuple[int, ...], ...],
 _TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def _callees(ins: _Instr) -> list[str]:
+def _callees(ins: Instr) -> list[str]:
   a = re.sub(r"metadata=\{[^}]*\}", "", ins.attrs)
   names = re.findall(r"\b(?:calls|called_computations)=\{?([^},]+(?:,\s*%[\w.\-]+)*)\}?", a)
   if ins.opcode == "call":
@@ -384,7 +188,7 @@ def _callees(ins: _Instr) -> list[str]:
   return [n.strip().lstrip("%") for group in names for n in group.split(",") if n.strip()]
 
 
-def _branches(ins: _Instr) -> list[str]:
+def _branches(ins: Instr) -> list[str]:
   """The branch computations of a conditional."""
   m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
   if m:
@@ -401,14 +205,14 @@ def analyze_hlo(hlo_text: str) -> HloStats:
   """
   if not isinstance(hlo_text, str):
     raise TypeError(f"analyze_hlo takes the HLO text (compiled.as_text()), got {type(hlo_text).__name__}.")
-  comps, entry, shapes, num_devices = _parse_module(hlo_text)
+  comps, entry, shapes, num_devices = parse_module(hlo_text)
   memo: dict[str, tuple[int, list[Collective], int]] = {}
 
   def visit(name: str) -> tuple[int, list[Collective], int]:
     if name in memo:
       return memo[name]
     flops, colls, unknown = 0, [], 0
-    starts: dict[str, _Instr] = {}
+    starts: dict[str, Instr] = {}
 
     def add(callee: str, times: int):
       nonlocal flops, unknown
@@ -424,7 +228,7 @@ def analyze_hlo(hlo_text: str) -> HloStats:
       if op in COLLECTIVE_KINDS or (op.endswith("-done") and kind in COLLECTIVE_KINDS):
         # An async pair: the -done result is the output; the -start holds the groups.
         src = starts.pop(ins.operands[0][1], ins) if op.endswith("-done") and ins.operands else ins
-        groups, size = _groups(src, num_devices)
+        groups, size = replica_groups(src, num_devices)
         colls.append(Collective(kind, shape_bytes(ins.shape), size, 1, groups))
       elif op.endswith("-start") and op[:-len("-start")] in COLLECTIVE_KINDS:
         starts[ins.name] = ins
@@ -458,23 +262,23 @@ _SLICES = frozenset({"dynamic-slice", "slice", "gather"})
 _SEE_THROUGH = frozenset({"bitcast", "convert", "reshape"})
 
 
-def _operand_bytes(ins: _Instr, k: int, shapes: dict) -> int:
+def _operand_bytes(ins: Instr, k: int, shapes: dict) -> int:
   head, name = ins.operands[k]
   return shape_bytes(head or shapes.get(name, ""))
 
 
-def _fusion_bytes(ins: _Instr, body: list, shapes: dict) -> int:
+def _fusion_bytes(ins: Instr, body: list, shapes: dict) -> int:
   """Bytes a fusion moves (module doc): its parameters as they are used, and its result.
 
   Bitcasts and converts are looked through: XLA:CPU updates a bf16 buffer as
   convert(dynamic-update-slice(convert(buffer), ...)), which a GPU does in place.
   """
-  users: dict[str, list[tuple[_Instr, int]]] = {}
+  users: dict[str, list[tuple[Instr, int]]] = {}
   for i in body:
     for k, (_, name) in enumerate(i.operands):
       users.setdefault(name, []).append((i, k))
 
-  def uses(name: str) -> list[tuple[_Instr, int]]:
+  def uses(name: str) -> list[tuple[Instr, int]]:
     out = []
     for u, k in users.get(name, []):
       out.extend(uses(u.name) if u.opcode in _SEE_THROUGH else [(u, k)])
@@ -493,7 +297,7 @@ def _fusion_bytes(ins: _Instr, body: list, shapes: dict) -> int:
     moved += min(part, full)
   by_name = {i.name: i for i in body}
 
-  def source(i: _Instr | None) -> _Instr | None:
+  def source(i: Instr | None) -> Instr | None:
     while i is not None and i.opcode in _SEE_THROUGH and i.operands:
       i = by_name.get(i.operands[0][1])
     return i
@@ -509,20 +313,20 @@ def _fusion_bytes(ins: _Instr, body: list, shapes: dict) -> int:
   return moved
 
 
-def _dot(ins: _Instr, shapes: dict) -> Dot:
-  arrays = _arrays(ins.shape)
+def _dot(ins: Instr, shapes: dict) -> Dot:
+  arrays = parse_arrays(ins.shape)
   dtype, dims = arrays[0] if arrays else ("f32", ())
   m, n = (dims[-2], dims[-1]) if len(dims) >= 2 else (1, dims[0] if dims else 1)
   lhs = _operand_dims(ins, 0, shapes)
   cd = re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins.attrs)
-  k = math.prod(lhs[c] for c in _ints(cd.group(1))) if cd else 1
-  return Dot(ins.name, m, n, k, max(_dtype_bits(dtype) // 8, 1))
+  k = math.prod(lhs[c] for c in ints_in(cd.group(1))) if cd else 1
+  return Dot(ins.name, m, n, k, max(dtype_bits(dtype) // 8, 1))
 
 
 _SCOPE_RE = re.compile(r'op_name="[^"]*\b' + ATTENTION_SCOPE + r'(' + CAUSAL_SUFFIX + r')?\b')
 
 
-def _scope(ins: _Instr, body: list | None = None) -> str | None:
+def _scope(ins: Instr, body: list | None = None) -> str | None:
   """'causal' or 'full' when the instruction (or, for a fusion, any instruction it fuses) ran
   under ATTENTION_SCOPE; None otherwise. XLA:CPU leaves some fusions without metadata: the
   scope of the loops they run in is inherited by the caller (`_kernels`)."""
