@@ -166,8 +166,13 @@ class Session:
 
   def _checkpointing(self) -> bool:
     """Whether the model asked for gradient checkpointing (a Hugging Face model's
-    `gradient_checkpointing_enable()`; a peft model forwards the attribute to its base)."""
-    return bool(getattr(self.model, "is_gradient_checkpointing", False))
+    `gradient_checkpointing_enable()`; a peft model forwards the attribute to its base).
+    transformers 5 names it `is_activation_checkpointing` (the old name warns); older ones
+    only have `is_gradient_checkpointing`."""
+    flag = getattr(self.model, "is_activation_checkpointing", None)
+    if flag is None:
+      flag = getattr(self.model, "is_gradient_checkpointing", False)
+    return bool(flag)
 
   @property
   def phase(self) -> phase_lib.Phase | None:
