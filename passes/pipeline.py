@@ -239,6 +239,16 @@ def _gather_narrow(w, axis: int, dtype):
   return gather(w)
 
 
+def gather_stage_weight(w, d, gather_dtype):
+  """A stage's weight whole: all-gathered over 'data' along its FSDP dim `d` (None: not
+  sharded), in `gather_dtype` where that is narrower than the weight's own dtype."""
+  if d is None:
+    return w
+  if gather_dtype is not None and jnp.finfo(gather_dtype).bits < jnp.finfo(w.dtype).bits:
+    return _gather_narrow(w, d, gather_dtype)
+  return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
+
+
 def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, gather_dtype, blocks, hidden, aux):
   """Per (stage, data shard): blocks [L/S, ...], hidden [B/dp, ...], aux leaves [B/dp, ...].
 
@@ -248,13 +258,7 @@ def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, gather_dtype, blocks, 
   s = lax.axis_index(STAGE)
   # Gathers and casts outside the loops: their transposes are the once-per-step gradient
   # reductions (reduce-scatter for FSDP leaves, psum over 'data' for the others).
-  def gather(w, d):
-    if d is None:
-      return w
-    if gather_dtype is not None and jnp.finfo(gather_dtype).bits < jnp.finfo(w.dtype).bits:
-      return _gather_narrow(w, d, gather_dtype)
-    return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
-  blocks = jax.tree.map(gather, blocks, fsdp)
+  blocks = jax.tree.map(lambda w, d: gather_stage_weight(w, d, gather_dtype), blocks, fsdp)
   blocks = jax.tree.map(lambda w: _vary(w, manual), blocks)
   split = lambda x: _vary(x.reshape((M, x.shape[0] // M) + x.shape[1:]), manual)
   xs = split(hidden)                       # [M, mb, ...]

@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from passes.pipeline import _fsdp_dims, _gather_narrow, _in_f32, _vary, _zeros_like, check_pipeline
+from passes.pipeline import _fsdp_dims, _in_f32, _vary, _zeros_like, check_pipeline, gather_stage_weight
 from passes.plan import DATA, STAGE
 from passes.program import combine, partition
 
@@ -126,13 +126,7 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
   T = M + 2 * S - 1
   others = tuple(a for a in manual if a != STAGE)
 
-  def gather(w, d):
-    if d is None:
-      return w
-    if gather_dtype is not None and jnp.finfo(gather_dtype).bits < jnp.finfo(w.dtype).bits:
-      return _gather_narrow(w, d, gather_dtype)
-    return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
-  weights = jax.tree.map(gather, blocks, fsdp)
+  weights = jax.tree.map(lambda w, d: gather_stage_weight(w, d, gather_dtype), blocks, fsdp)
   weights = jax.tree.map(lambda w: _vary(w, manual), weights)
   acc_like = partition(weights, b_mask)[0]  # gradients accumulate in the weights' own dtype
   if compute_dtype is not None:

@@ -179,13 +179,9 @@ def test_bf16_checkpoint_trains_in_bf16_as_torch_does(bf16_dir):
   with one_liner():
     got = train(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     session = session_of(model)
-    assert {x.dtype for x in jax.tree.leaves(session.params)} == {np.dtype(jax.numpy.bfloat16)}
-    assert {x.dtype for x in jax.tree.leaves(session.opt_state) if x.ndim} == {np.dtype(jax.numpy.bfloat16)}
+    assert _state_dtypes(session) == ({np.dtype(jax.numpy.bfloat16)}, {np.dtype(jax.numpy.bfloat16)})
     torch_frontend.release(model)
-  np.testing.assert_allclose(got, want, rtol=1e-3, atol=0)
-  assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
-    assert float((a.float() - b.float()).abs().max()) <= 1e-2, n
+  _check_bf16_model(model, ref, got, want, rtol=1e-3)
 
 
 def test_bf16_checkpoint_with_mixed_precision_keeps_fp32_master_weights(bf16_dir):
@@ -208,13 +204,9 @@ def test_bf16_checkpoint_with_mixed_precision_keeps_fp32_master_weights(bf16_dir
     got = train(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     session = session_of(model)
     assert session.phase.plan.bf16
-    assert {x.dtype for x in jax.tree.leaves(session.params)} == {np.dtype(np.float32)}
-    assert {x.dtype for x in jax.tree.leaves(session.opt_state) if x.ndim} == {np.dtype(np.float32)}
+    assert _state_dtypes(session) == ({np.dtype(np.float32)}, {np.dtype(np.float32)})
     torch_frontend.release(model)
-  np.testing.assert_allclose(got, want, rtol=2e-3, atol=0)
-  assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
-    assert float((a.float() - b.float()).abs().max()) <= 1e-2, n
+  _check_bf16_model(model, ref, got, want, rtol=2e-3)
 
 
 def test_frozen_embeddings_leave_the_plans_memory(tmp_path):
@@ -222,7 +214,7 @@ def test_frozen_embeddings_leave_the_plans_memory(tmp_path):
   the analytic screen both drop the embeddings' AdamW moments (to the byte) and the screen
   their gradients, while the embeddings themselves are held, sharded over the 8 devices."""
   from bridge.program import bridge_model
-  from passes import build, memory, screen
+  from passes import memory, screen
   from passes.evaluate import compile_plan
   from passes.hardware import get_profile
   from passes.plan import Plan
@@ -242,3 +234,17 @@ def test_frozen_embeddings_leave_the_plans_memory(tmp_path):
   assert sa["opt_state"] - sf["opt_state"] == 2 * emb == ma.argument - mf.argument  # no mu, nu
   assert sa["grads"] - sf["grads"] == emb
   assert ma.total - mf.total >= 2 * emb
+
+
+def _state_dtypes(session):
+  """(dtypes of the session's parameters, dtypes of its optimizer state's arrays, counts aside)."""
+  return ({x.dtype for x in jax.tree.leaves(session.params)},
+          {x.dtype for x in jax.tree.leaves(session.opt_state) if x.ndim})
+
+
+def _check_bf16_model(model, ref, got, want, rtol):
+  """Losses within `rtol` of torch's, the model still bf16, its weights within 1e-2 of torch's."""
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
+  assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+  for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    assert float((a.float() - b.float()).abs().max()) <= 1e-2, n
