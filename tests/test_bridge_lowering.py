@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from bridge import lowering
 from bridge.lowering import UnsupportedOperatorError
 from bridge.program import bridge_model
+from tests.torch_models import Pooler
 
 # torchax asks JAX for int64 constants; without x64 they are int32, as intended.
 pytestmark = pytest.mark.filterwarnings("ignore:Explicitly requested dtype int64:UserWarning")
@@ -55,13 +56,6 @@ def test_grouped_mm_matches_transformers_fallback():
   assert not np.asarray(got)[8:].any()
 
 
-class Pooler(torch.nn.Module):
-
-  def forward(self, h):
-    lengths = torch.full((h.shape[0],), h.shape[1], dtype=torch.long)
-    return torch.segment_reduce(h.flatten(0, 1), "sum", lengths=lengths)  # no JAX lowering
-
-
 class Encoder(torch.nn.Module):
 
   def __init__(self):
@@ -92,7 +86,7 @@ def test_unsupported_operator_error_names_op_module_and_source_line():
   msg = str(info.value)
   assert "aten::segment_reduce" in msg
   assert "module 'encoder.pool'" in msg
-  assert "test_bridge_lowering.py" in msg and "torch.segment_reduce(" in msg
+  assert "torch_models.py" in msg and "torch.segment_reduce(" in msg
   assert "EXTRA_LOWERINGS" in msg  # says what to do
 
 

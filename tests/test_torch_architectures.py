@@ -28,6 +28,7 @@ import torch
 import ap_xla
 from ap_xla import launcher
 from bridge import testing
+from tests.torch_models import Pooler
 
 LOSS_RTOL, PARAM_TOL = 1e-4, 1e-4
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_scripts", "train_causal_lm.py")
@@ -67,13 +68,6 @@ def test_architecture_trains_like_torch(arch, tmp_path, caplog):
     assert "no block stack: flat program" in caplog.text
   else:
     assert f"block stack '{container}': 2 x " in caplog.text
-
-
-class Pooler(torch.nn.Module):
-
-  def forward(self, h):
-    lengths = torch.full((h.shape[0],), h.shape[1], dtype=torch.long)
-    return torch.segment_reduce(h.flatten(0, 1), "sum", lengths=lengths)  # no JAX lowering
 
 
 class PooledRegressor(torch.nn.Module):

@@ -17,9 +17,8 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from ap_xla.models.llama import next_token_loss
+from ap_xla.models.decoder import decoder_layers, decoder_program, init_stack, token_batch
 from bridge.attention import dot_product_attention
 from passes.program import Layers, Program
 
@@ -105,38 +104,17 @@ class Head(nn.Module):
 
 
 def gpt2_layers(cfg: GPT2Config) -> Layers:
-  embed, block, head = Embed(cfg), Block(cfg), Head(cfg)
-
-  def pre(p, batch):
-    return embed.apply({"params": p}, batch["tokens"]), None
-
-  def blk(p, h, aux):
-    return block.apply({"params": p}, h, aux)
-
-  def post(p, h, aux, batch):
-    return next_token_loss(head.apply({"params": p}, h), batch["tokens"])
-
-  return Layers(pre=pre, block=blk, post=post)
+  return decoder_layers(Embed(cfg), Block(cfg), Head(cfg))
 
 
 def init_params(cfg: GPT2Config, key, abstract: bool = False):
   """Initial `{'pre','blocks','post'}` params; `abstract=True` gives shapes only."""
-  tokens = jnp.zeros((1, cfg.seq), jnp.int32)
-  h = jnp.zeros((1, cfg.seq, cfg.dim), jnp.float32)
-
-  def init(key):
-    k1, k2, k3 = jax.random.split(key, 3)
-    blocks = jax.vmap(lambda k: Block(cfg).init(k, h, None)["params"])(jax.random.split(k2, cfg.layers))
-    return {"pre": Embed(cfg).init(k1, tokens)["params"], "blocks": blocks,
-            "post": Head(cfg).init(k3, h)["params"]}
-
-  return jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+  return init_stack(Embed(cfg), Block(cfg), Head(cfg), seq=cfg.seq, dim=cfg.dim, layers=cfg.layers, key=key,
+                    abstract=abstract)
 
 
 def synthetic_batch(cfg: GPT2Config, batch: int, key, abstract: bool = False):
-  if abstract:
-    return {"tokens": jax.ShapeDtypeStruct((batch, cfg.seq), jnp.int32)}
-  return {"tokens": jax.random.randint(key, (batch, cfg.seq), 0, cfg.vocab, jnp.int32)}
+  return token_batch(cfg.vocab, cfg.seq, batch, key, abstract)
 
 
 def gpt2_program(cfg: GPT2Config, batch: int, optimizer=None, key=None, abstract: bool = False,
@@ -149,9 +127,8 @@ def gpt2_program(cfg: GPT2Config, batch: int, optimizer=None, key=None, abstract
   """
   key = jax.random.PRNGKey(0) if key is None else key
   k1, k2 = jax.random.split(key)
-  return Program(params=init_params(cfg, k1, abstract), batch=synthetic_batch(cfg, batch, k2, abstract),
-                 optimizer=optimizer if optimizer is not None else optax.adamw(1e-3),
-                 layers=gpt2_layers(cfg), name=name)
+  return decoder_program(init_params(cfg, k1, abstract), synthetic_batch(cfg, batch, k2, abstract),
+                         gpt2_layers(cfg), optimizer, name)
 
 
 def params_from_hf(state_dict, cfg: GPT2Config):

@@ -13,9 +13,9 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from bridge.attention import dot_product_attention
+from ap_xla.models.decoder import decoder_layers, decoder_program, init_stack, token_batch
 from passes.program import Layers, Program
 
 
@@ -111,51 +111,24 @@ class Head(nn.Module):
                     dtype=h.dtype)(h)
 
 
-def next_token_loss(logits, tokens):
-  """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-
 def llama_layers(cfg: LlamaConfig) -> Layers:
-  embed, block, head = Embed(cfg), Block(cfg), Head(cfg)
-
-  def pre(p, batch):
-    tokens = batch["tokens"]
+  def rope(tokens):
     cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
     b = tokens.shape[0]
-    aux = {"cos": jnp.broadcast_to(cos, (b,) + cos.shape), "sin": jnp.broadcast_to(sin, (b,) + sin.shape)}
-    return embed.apply({"params": p}, tokens), aux
+    return {"cos": jnp.broadcast_to(cos, (b,) + cos.shape), "sin": jnp.broadcast_to(sin, (b,) + sin.shape)}
 
-  def blk(p, h, aux):
-    return block.apply({"params": p}, h, aux)
-
-  def post(p, h, aux, batch):
-    return next_token_loss(head.apply({"params": p}, h), batch["tokens"])
-
-  return Layers(pre=pre, block=blk, post=post)
+  return decoder_layers(Embed(cfg), Block(cfg), Head(cfg), rope)
 
 
 def init_params(cfg: LlamaConfig, key, abstract: bool = False):
   """Initial `{'pre','blocks','post'}` params; `abstract=True` gives shapes only."""
-  tokens = jnp.zeros((1, cfg.seq), jnp.int32)
-  h = jnp.zeros((1, cfg.seq, cfg.dim), jnp.float32)
   cos, sin = rope_tables(cfg.seq, cfg.head_dim, cfg.rope_theta)
-  aux = {"cos": cos[None], "sin": sin[None]}
-
-  def init(key):
-    k1, k2, k3 = jax.random.split(key, 3)
-    blocks = jax.vmap(lambda k: Block(cfg).init(k, h, aux)["params"])(jax.random.split(k2, cfg.layers))
-    return {"pre": Embed(cfg).init(k1, tokens)["params"], "blocks": blocks,
-            "post": Head(cfg).init(k3, h)["params"]}
-
-  return jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+  return init_stack(Embed(cfg), Block(cfg), Head(cfg), seq=cfg.seq, dim=cfg.dim, layers=cfg.layers, key=key,
+                    aux={"cos": cos[None], "sin": sin[None]}, abstract=abstract)
 
 
 def synthetic_batch(cfg: LlamaConfig, batch: int, key, abstract: bool = False):
-  if abstract:
-    return {"tokens": jax.ShapeDtypeStruct((batch, cfg.seq), jnp.int32)}
-  return {"tokens": jax.random.randint(key, (batch, cfg.seq), 0, cfg.vocab, jnp.int32)}
+  return token_batch(cfg.vocab, cfg.seq, batch, key, abstract)
 
 
 def llama_program(cfg: LlamaConfig, batch: int, optimizer=None, key=None, abstract: bool = False,
@@ -163,6 +136,5 @@ def llama_program(cfg: LlamaConfig, batch: int, optimizer=None, key=None, abstra
   """A Llama-style training program; `abstract=True` allocates nothing (for planning)."""
   key = jax.random.PRNGKey(0) if key is None else key
   k1, k2 = jax.random.split(key)
-  return Program(params=init_params(cfg, k1, abstract), batch=synthetic_batch(cfg, batch, k2, abstract),
-                 optimizer=optimizer if optimizer is not None else optax.adamw(1e-3),
-                 layers=llama_layers(cfg), name=name)
+  return decoder_program(init_params(cfg, k1, abstract), synthetic_batch(cfg, batch, k2, abstract),
+                         llama_layers(cfg), optimizer, name)
