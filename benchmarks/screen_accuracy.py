@@ -81,7 +81,9 @@ def evaluate(name: str, threads: int) -> dict:
     s = S[p]
     rows.append({"plan": repr(p), "memory": c.memory_bytes, "raw_memory": s.memory_bytes,
                  "cal_memory": cal.memory(p, s.persistent_bytes, s.memory_bytes), "est": c.est_time_s,
-                 "raw_est": s.est_time_s, "cal_est": cal.time(p, s.est_time_s), "near_budget": c.memory_bytes <= 2 * budget})
+                 "raw_est": s.est_time_s, "cal_est": cal.time(p, s.est_time_s), "near_budget": c.memory_bytes <= 2 * budget,
+                 "exact": s.persistent_bytes, "sample": any(x.plan == p for x in samples),
+                 "terms": {k: int(v) for k, v in s.memory.items()}})
   near = [r for r in rows if r["near_budget"]]
   err = lambda key: max((abs(r[key] / r["memory"] - 1) for r in near), default=float("nan"))
   best_full = full.chosen

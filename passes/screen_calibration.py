@@ -16,10 +16,11 @@ largest such error (times a safety factor) is what the search's bounds use. The 
 is relative to the part of memory the screen does not know exactly (compiled - exact state):
 the state itself has none. Until enough candidates are compiled to measure it, a prior stands
 in (PRIOR_*), and so it does for a candidate whose nearest compiled one differs from it in
-kind (`same_kind`: a pipeline against none, another precision; for memory also another
-recomputation policy): the errors measured among the compiled ones say nothing about such a
-candidate; the left-out errors are measured between candidates of one kind, and each kind
-states its own.
+kind (`same_kind`: a pipeline against none or another schedule, another precision; for
+memory also another recomputation policy): the errors measured among the compiled ones say
+nothing about such a candidate; the left-out errors are measured between candidates of one
+kind, and each kind states its own. A kind whose left-out corrections were no better on
+average than its raw screen keeps the raw screen (`raw_kinds`), and states the raw error.
 """
 from __future__ import annotations
 
@@ -39,18 +40,25 @@ SAFETY = 1.25   # the stated error is the worst left-out error times this
 FLOOR = 0.02    # and never below this
 
 
+def _pipeline(plan: Plan):
+  """The kind of pipeline: None, or its schedule (GPipe keeps a stash of every tick's residuals
+  beside the stage loops, 1F1B a ring of them inside one loop: the screen's memory errors on
+  the two differ even in sign, +14% and -16% on the small Llama's full-recompute plans)."""
+  return plan.schedule if plan.pp > 1 else None
+
+
 def same_kind(a: Plan, b: Plan, what: str) -> bool:
   """Whether compiled candidate `b` says something about `a`'s `what` ('memory' or 'time'):
-  the same kind of pipeline and precision, and for memory the same recomputation (the
-  screen's FLOPs are exact for any recomputation; its residuals are not)."""
-  same = (a.pp > 1) == (b.pp > 1) and a.bf16 == b.bf16
+  the same kind of pipeline (and schedule) and precision, and for memory the same
+  recomputation (the screen's FLOPs are exact for any recomputation; its residuals are not)."""
+  same = _pipeline(a) == _pipeline(b) and a.bf16 == b.bf16
   return same and (what == "time" or a.recompute == b.recompute)
 
 
 def distance(a: Plan, b: Plan) -> float:
   """How unlike two plans are, for choosing whose correction an uncompiled plan takes."""
   log2 = lambda x, y: abs(math.log2(x) - math.log2(y))
-  d = 4.0 * (a.recompute != b.recompute) + 4.0 * ((a.pp > 1) != (b.pp > 1)) + 3.0 * (a.bf16 != b.bf16)
+  d = 4.0 * (a.recompute != b.recompute) + 4.0 * (_pipeline(a) != _pipeline(b)) + 3.0 * (a.bf16 != b.bf16)
   d += 2.0 * (a.fsdp != b.fsdp) + 1.0 * (a.low_prec != b.low_prec) + 2.0 * ((a.tp > 1) != (b.tp > 1))
   d += 0.5 * (log2(a.tp, b.tp) + log2(a.pp, b.pp) + log2(a.mb, b.mb) + log2(a.dp, b.dp))
   return d
@@ -78,7 +86,7 @@ class Sample:
 
 def kind(plan: Plan, what: str) -> tuple:
   """The kind of a plan for `what` (`same_kind`): plans of one kind share a stated error."""
-  return ((plan.pp > 1, plan.bf16) + ((plan.recompute,) if what == "memory" else ()))
+  return ((_pipeline(plan), plan.bf16) + ((plan.recompute,) if what == "memory" else ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +98,14 @@ class Calibration:
     memory_errors: stated relative error of a corrected memory prediction's inexact part
       (all but the parameters, optimizer state and batch), per kind (`kind`) measured.
     time_errors: the same for time.
+    raw_kinds: (what, kind) pairs whose left-out corrected predictions were no better on
+      average than the raw screen's on the same candidates: those keep the raw screen (a correction that
+      did not predict its own kind would worsen what the screen had right).
   """
   samples: tuple[Sample, ...] = ()
   memory_errors: dict = dataclasses.field(default_factory=dict)
   time_errors: dict = dataclasses.field(default_factory=dict)
+  raw_kinds: frozenset = frozenset()
 
   @property
   def memory_error(self) -> float:
@@ -115,7 +127,7 @@ class Calibration:
     the worst times SAFETY (at least FLOOR), once MIN_SAMPLES members are compiled."""
     samples = tuple(samples)
     errors = {"memory": {}, "time": {}}
-    pairs = {"memory": {}, "time": {}}
+    raw_errors = {"memory": {}, "time": {}}
     for i, s in enumerate(samples):
       others = samples[:i] + samples[i + 1:]
       for what in ("memory", "time"):
@@ -123,29 +135,39 @@ class Calibration:
         if near is None or not same_kind(s.plan, near.plan, what):
           continue
         if what == "memory":
-          var = (s.screened_memory - s.exact) * near.memory_ratio
+          var = s.screened_memory - s.exact
           actual = s.compiled_memory - s.exact
-          err = abs(var - actual) / max(actual, 1.0)
+          err = abs(var * near.memory_ratio - actual) / max(actual, 1.0)
+          raw = abs(var - actual) / max(actual, 1.0)
         else:
           err = abs(s.screened_time * near.time_ratio - s.compiled_time) / s.compiled_time
+          raw = abs(s.screened_time - s.compiled_time) / s.compiled_time
         k = kind(s.plan, what)
-        errors[what][k] = max(errors[what].get(k, 0.0), err)
-        pairs[what][k] = pairs[what].get(k, 0) + 1
-    stated = {what: {k: max(FLOOR, SAFETY * e) for k, e in errors[what].items() if pairs[what][k] >= MIN_SAMPLES}
-              for what in errors}
-    return cls(samples, stated["memory"], stated["time"])
+        errors[what].setdefault(k, []).append(err)
+        raw_errors[what].setdefault(k, []).append(raw)
+    # A kind keeps the raw screen where correcting did not beat it on the left-out candidates
+    # (on average), and states the worst left-out error of what it uses.
+    measured = [(what, k) for what in errors for k in errors[what] if len(errors[what][k]) >= MIN_SAMPLES]
+    raw_kinds = frozenset((what, k) for what, k in measured if sum(raw_errors[what][k]) <= sum(errors[what][k]))
+    stated = {"memory": {}, "time": {}}
+    for what, k in measured:
+      used = raw_errors[what][k] if (what, k) in raw_kinds else errors[what][k]
+      stated[what][k] = max(FLOOR, SAFETY * max(used))
+    return cls(samples, stated["memory"], stated["time"], raw_kinds)
 
   def memory(self, plan: Plan, exact: float, screened: float) -> float:
     """The corrected memory prediction (bytes): the screen's, scaled by the nearest compiled
     candidate of its kind (unscaled when there is none)."""
     near = _nearest(plan, self.samples, "memory")
-    ok = near is not None and same_kind(plan, near.plan, "memory")
+    ok = near is not None and same_kind(plan, near.plan, "memory") and ("memory", kind(plan, "memory")) \
+        not in self.raw_kinds
     return exact + (screened - exact) * (near.memory_ratio if ok else 1.0)
 
   def time(self, plan: Plan, screened: float) -> float:
     """The corrected time prediction (seconds), as `memory`."""
     near = _nearest(plan, self.samples, "time")
-    return screened * (near.time_ratio if near is not None and same_kind(plan, near.plan, "time") else 1.0)
+    ok = near is not None and same_kind(plan, near.plan, "time") and ("time", kind(plan, "time")) not in self.raw_kinds
+    return screened * (near.time_ratio if ok else 1.0)
 
   def errors(self, plan: Plan) -> tuple[float, float]:
     """(memory, time) relative errors stated for this plan: those measured on its kind, or the

@@ -51,3 +51,27 @@ def test_kinds():
   assert same_kind(Plan(dp=8), Plan(dp=8, recompute="full"), "time")
   assert not same_kind(Plan(dp=8), Plan(dp=4, pp=2, mb=2), "time")
   assert not same_kind(Plan(dp=8), Plan(dp=8, bf16=True), "time")
+
+
+def test_calibration_does_not_worsen_what_the_screen_had_right():
+  """Two compiled candidates of one kind, the screen right on one (ratio 1.0) and 20% high on
+  the other: each predicts the other worse than the raw screen did, so the kind keeps the raw
+  screen (a plan like the first stays as screened) and states the raw screen's error."""
+  right, high = sample(Plan(dp=8, mb=1), ratio_mem=1.0), sample(Plan(dp=8, mb=2), ratio_mem=0.8)
+  cal = Calibration.fit([right, high])
+  assert cal.memory(Plan(dp=8, mb=1), 10 * MB, 50 * MB) == 50 * MB
+  assert cal.memory(Plan(dp=4, tp=2, mb=2), 10 * MB, 50 * MB) == 50 * MB
+  assert cal.errors(Plan(dp=8))[0] == pytest.approx(SAFETY * 0.25)  # the raw screen: 40 for 32
+  # consistent ratios still correct their kind (test_a_kind_measured_by_leaving_one_out...)
+  assert ("memory", (None, False, "none")) in cal.raw_kinds
+
+
+def test_a_schedules_correction_is_not_applied_to_another_schedule():
+  """GPipe's and 1F1B's residuals differ (a stash of every tick, a ring): the screen's errors
+  on them differ even in sign, so one's ratio is not the other's."""
+  gpipe = [sample(Plan(dp=2, tp=2, pp=2, mb=m, recompute="full"), ratio_mem=0.8) for m in (2, 4)]
+  cal = Calibration.fit(gpipe)
+  one_f = Plan(dp=2, tp=2, pp=2, mb=4, recompute="full", schedule="1f1b")
+  assert not same_kind(one_f, gpipe[0].plan, "memory")
+  assert cal.memory(one_f, 10 * MB, 50 * MB) == 50 * MB
+  assert cal.memory(Plan(dp=1, tp=4, pp=2, mb=2, recompute="full"), 10 * MB, 50 * MB) == pytest.approx(42 * MB)

@@ -1,0 +1,89 @@
+"""What XLA keeps live at a candidate's memory peak, beside the screen's memory terms.
+
+Compiles one plan of a Llama configuration on 8 simulated CPU devices with XLA's dumps on,
+reads the step's live-range report (`*-live-range.txt`: the buffers live at the peak of its
+schedule, grouped by the JAX op that made them) and prints: the compiled figures
+(`passes.memory.memory_stats`: buffer assignment, the CPU dot scratch), the peak of the live
+ranges (equal to the buffer assignment's total on plain data-parallel plans; below it on
+pipelines, by what the heap's packing or the report leaves out: not traced), the screen's terms (`passes.screen`) and the largest buffers at the peak. This
+is how the screen's pipeline terms were traced (benchmarks/RESULTS.md, "Screen accuracy").
+
+Run: .venv/bin/python benchmarks/memory_peak.py --plan "Plan(dp=1, tp=4, pp=2, mb=4, schedule='1f1b')"
+     [--config "LlamaConfig(vocab=8192, dim=768, layers=12, heads=12, ffn=2048, seq=256)" --batch 32]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+DUMP = tempfile.mkdtemp(prefix="ap_xla_memory_peak_")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+                           + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from ap_xla.models.llama import LlamaConfig, llama_program  # noqa: E402
+from passes import build, hlo_stats, memory, screen  # noqa: E402
+from passes.evaluate import compile_plan  # noqa: E402
+from passes.hardware import get_profile  # noqa: E402
+from passes.plan import Plan  # noqa: E402
+
+MiB = 2**20
+
+
+def live_at_peak(dump: str) -> tuple[int, list[tuple[int, str]]]:
+  """(bytes live at the peak, [(bytes, the op that made them)] largest first) of the step."""
+  files = sorted(glob.glob(f"{dump}/*jit_step*cpu_after_optimizations-live-range.txt"))
+  if not files:
+    raise FileNotFoundError(f"memory_peak: XLA wrote no live-range report under {dump}.")
+  txt = open(files[-1]).read()
+  peak = txt[txt.index("(peak):"):txt.index("Stack trace breakdown")]
+  total = sum(int(b) for b in re.findall(r"^\s+\S+: (\d+) bytes", peak, re.M))
+  rows = []
+  for line in txt[txt.index("Stack trace breakdown"):].splitlines():
+    m = re.search(r"[├└]── (.*) \([\d.]+%, total: ([\d ]+) bytes, current: ([\d ]+) bytes", line)
+    if m and int(m.group(3).replace(" ", "")) > 0:
+      rows.append((int(m.group(2).replace(" ", "")), m.group(1)))
+  return total, sorted(rows, reverse=True)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--plan", required=True, help="a Plan(...) expression")
+  ap.add_argument("--config", default="LlamaConfig(vocab=4096, dim=128, layers=2, heads=8, ffn=512, seq=128)")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--top", type=int, default=15)
+  args = ap.parse_args()
+  plan = eval(args.plan, {"Plan": Plan})  # noqa: S307 (a developer's command line)
+  cfg = eval(args.config, {"LlamaConfig": LlamaConfig})  # noqa: S307
+  prog = llama_program(cfg, args.batch, abstract=True)
+  rules = build.derive_program_tp(prog)
+  screened = screen.build_screen(prog, jax.devices(), rules, [plan])(plan, get_profile("cpu"))
+  compiled = compile_plan(prog, plan, jax.devices(), build.tp_dims(prog, rules, plan.tp))
+  mem = memory.memory_stats(compiled, "cpu", hlo_stats.analyze_hlo(compiled.as_text()))
+  peak, rows = live_at_peak(DUMP)
+  shutil.rmtree(DUMP, ignore_errors=True)
+  print(f"{plan!r} of {cfg}, batch {args.batch}")
+  print(f"  compiled   {mem.total / MiB:10.2f} MiB  (buffer assignment {(mem.total - mem.scratch) / MiB:.2f}, "
+        f"dot scratch {mem.scratch / MiB:.2f})")
+  print(f"  live peak  {peak / MiB:10.2f} MiB  (the schedule's peak, by XLA's live-range report)")
+  print(f"  screen     {screened.memory_bytes / MiB:10.2f} MiB  ({screened.memory_bytes / mem.total - 1:+.1%}): "
+        + ", ".join(f"{k} {v / MiB:.2f}" for k, v in screened.memory.items()))
+  print(f"  largest buffers live at the peak:")
+  for b, what in rows[:args.top]:
+    print(f"    {b / MiB:9.2f} MiB  {what[:110]}")
+  print(json.dumps({"benchmark": "memory_peak", "plan": repr(plan), "config": repr(cfg), "batch": args.batch,
+                    "compiled_bytes": mem.total, "scratch_bytes": mem.scratch, "live_peak_bytes": peak,
+                    "screen_bytes": screened.memory_bytes, "screen_terms": screened.memory}))
+
+
+if __name__ == "__main__":
+  main()
