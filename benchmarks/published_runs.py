@@ -23,7 +23,11 @@ output minimal_flash keeps); parameters gathered in bf16
 -> low_prec; torch.compile is not modelled (the eager and compiled rows of one layout get
 the same prediction).
 
-Run: .venv/bin/python benchmarks/published_runs.py [--rows ID ...] [--all]
+Then, unless --no-free-choice (or --rows), `benchmarks/published_choice.py`: the free search's
+choice per published workload, judged against the published runs in its space (issue 19:
+never more than 10% slower than one of them); its counts are the JSON's "free_choice".
+
+Run: .venv/bin/python benchmarks/published_runs.py [--rows ID ...] [--no-free-choice]
 """
 from __future__ import annotations
 
@@ -255,14 +259,24 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--rows", nargs="*", help="row ids (default: every benchmark-eligible row)")
   ap.add_argument("--json-rows", action="store_true", help="print each row's full figures as JSON too")
+  ap.add_argument("--no-free-choice", dest="free_choice", action="store_false",
+                  help="skip the free search per workload (benchmarks/published_choice.py, ~1-2 min)")
   args = ap.parse_args(argv)
   results, pairs, summ = run(args.rows)
+  choices = None
+  if args.free_choice and not args.rows:
+    import published_choice
+    choices, summ["free_choice"] = published_choice.run()
   print(table(results))
   if pairs:
     print("\nordering within each group (pairs more than 5% apart):")
     for p in pairs:
       print(f"  {p['verdict']:<9} {p['faster']} faster than {p['slower']}: measured x{p['measured_ratio']:.3f}, "
             f"predicted x{p['predicted_ratio']:.3f}  [{p['group']}]")
+  if choices is not None:
+    print("\nap-xla plan's free choice per workload (the screened search, nothing compiled) against the "
+          "published runs in its space:")
+    print(published_choice.table(choices))
   if args.json_rows:
     for r in results:
       print(json.dumps(r))
