@@ -108,13 +108,16 @@ def judge(planner: "pr.Planner", rows: list[dict]) -> dict:
 
 def run(rows: list[dict] | None = None, planner: "pr.Planner | None" = None) -> tuple[list[dict], dict]:
   """(per-workload results, summary) over the benchmark-eligible rows."""
+  t0 = time.perf_counter()
   rows = pr.load_rows() if rows is None else rows
   planner = planner or pr.Planner()
   results = [judge(planner, rs) for _, rs in sorted(workloads(rows).items(), key=lambda kv: str(kv[0]))]
   summary = {"workloads": len(results), "judged": sum(r["verdict"] in ("ok", "slower") for r in results),
              "choice_over_10pct_slower": sum(r["verdict"] == "slower" for r in results),
              "not_covered": sum(r["verdict"] == "not covered" for r in results),
-             "nothing_fits": sum(r["verdict"] == "nothing fits" for r in results)}
+             "nothing_fits": sum(r["verdict"] == "nothing fits" for r in results),
+             "candidates_screened": sum(r["candidates"] for r in results),
+             "wall_s": round(time.perf_counter() - t0, 1)}
   return results, summary
 
 

@@ -120,8 +120,13 @@ class TimeTerms:
     passes = 2 + recomputed_fraction(plan.recompute)
     grads = 3 * used if plan.pp > 1 else 2 * stored
     saved = blk.saved + blk.saved_input
-    # a pipeline's residuals are stacked twice: over a stage's layers, then over the ticks
-    stacking = 8 if plan.pp > 1 else 4
+    # a pipeline's residuals are stacked twice: over a stage's layers, then over the ticks.
+    # Without one, XLA:CPU moves each residual 4 more times than the kernels that make and use
+    # it; XLA:GPU 3: it zero-fills the stack, copies the residual in (dynamic-update-slice:
+    # read + write) and fuses the backward's slices into their consumers. Measured on the
+    # deviceless H100 compile of a 4- and 8-layer Llama (`stacking_passes` in RESULTS.md):
+    # per layer, 'none' moves 3.1 residual passes more than 'full' on XLA:GPU.
+    stacking = 8 if plan.pp > 1 else (4 if self.platform == "cpu" else 3)
     out.append(Kernel(0, 2 * stored * passes + grads + stacking * saved, runs_block))
     if plan.pp > 1:
       h = self._hidden_bytes(plan)
