@@ -67,6 +67,7 @@ def test_runner_recomputes_every_second_block_and_runs_leftovers_plainly():
   assert "checkpoint" in str(closed) or "remat" in str(closed)
 
 
+@pytest.mark.slow  # five compiles
 def test_saved_activations_order_the_policies_as_xla_memory_does():
   """The screen's residuals per policy (its `saved_activations` term) come in the order of
   XLA:CPU's compiled temporaries for the same plans (layers under scan, where XLA's memory
@@ -85,3 +86,31 @@ def test_saved_activations_order_the_policies_as_xla_memory_does():
   by_xla = sorted(temp, key=temp.get)
   assert by_screen == by_xla, (saved, temp)
   assert by_screen[0] == "full" and by_screen[-1] == "none"
+
+
+@pytest.mark.slow  # bridges a transformers model
+def test_bridged_hf_llama_selective_policies_match_none():
+  """On a bridged transformers Llama (sdpa attention, padded batch) 'selective_op' finds its 4
+  kept projections and the fused attention's output, and every policy gives the loss and
+  gradients of 'none' (fp32, within 1e-5 relative per leaf; 4e-7 measured)."""
+  import optax
+  from bridge import testing
+  from bridge.program import bridge_model
+  from tests.models import assert_tree_close
+  model = testing.tiny_causal_lm("llama", attn="sdpa", layers=2, hidden=32, heads=4)
+  prog = bridge_model(model, testing.lm_batch(2, 32, pad=True), optax.sgd(0.1)).program
+  block0, h, aux = _block_args(prog)
+  eqns = jax.make_jaxpr(rc._name_every_other_matmul(prog.layers.block))(block0, h, aux).jaxpr.eqns
+  names = [e.params["name"] for e in eqns if e.primitive.name == "name"]
+  assert sorted(names) == sorted([rc.SAC_SAVED] * 4 + [rc.ATTENTION_OUT])
+
+  def loss(params, policy):
+    hh, a = prog.layers.pre(params["pre"], prog.batch)
+    hh = rc.layer_runner(prog.layers.block, policy)(params[BLOCKS], hh, a)
+    return prog.layers.post(params["post"], hh, a, prog.batch)
+  vg = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ref_loss, ref_grads = vg(prog.params, "none")
+  for policy in ("selective_op", "selective_layer"):
+    l, g = vg(prog.params, policy)
+    assert abs(float(l) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    assert_tree_close(g, ref_grads, 1e-5, f"{policy} grad ")
