@@ -24,6 +24,8 @@ import re
 import sys
 import time
 
+from passes.plan import RECOMPUTE_POLICIES
+
 PROG = "ap-xla"
 # XLA:CPU (jaxlib 0.10.2) compiles for at most 2048 host devices: at 2049 every compile fails
 # with "Multiprocess computations aren't implemented on the CPU backend" (and starting 8192
@@ -65,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
   o = p.add_argument_group("Advanced Parallelization options ('auto' lets the search choose)").add_argument
   for flag in ("--num-stages", "--num-micro-batches", "--tensor-parallel"):
     o(flag, type=_arg(flag, int, AUTO), default="auto", metavar="N|auto")
-  o("--activation-recomputation", type=_arg("--activation-recomputation", bool, AUTO + ("none", "full", "dots")),
-    default="auto", metavar="auto|true|false|full|dots")
+  o("--activation-recomputation", type=_arg("--activation-recomputation", bool, AUTO + RECOMPUTE_POLICIES),
+    default="auto", metavar="auto|true|false|" + "|".join(RECOMPUTE_POLICIES[1:]))
   o("--distribute-parameter", type=_arg("--distribute-parameter", bool, AUTO), default="auto",
     metavar="auto|true|false", help="ZeRO-3: shard parameters, gradients and optimizer state")
   o("--mixed-precision", action=argparse.BooleanOptionalAction, default=True, help="bf16 compute (default: on)")

@@ -16,12 +16,18 @@ Pinning. The published layouts map onto ap-xla's Plan as follows, and each row p
 it lost: FSDP over all ranks -> Plan(dp=N, fsdp=True); HSDP (shard in a node, replicate
 across nodes) has no Plan: it is planned as FSDP over all N ranks (same compute, less memory,
 more cross-node traffic); activation recomputation none/full -> 'none'/'full', 'selective'
-(torchtitan per-op or every 2nd block, fms-fsdp every k-th block, MaxText minimal_flash)
--> 'dots' (save matmul outputs), the nearest policy ap-xla has; parameters gathered in bf16
+by its stated kind (`SELECTIVE`): torchtitan per-op -> 'selective_op', torchtitan per-layer
+-> 'selective_layer' (every 2nd block), fms-fsdp every k-th block (k not stated) ->
+'selective_layer', MaxText minimal_flash -> 'dots' (which does not save the attention
+output minimal_flash keeps); parameters gathered in bf16
 -> low_prec; torch.compile is not modelled (the eager and compiled rows of one layout get
 the same prediction).
 
-Run: .venv/bin/python benchmarks/published_runs.py [--rows ID ...] [--all]
+Then, unless --no-free-choice (or --rows), `benchmarks/published_choice.py`: the free search's
+choice per published workload, judged against the published runs in its space (issue 19:
+never more than 10% slower than one of them); its counts are the JSON's "free_choice".
+
+Run: .venv/bin/python benchmarks/published_runs.py [--rows ID ...] [--no-free-choice]
 """
 from __future__ import annotations
 
@@ -45,7 +51,30 @@ SAME = 0.05         # two measured step times within 5% need no order
 PRESETS = {"Llama-2-7B": "llama2-7b", "Llama-2-13B": "llama2-13b", "Llama-2-70B": "llama2-70b",
            "Llama-3-8B": "llama3-8b", "Llama-3.1-8B": "llama3.1-8b", "Llama-3-70B": "llama3-70b",
            "Llama-34B (Llama-2 architecture, fms '34b')": "llama2-34b-arch"}
-RECOMPUTE = {"none": "none", "full": "full", "selective": "dots"}
+RECOMPUTE = {"none": "none", "full": "full"}
+# A row's "selective" recomputation, by what its `recompute_detail` says it is -> the ap-xla
+# policy (`passes.recompute`) and the note the row prints. First match wins.
+SELECTIVE = (
+    ("per-op sac", "selective_op", None),          # torchtitan selective_ac_option='op'
+    ("per op sac", "selective_op", None),
+    ("per-layer sac", "selective_layer", None),    # torchtitan selective_ac_option='2'
+    ("every k-th", "selective_layer", "every k-th block (k not stated) as every 2nd"),  # fms-fsdp
+    ("minimal_flash", "dots", "minimal_flash as 'dots' (attention output not saved)"),  # MaxText
+)
+
+
+def recompute_policy(row: dict) -> tuple[str, str | None]:
+  """(ap-xla policy, note or None) of a row's published activation recomputation."""
+  lay = row["layout"]
+  rec = lay["activation_recompute"]
+  if rec in RECOMPUTE:
+    return RECOMPUTE[rec], None
+  detail = (lay.get("recompute_detail") or "").lower()
+  for key, policy, note in SELECTIVE:
+    if key in detail:
+      return policy, note
+  raise ValueError(f"row {row['id']!r}: recomputation {rec!r} ({lay.get('recompute_detail')!r}) has no "
+                   "ap-xla policy in SELECTIVE; add its mapping there.")
 
 
 def load_rows(path: str = DATA, eligible_only: bool = True) -> list[dict]:
@@ -85,15 +114,15 @@ def pin(row: dict):
   notes = []
   if lay.get("hsdp"):
     notes.append(f"HSDP {lay['fsdp_degree']}x{lay['data_parallel']} as FSDP {n // tp}")
-  rec = lay["activation_recompute"]
-  if rec == "selective":
-    notes.append("selective AC as 'dots'")
+  policy, note = recompute_policy(row)
+  if note:
+    notes.append(note)
   if lay.get("torch_compile"):
     notes.append("torch.compile not modelled")
   if (lay.get("pipeline_parallel") or 1) != 1 or (lay.get("context_parallel") or 1) != 1:
     raise ValueError(f"row {row['id']!r}: pipeline or context parallelism is not pinned by this benchmark")
   fsdp = (lay["fsdp_degree"] or 1) > 1
-  plan = Plan(dp=n // tp, tp=tp, mb=w["grad_accum"] or 1, recompute=RECOMPUTE[rec], fsdp=fsdp, bf16=True,
+  plan = Plan(dp=n // tp, tp=tp, mb=w["grad_accum"] or 1, recompute=policy, fsdp=fsdp, bf16=True,
               low_prec=fsdp and lay.get("param_gather_dtype") == "bf16")
   return PRESETS[row["model"]["name"]], plan, w["global_batch_seqs"], w["seq_len"], notes
 
@@ -230,14 +259,24 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--rows", nargs="*", help="row ids (default: every benchmark-eligible row)")
   ap.add_argument("--json-rows", action="store_true", help="print each row's full figures as JSON too")
+  ap.add_argument("--no-free-choice", dest="free_choice", action="store_false",
+                  help="skip the free search per workload (benchmarks/published_choice.py, ~1-2 min)")
   args = ap.parse_args(argv)
   results, pairs, summ = run(args.rows)
+  choices = None
+  if args.free_choice and not args.rows:
+    import published_choice
+    choices, summ["free_choice"] = published_choice.run()
   print(table(results))
   if pairs:
     print("\nordering within each group (pairs more than 5% apart):")
     for p in pairs:
       print(f"  {p['verdict']:<9} {p['faster']} faster than {p['slower']}: measured x{p['measured_ratio']:.3f}, "
             f"predicted x{p['predicted_ratio']:.3f}  [{p['group']}]")
+  if choices is not None:
+    print("\nap-xla plan's free choice per workload (the screened search, nothing compiled) against the "
+          "published runs in its space:")
+    print(published_choice.table(choices))
   if args.json_rows:
     for r in results:
       print(json.dumps(r))

@@ -30,9 +30,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from passes.gpu_target import target_platform
 from passes.hlo_stats import ATTENTION_SCOPE, CAUSAL_SUFFIX
+from passes.recompute import ATTENTION_OUT
 
 log = logging.getLogger("bridge")
 
@@ -91,13 +93,15 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal:
     try:
       out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
                                          is_causal=is_causal, implementation="cudnn")
-      return out if mask is None else out * _live_rows(mask, is_causal, 0, query.shape[1], key.shape[1], out.dtype)
+      out = out if mask is None else out * _live_rows(mask, is_causal, 0, query.shape[1], key.shape[1], out.dtype)
+      return checkpoint_name(out, ATTENTION_OUT)
     except (NotImplementedError, ValueError, RuntimeError) as e:
       if implementation == "cudnn":
         raise
       log.warning("cuDNN attention is not available for query %s %s (%s); using the XLA path.",
                   query.shape, query.dtype, e)
-  return _chunked_xla(query, key, value, mask, bias, is_causal, scale, query_chunk)
+  # Named for the recomputation policies that keep the fused kernel's output ('selective_op').
+  return checkpoint_name(_chunked_xla(query, key, value, mask, bias, is_causal, scale, query_chunk), ATTENTION_OUT)
 
 
 def _common_dtype(query, key, value):

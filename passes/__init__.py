@@ -7,6 +7,7 @@
   shardings   partition specs of a plan on the (stage, data, tensor) mesh
   tp_rules    tensor-parallel rules from the program's dataflow
   pipeline    GPipe over the 'stage' mesh axis
+  recompute   activation recomputation policies (none, full, dots, torchtitan's selective ones)
   step        a plan's sharded training step, jitted on its mesh
   evaluate    compiles one candidate from abstract shapes; reads its memory and cost
   memory      per-device memory of a compiled program

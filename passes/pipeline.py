@@ -53,7 +53,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from passes.plan import DATA, STAGE
-from passes.program import BLOCKS, POST, PRE, Layers
+from passes.program import BLOCKS, POST, PRE, Layers, scan_blocks
 
 PyTree = Any
 
@@ -160,7 +160,8 @@ def _zeros_like(x):
 
 def run_stages(block_fn: Callable, blocks: PyTree, hidden: jax.Array, aux: PyTree, *,
                num_stages: int, num_micro_batches: int, mesh: Mesh,
-               block_specs: PyTree | None = None, gather_dtype=None) -> jax.Array:
+               block_specs: PyTree | None = None, gather_dtype=None,
+               run_layers: Callable | None = None) -> jax.Array:
   """Runs the block stack as a GPipe pipeline; the result equals `scan_blocks`.
 
   Call inside `jax.jit`. Differentiate through it with `jax.grad`: the weight gradients are
@@ -184,6 +185,9 @@ def run_stages(block_fn: Callable, blocks: PyTree, hidden: jax.Array, aux: PyTre
       widened back at once, so the loops and the gradient (reduce-scattered in the
       weights' own dtype) are as without it; the block sees the same bf16 values when it
       casts to bf16 itself. None: gather in the weights' dtype.
+    run_layers: `run_layers(blocks, hidden, aux) -> hidden` running a stage's blocks
+      (`passes.recompute.layer_runner`, for per-layer recomputation); default: `block_fn`
+      over them by `scan_blocks`.
   Returns:
     [B, ...] the output of the last block.
 
@@ -216,7 +220,8 @@ def run_stages(block_fn: Callable, blocks: PyTree, hidden: jax.Array, aux: PyTre
   # (an LM head, the loss) is not computed S times over.
   scatter = (B // dp) % S == 0
   out_spec = P((batch_axis, STAGE) if batch_axis else STAGE) if scatter else P(batch_axis)
-  body = functools.partial(_pipeline_body, block_fn, fsdp, S, M, manual, scatter, gather_dtype)
+  run_layers = run_layers or functools.partial(scan_blocks, block_fn)
+  body = functools.partial(_pipeline_body, run_layers, fsdp, S, M, manual, scatter, gather_dtype)
   return jax.shard_map(body, mesh=mesh, axis_names=set(manual),
                        in_specs=(bspecs, P(batch_axis), jax.tree.map(lambda _: P(batch_axis), aux)),
                        out_specs=out_spec)(blocks, hidden, aux)
@@ -249,7 +254,7 @@ def gather_stage_weight(w, d, gather_dtype):
   return _in_f32(lambda v: lax.all_gather(v, DATA, axis=d, tiled=True), w)
 
 
-def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, gather_dtype, blocks, hidden, aux):
+def _pipeline_body(run_layers, fsdp, S, M, manual, scatter, gather_dtype, blocks, hidden, aux):
   """Per (stage, data shard): blocks [L/S, ...], hidden [B/dp, ...], aux leaves [B/dp, ...].
 
   Returns the last stage's output [B/dp, ...], or with `scatter` this stage's slice of it
@@ -264,9 +269,7 @@ def _pipeline_body(block_fn, fsdp, S, M, manual, scatter, gather_dtype, blocks, 
   xs = split(hidden)                       # [M, mb, ...]
   aux = jax.tree.map(split, aux)           # leaves [M, mb, ...]
   def stage(x, a):
-    def layer(h, w):
-      return block_fn(w, h, a), None
-    return lax.scan(layer, x, blocks)[0]
+    return run_layers(blocks, x, a)
 
   def tick(carry, t):
     state, out = carry

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from passes.pipeline import _fsdp_dims, _in_f32, _vary, _zeros_like, check_pipeline, gather_stage_weight
 from passes.plan import DATA, STAGE
-from passes.program import combine, partition
+from passes.program import combine, partition, scan_blocks
 
 PyTree = Any
 
@@ -57,7 +57,7 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
                        post_params: PyTree, hidden: jax.Array, aux: PyTree, batch: PyTree, *, num_stages: int,
                        num_micro_batches: int, mesh: Mesh, block_specs: PyTree | None = None,
                        gather_dtype=None, compute_dtype=None, block_trainable: PyTree | None = None,
-                       post_trainable: PyTree | None = None):
+                       post_trainable: PyTree | None = None, run_layers: Callable | None = None):
   """(loss, (d_blocks, d_post, d_hidden, d_aux)) of the block stack and post under 1F1B.
 
   Call inside `jax.jit`, with `mesh` as the context mesh.
@@ -80,6 +80,7 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
       differentiating a cast inside the block gives).
     block_trainable, post_trainable: bool trees like `blocks` and `post_params` (None: all
       trained); frozen leaves get no gradient (None in d_blocks / d_post).
+    run_layers: as `pipeline.run_stages`'s (a stage's blocks under a per-layer policy).
 
   Returns:
     The loss (the batch's, as `Program.loss` gives it) and its gradients with respect to
@@ -104,7 +105,8 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
   floats = [jnp.issubdtype(v.dtype, jnp.inexact) for v in a_leaves]
   b_mask = block_trainable if block_trainable is not None else jax.tree.map(lambda _: True, blocks)
   p_mask = post_trainable if post_trainable is not None else jax.tree.map(lambda _: True, post_params)
-  body = functools.partial(_body, block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype,
+  run_layers = run_layers or functools.partial(scan_blocks, block_fn)
+  body = functools.partial(_body, run_layers, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype,
                            b_mask, p_mask)
   loss, (d_blocks, d_post, d_hidden, d_float) = jax.shard_map(
       body, mesh=mesh, axis_names=set(manual),
@@ -118,7 +120,7 @@ def loss_and_grad_1f1b(block_fn: Callable, post_fn: Callable, weight_fn: Callabl
   return loss, (d_blocks, d_post, d_hidden, d_aux)
 
 
-def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype, b_mask, p_mask,
+def _body(run_layers, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, compute_dtype, b_mask, p_mask,
           blocks, post_params, hidden, aux, batch):
   """Per (stage, data shard): blocks [L/S, ...], hidden/aux/batch [B/dp, ...] (module doc)."""
   s = lax.axis_index(STAGE)
@@ -152,10 +154,7 @@ def _body(block_fn, post_fn, weight_fn, fsdp, S, M, manual, gather_dtype, comput
     return jax.tree.unflatten(a_tree, [next(fi) if f else next(ii) for f in floats])
 
   def stage(w, x, af, ai):
-    a = join_aux(af, ai)
-    def layer(h, wl):
-      return block_fn(wl, h, a), None
-    return lax.scan(layer, x, w)[0]
+    return run_layers(w, x, join_aux(af, ai))
 
   # Piece weights: each micro-batch's share of the batch's loss, over every data shard.
   if weight_fn is None:

@@ -8,7 +8,8 @@ import dataclasses
 STAGE, DATA, TENSOR = "stage", "data", "tensor"
 MESH_AXES = (STAGE, DATA, TENSOR)
 
-RECOMPUTE_POLICIES = ("none", "full", "dots")
+# passes.recompute defines them; it imports jax, this module does not.
+RECOMPUTE_POLICIES = ("none", "full", "dots", "selective_op", "selective_layer")
 SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules the step builder implements
 
 
@@ -21,8 +22,11 @@ class Plan:
     tp: size of the 'tensor' mesh axis.
     pp: number of pipeline stages (size of the 'stage' axis).
     mb: micro-batches per step (gradient accumulation, or the pipeline's micro-batches).
-    recompute: activation recomputation per block: 'none', 'full' (save nothing) or
-      'dots' (save matmul outputs).
+    recompute: activation recomputation (`passes.recompute`): 'none', 'full' (save only each
+      block's input), 'dots' (save every weight matmul's output), 'selective_op'
+      (torchtitan's per-op SAC: save the attention's output and every other weight matmul's)
+      or 'selective_layer' (torchtitan's per-layer SAC: every 2nd block recomputed fully,
+      the others not at all).
     fsdp: parameters, gradients and optimizer state sharded over 'data' (ZeRO-3).
     low_prec: with `bf16` and `fsdp`, gather the bf16 working copy instead of fp32 (half the
       bytes on GPUs; XLA:CPU has no bf16 collectives and widens them back to fp32).

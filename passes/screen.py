@@ -39,6 +39,7 @@ import jax
 from passes import cost_model, shardings as sh
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
+from passes.recompute import recomputed_fraction
 from passes.plan import DATA, Plan
 from passes.program import BLOCKS, POST, PRE, Program
 from passes.screen_profile import ProgramProfile
@@ -267,7 +268,8 @@ class Screen(TimeTerms):
     if plan.pp > 1:
       return sum(g for _, g, _ in blocks)
     layer = sum(g / n for _, g, n in blocks)
-    return self.program.num_blocks * layer if plan.recompute == "none" else layer
+    kept = 1.0 - recomputed_fraction(plan.recompute)  # blocks whose gathered weights stay for the backward
+    return self.program.num_blocks * layer if kept == 1.0 else self.program.num_blocks * kept * layer + layer
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under

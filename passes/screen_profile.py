@@ -21,17 +21,16 @@ import jax
 import jax.numpy as jnp
 
 from passes import jaxpr_cost
+from passes import recompute as recompute_policies
 from passes.jaxpr_cost import Comm, JaxprCost
 from passes.program import BLOCKS, POST, PRE, Program
 
 log = logging.getLogger("ap_xla")
 PyTree = Any
 
-POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# 'selective_layer' is not traced: a block's costs under it are the mean of 'none' and
+# 'full' (`_layer_mix`), as every 2nd block of the stack recomputes fully.
+POLICIES = ("none", "full", "dots", "selective_op")
 # Input groups of a part's forward (bits of JaxprCost.out_deps).
 PARAMS, HIDDEN, AUX, BATCH = 0, 1, 2, 3
 
@@ -97,6 +96,28 @@ def _lerp_cost(a: JaxprCost, b: JaxprCost, t: float) -> JaxprCost:
   return JaxprCost(_lerp(a.flops, b.flops, t), kernels, comms, int(_lerp(a.peak_bytes, b.peak_bytes, t)), largest,
                    tuple(int(_lerp(x, y, t)) for x, y in zip(a.out_bytes, b.out_bytes)), a.out_sources,
                    a.out_dims, a.out_deps, a.out_repeats, a.attention, a.attention_causal)
+
+
+def _mix_cost(a: JaxprCost, b: JaxprCost, w: float) -> JaxprCost:
+  """Per block of a stack where a fraction `w` of the blocks runs `b` and the rest `a`: the
+  kernels and collectives of both, their counts weighted; the larger peak."""
+  kernels = tuple((f, by, n * (1 - w)) for f, by, n in a.kernels) + tuple((f, by, n * w) for f, by, n in b.kernels)
+  comms = (tuple(Comm(c.kind, c.bytes, c.count * (1 - w)) for c in a.comms)
+           + tuple(Comm(c.kind, c.bytes, c.count * w) for c in b.comms))
+  top = a if a.peak_bytes >= b.peak_bytes else b
+  return dataclasses.replace(
+      a, flops=(1 - w) * a.flops + w * b.flops, kernels=kernels, comms=comms, peak_bytes=top.peak_bytes,
+      largest=max(a.largest, b.largest), attention=a.attention + tuple(i + len(a.kernels) for i in b.attention),
+      attention_causal=a.attention_causal + b.attention_causal)
+
+
+def _layer_mix(none: "PartCost", full: "PartCost", w: float) -> "PartCost":
+  """A block's costs under per-layer selective recomputation: a fraction `w` of the blocks
+  under 'full', the others under 'none' (per block, averaged over the stack)."""
+  mix = lambda x, y: (1 - w) * x + w * y
+  return PartCost(_mix_cost(none.fwd, full.fwd, w), _mix_cost(none.bwd, full.bwd, w),
+                  mix(none.saved, full.saved), mix(none.saved_params, full.saved_params),
+                  mix(none.saved_input, full.saved_input), max(none.saved_invariant, full.saved_invariant))
 
 
 def _same_structure(a: JaxprCost, b: JaxprCost) -> bool:
@@ -173,9 +194,7 @@ class ProgramProfile:
     if part == BLOCKS:
       def block(p, h, aux):
         return layers.block(_cast(p, bf16), h, aux)
-      policy = POLICIES[recompute]
-      fn = block if policy is None else jax.checkpoint(block, policy=policy)
-      return fn, ("params", "hidden") + (("aux",) if self.aux_grad else ())
+      return recompute_policies.checkpointed(block, recompute), ("params", "hidden") + (("aux",) if self.aux_grad else ())
     def post(p, h, aux, batch):
       return layers.post(_cast(p, bf16), h, aux, _cast(batch, bf16)).astype(jnp.float32)
     return post, ("params", "hidden") + (("aux",) if self.aux_grad else ())
@@ -291,6 +310,12 @@ class ProgramProfile:
     key = (part, recompute if part == BLOCKS else "none", bf16, b, tp)
     if key in self._costs:
       return self._costs[key]
+    if key[1] == "selective_layer":
+      every = recompute_policies.LAYER_SAC_EVERY
+      cost = _layer_mix(self.part(part, "none", bf16, b, tp), self.part(part, "full", bf16, b, tp),
+                        1.0 / every)
+      self._costs[key] = cost
+      return cost
     lo, hi = (min(self.sizes), max(self.sizes)) if self.sizes else (b, b)
     if b in (lo, hi) or not lo < b < hi:
       cost = self._exact(part, key[1], bf16, b, tp)

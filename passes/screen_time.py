@@ -17,6 +17,7 @@ from passes.hardware import HardwareProfile
 from passes.hlo_stats import Collective, Kernel
 from passes.plan import DATA, STAGE, TENSOR, Plan
 from passes.program import BLOCKS
+from passes.recompute import recomputed_fraction
 
 
 def nbytes(x) -> int:
@@ -116,11 +117,16 @@ class TimeTerms:
       return out
     stored = sum(s / n for part, s, _, n in layout if part == BLOCKS)
     used = sum(g / n for part, _, g, n in layout if part == BLOCKS)
-    passes = 2 + (plan.recompute != "none")
+    passes = 2 + recomputed_fraction(plan.recompute)
     grads = 3 * used if plan.pp > 1 else 2 * stored
     saved = blk.saved + blk.saved_input
-    # a pipeline's residuals are stacked twice: over a stage's layers, then over the ticks
-    stacking = 8 if plan.pp > 1 else 4
+    # a pipeline's residuals are stacked twice: over a stage's layers, then over the ticks.
+    # Without one, XLA:CPU moves each residual 4 more times than the kernels that make and use
+    # it; XLA:GPU 3: it zero-fills the stack, copies the residual in (dynamic-update-slice:
+    # read + write) and fuses the backward's slices into their consumers. Measured on the
+    # deviceless H100 compile of a 4- and 8-layer Llama (`stacking_passes` in RESULTS.md):
+    # per layer, 'none' moves 3.1 residual passes more than 'full' on XLA:GPU.
+    stacking = 8 if plan.pp > 1 else (4 if self.platform == "cpu" else 3)
     out.append(Kernel(0, 2 * stored * passes + grads + stacking * saved, runs_block))
     if plan.pp > 1:
       h = self._hidden_bytes(plan)
@@ -187,7 +193,7 @@ class TimeTerms:
         add([Collective("all-reduce", int(rep // runs), plan.dp, runs, g)])
       if shard:
         reps = 1 if plan.pp > 1 and group is blocks else plan.mb
-        regather = 2 if (plan.recompute != "none" and per_layer) else 1
+        regather = 1 + recomputed_fraction(plan.recompute) if per_layer else 1
         for _, gb, _ in shard:  # one gather per leaf (and layer)
           add([Collective("all-gather", int((gb // 2 if low else gb) // n), plan.dp, n * reps * regather, g)])
         # the pipeline reduce-scatters its blocks' gradients itself (psum_scatter)

@@ -5,7 +5,7 @@ import dataclasses
 import itertools
 from typing import Union
 
-from passes.plan import Plan
+from passes.plan import RECOMPUTE_POLICIES, Plan
 
 Auto = str  # the literal 'auto'
 AUTO = "auto"
@@ -13,6 +13,8 @@ AUTO = "auto"
 # Micro-batch counts tried when the user leaves `num_micro_batches` to the search; beyond the
 # last, the doublings the batch still splits into (`auto_micro_batches`).
 AUTO_MICRO_BATCHES = (1, 2, 4, 8, 16)
+# Recomputation policies tried when the user leaves activation_recomputation to the search.
+AUTO_RECOMPUTE = ("none", "selective_op", "selective_layer", "full")
 
 
 def auto_micro_batches(batch_size: int, dp: int) -> list[int]:
@@ -51,9 +53,9 @@ class SearchOptions:
     _check_bool_or_auto("distribute_parameter", self.distribute_parameter)
     _check_bool_or_auto("distribute_low_prec_param", self.distribute_low_prec_param)
     r = self.activation_recomputation
-    if not (isinstance(r, bool) or r in (AUTO, "none", "full", "dots")):
-      raise ValueError(f"activation_recomputation must be True, False, 'auto', 'none', 'full' or "
-                       f"'dots', got {r!r}.")
+    if not (isinstance(r, bool) or r == AUTO or r in RECOMPUTE_POLICIES):
+      raise ValueError(f"activation_recomputation must be True, False, 'auto' or one of "
+                       f"{RECOMPUTE_POLICIES}, got {r!r}.")
     if not self.pipeline_parallel and self.num_stages not in (AUTO, 1):
       raise ValueError(f"num_stages={self.num_stages} needs pipeline_parallel=True; set "
                        "pipeline_parallel=True or num_stages='auto'.")
@@ -69,8 +71,8 @@ class SearchOptions:
 
   def recompute_choices(self) -> tuple[str, ...]:
     r = self.activation_recomputation
-    if r == AUTO:
-      return ("none", "full")
+    if r == AUTO:  # what people run: none, torchtitan's two selective policies, full
+      return AUTO_RECOMPUTE
     if isinstance(r, bool):
       return ("full",) if r else ("none",)
     return (r,)

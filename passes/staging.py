@@ -1,11 +1,14 @@
 """Which candidates to compile: families, memory-saving variants, and a branch-and-bound.
 
 A *family* is a set of plans that differ only in knobs that trade time for memory:
-recomputation ('none' < 'dots' < 'full') and, without a pipeline, the number of
+recomputation ('none' < 'dots' < 'selective_op' < 'selective_layer' < 'full', by the FLOPs
+recomputed) and, without a pipeline, the number of
 micro-batches (gradient accumulation). Within a family, more of either knob never makes a
 step faster and never makes it bigger, under the cost model and XLA's memory analysis:
 
-  * more recomputation adds FLOPs and shrinks the saved activations;
+  * more recomputation adds FLOPs and shrinks the saved activations (except that
+    'selective_layer' may keep more than 'dots' or 'selective_op': the prunings below rely
+    on the time order alone, a wave may compile a variant no smaller than the last);
   * more micro-batches (pp == 1) runs the same FLOPs in smaller pieces, with as many
     collectives or more (the FSDP gathers repeat per micro-batch), and shrinks activations.
 
@@ -28,11 +31,10 @@ import logging
 from typing import Callable, Sequence
 
 from passes.plan import Plan
+from passes.recompute import RECOMPUTE_ORDER
 from passes.report import FEASIBLE, OVER_BUDGET, PRUNED, CandidateResult, fmt_time
 
 log = logging.getLogger("ap_xla")
-
-RECOMPUTE_ORDER = {"none": 0, "dots": 1, "full": 2}
 
 # compile_all(plans) -> results in the same order
 CompileAll = Callable[[Sequence[Plan]], list]

@@ -15,16 +15,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from passes import recompute as rc
 from passes import shardings as sh
 from passes.plan import DATA, Plan
-from passes.program import BLOCKS, POST, PRE, Program, combine, partition, scan_blocks
+from passes.program import BLOCKS, POST, PRE, Program, combine, partition
 
 PyTree = Any
 
-_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +88,7 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
   def block_fn(p, h, aux):
     return layers.block(prepare(p, block_specs), h, aux)
 
-  if plan.recompute != "none":
-    block_fn = jax.checkpoint(block_fn, policy=_POLICIES[plan.recompute])
+  run_layers = rc.layer_runner(block_fn, plan.recompute)
 
   def layered_loss(params, batch):
     batch = cast_batch(batch)
@@ -101,9 +97,10 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
       from passes import pipeline
       h = pipeline.run_stages(block_fn, params[BLOCKS], h, aux, num_stages=plan.pp,
                               num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS],
-                              gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None)
+                              gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None,
+                              run_layers=run_layers)
     else:
-      h = scan_blocks(block_fn, params[BLOCKS], h, aux)
+      h = run_layers(params[BLOCKS], h, aux)
     return layers.post(prepare(params[POST], pspecs[POST]), h, aux, batch).astype(jnp.float32)
 
   return layered_loss
@@ -172,8 +169,7 @@ def _one_f_one_b(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Ca
   # The schedule gathers and casts the stage's weights once (compute_dtype): the block takes
   # them as they come.
   block_fn = layers.block
-  if plan.recompute != "none":
-    block_fn = jax.checkpoint(block_fn, policy=_POLICIES[plan.recompute])
+  run_layers = rc.layer_runner(block_fn, plan.recompute)
 
   mask = program.trainable_mask
   tspecs = program.split(pspecs)[0]
@@ -193,7 +189,7 @@ def _one_f_one_b(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Ca
         num_stages=plan.pp, num_micro_batches=plan.mb, mesh=mesh, block_specs=pspecs[BLOCKS],
         gather_dtype=jnp.bfloat16 if cast_early and plan.fsdp else None,
         compute_dtype=jnp.bfloat16 if plan.bf16 else None,
-        block_trainable=mask[BLOCKS], post_trainable=mask[POST])
+        block_trainable=mask[BLOCKS], post_trainable=mask[POST], run_layers=run_layers)
     grads = {PRE: pre_vjp((d_h.astype(h.dtype), d_aux))[0], BLOCKS: d_blocks, POST: post_vjp(d_post)[0]}
     return loss.astype(jnp.float32), jax.lax.with_sharding_constraint(grads, tspecs)
   return loss_and_grad

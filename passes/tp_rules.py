@@ -31,7 +31,8 @@ log = logging.getLogger("ap_xla")
 # (their names differ across jax versions: passes/compat.py).
 _CALLS = CALL_PRIMITIVES
 # Ops that keep a parameter's layout (a derived value still "is" the parameter).
-_UNARY = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint"}
+_UNARY = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint",
+          "name"}  # name: checkpoint_name, the value itself
 _ELEMENTWISE = _UNARY | {
     "add", "sub", "mul", "div", "max", "min", "pow", "integer_pow", "neg", "exp", "exp2", "log",
     "log1p", "expm1", "tanh", "logistic", "erf", "erfc", "erf_inv", "sqrt", "rsqrt", "cbrt", "abs",

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ap_xla import config, env, plan_cache
 from passes import search as search_pass
 from passes.build import build_plan
-from passes.plan import Plan
+from passes.plan import RECOMPUTE_POLICIES, Plan
 from passes.program import Program, combine
 from passes.report import OutOfMemoryError, SearchResult, out_of_memory_message
 from passes.space import SearchOptions, divisors
@@ -218,10 +218,12 @@ def with_checkpointing(options: SearchOptions, checkpointing: bool, program: Pro
 
   torch's gradient checkpointing recomputes each decoder layer's forward in the backward;
   the plan's per-block recomputation is that: the options' `activation_recomputation`
-  becomes True ('full') unless it already names a policy ('full', 'dots'). A program
+  becomes True ('full') unless it already names a recomputing policy ('full', 'dots',
+  'selective_op', 'selective_layer': `passes.recompute`). A program
   without a block stack has no blocks to recompute: it is planned as it is (logged).
   """
-  if not checkpointing or options.activation_recomputation in ("full", "dots"):
+  pinned = options.activation_recomputation
+  if not checkpointing or (isinstance(pinned, str) and pinned in RECOMPUTE_POLICIES and pinned != "none"):
     return options
   if not program.num_blocks:
     log.info("%s asked for gradient checkpointing, but it has no block stack to recompute per block; "
