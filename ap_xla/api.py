@@ -32,7 +32,8 @@ def enable_advanced_parallelization(pipeline_parallel=True, num_stages="auto", n
     num_stages: pipeline stages, or 'auto'.
     num_micro_batches: micro-batches per step, or 'auto'.
     activation_recomputation: True, False or 'auto' (also a policy of `passes.recompute`: 'full',
-      'dots', 'selective_op' (torchtitan's per-op SAC), 'selective_layer' (every 2nd block)).
+      'dots', 'selective_op' (torchtitan's per-op SAC), 'selective_layer' (every 2nd block)), or a tuple
+      of policies to search among.
     distribute_parameter: shard parameters, gradients and optimizer state over data (ZeRO-3), or 'auto'.
     mixed_precision: bf16 compute with fp32 master weights.
 

@@ -53,9 +53,14 @@ class SearchOptions:
     _check_bool_or_auto("distribute_parameter", self.distribute_parameter)
     _check_bool_or_auto("distribute_low_prec_param", self.distribute_low_prec_param)
     r = self.activation_recomputation
-    if not (isinstance(r, bool) or r == AUTO or r in RECOMPUTE_POLICIES):
-      raise ValueError(f"activation_recomputation must be True, False, 'auto' or one of "
-                       f"{RECOMPUTE_POLICIES}, got {r!r}.")
+    if isinstance(r, (list, tuple)):  # several policies to search among
+      if not r or any(not isinstance(x, str) or x not in RECOMPUTE_POLICIES for x in r) or len(set(r)) < len(r):
+        raise ValueError(f"activation_recomputation as a sequence must list distinct policies of "
+                         f"{RECOMPUTE_POLICIES}, got {r!r}.")
+      object.__setattr__(self, "activation_recomputation", tuple(r))
+    elif not (isinstance(r, bool) or r == AUTO or r in RECOMPUTE_POLICIES):
+      raise ValueError(f"activation_recomputation must be True, False, 'auto', one of "
+                       f"{RECOMPUTE_POLICIES} or a tuple of them, got {r!r}.")
     if not self.pipeline_parallel and self.num_stages not in (AUTO, 1):
       raise ValueError(f"num_stages={self.num_stages} needs pipeline_parallel=True; set "
                        "pipeline_parallel=True or num_stages='auto'.")
@@ -75,7 +80,7 @@ class SearchOptions:
       return AUTO_RECOMPUTE
     if isinstance(r, bool):
       return ("full",) if r else ("none",)
-    return (r,)
+    return r if isinstance(r, tuple) else (r,)
 
 
 def _check_bool(name, v):
@@ -220,7 +225,7 @@ def _check_pins(num_devices, batch_size, num_blocks, o: SearchOptions):
   if o.num_micro_batches != AUTO and batch_size % o.num_micro_batches:
     raise ValueError(f"num_micro_batches={o.num_micro_batches} does not divide the global batch "
                      f"{batch_size}; allowed: {divisors(batch_size)}.")
-  if o.activation_recomputation not in (AUTO, False, "none") and not num_blocks:
+  if set(o.recompute_choices()) != {"none"} and o.activation_recomputation != AUTO and not num_blocks:
     raise ValueError(f"activation_recomputation={o.activation_recomputation!r} recomputes per block, "
                      "but this program has no block stack (Layers); use 'auto' or False.")
 

@@ -14,7 +14,9 @@ from passes.space import SearchOptions
 from passes import memory
 from tests.models import llama_tiny
 
-OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, tensor_parallel=1)
+# Two recomputation policies, not the auto space's four: the exhaustive test compiles every candidate.
+OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, tensor_parallel=1,
+                     activation_recomputation=("none", "full"))
 
 
 @pytest.fixture(scope="module")

@@ -155,3 +155,13 @@ def test_1f1b_is_offered_where_it_keeps_fewer_micro_batches_than_gpipe():
   assert one and all(p.pp > 1 and p.mb > p.pp + 1 for p in one)
   assert {p.mb for p in one if p.pp == 2} == {4, 8, 16}  # dp=4: 16 examples per data shard
   assert all(dataclasses.replace(p, schedule="gpipe") in plans for p in one)  # beside GPipe, not instead
+
+
+def test_recomputation_as_a_set_of_policies():
+  """A tuple of policies is searched among (what the exhaustive tests use to stay small)."""
+  o = SearchOptions(activation_recomputation=["none", "selective_op"])
+  assert o.activation_recomputation == ("none", "selective_op") and o.recompute_choices() == ("none", "selective_op")
+  assert {p.recompute for p in enumerate_plans(8, 16, 4, o)[0]} == {"none", "selective_op"}
+  for bad in ((), ("none", "none"), ("none", "sometimes"), ("none", True)):
+    with pytest.raises(ValueError, match="distinct policies"):
+      SearchOptions(activation_recomputation=bad)
