@@ -83,7 +83,12 @@ def run_plan(prog, plan, rules, steps=3):
   return built, loss, grads, p
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Plans another case covers together with more (dp and tp in dp_x_tp, fsdp in fsdp_x_tp, a plain
+# pipeline of either schedule in its tp/fsdp/recompute case): `-m slow` only.
+COVERED = ("dp", "fsdp", "tp", "pipeline", "1f1b")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in COVERED else n for n in CASES])
 def test_llama_plan_matches_single_device(llama, name):
   prog, (ref_loss, ref_grads, ref_params), rules = llama
   plan = CASES[name]
