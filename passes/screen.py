@@ -16,8 +16,9 @@ memory (per device)
                              recomputation policy (read from the block's jaxpr), times the
                              layers a device runs, times the micro-batches in flight (all
                              M + S - 1 ticks of the GPipe schedule), plus pre and post's
-  gathered_params            under FSDP, gathered block weights the backward keeps (no
-                             recomputation), or a pipeline stage's gathered weights
+  gathered_params            under FSDP, the layer at work's gathered block weights (the
+                             backward gathers them again, `passes.step.regathers`), or a
+                             pipeline stage's gathered weights
   temporaries                the largest working set of any part's forward or backward (the
                              attention scores, the logits), `temporaries_detail` says which
 
@@ -122,7 +123,7 @@ class Screen(TimeTerms):
 
   def _specs(self, plan: Plan):
     """(param specs, optimizer-state specs) of the plan, shared by plans of the same layout."""
-    key = (plan.dp, plan.tp, plan.pp, plan.fsdp)
+    key = (plan.dp, plan.tp, plan.pp, plan.fsdp, plan.fsdp_group)
     if key not in self._spec_cache:
       pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
       split = self.program.split
@@ -248,18 +249,18 @@ class Screen(TimeTerms):
     return in_flight * layers * per_layer + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
-    """Gathered weights held beyond the stored shards: under FSDP the block weights the
-    backward keeps (no recomputation: every layer's; else the layer at work); a pipeline
-    stage's block weights as its loops use them (gathered once per step)."""
+    """Gathered weights held beyond the stored shards: under FSDP the layer at work's (the
+    backward gathers each layer's again under every recomputation policy, none included:
+    `passes.step.regather_policy`); a pipeline stage's block weights as its loops use them
+    (gathered once per step)."""
     blocks = [(s, g, n) for part, s, g, n in layout if part == BLOCKS]
     if blk is None:
       return 0.0
-    if not plan.fsdp or plan.dp == 1:
+    if not plan.fsdp or plan.shard_degree == 1:
       return 0.0
     if plan.pp > 1:
       return sum(g for _, g, _ in blocks)
-    layer = sum(g / n for _, g, n in blocks)
-    return self.program.num_blocks * layer if plan.recompute == "none" else layer
+    return sum(g / n for _, g, n in blocks)
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under
@@ -276,7 +277,7 @@ class Screen(TimeTerms):
     if plan.pp > 1 and blk is not None:
       best += blk.temp_peak
       what += f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
-    if plan.fsdp and plan.dp > 1 and plan.pp == 1 and blk is not None:
+    if plan.fsdp and plan.shard_degree > 1 and plan.pp == 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
 
