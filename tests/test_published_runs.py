@@ -23,6 +23,7 @@ def test_hsdp_and_selective_recomputation_are_pinned_with_a_note():
   preset, plan, batch, seq, notes = pr.pin(row)
   assert (preset, batch, seq) == ("llama2-7b", 64, 4096)
   assert (plan.dp, plan.tp, plan.fsdp, plan.recompute, plan.low_prec) == (16, 1, True, "dots", False)
+  assert (plan.hsdp, plan.fsdp_group, plan.replicas) == (True, 8, 2)  # pinned as HSDP 8x2
   assert any("HSDP" in n for n in notes) and any("selective" in n for n in notes)
 
 
