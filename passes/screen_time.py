@@ -15,7 +15,7 @@ import numpy as np
 from passes import jaxpr_cost
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import Collective, Kernel
-from passes.plan import DATA, REPLICA, STAGE, TENSOR, Plan
+from passes.plan import DATA, STAGE, TENSOR, Plan
 from passes.program import BLOCKS
 
 
@@ -165,12 +165,10 @@ class TimeTerms:
     use (again in the backward under recomputation) and gradients reduced to shards, per
     layer and micro-batch; a pipeline gathers and reduces a stage's blocks once per step.
     The backward gathers each layer's block weights again (`passes.step.regathers`).
-    HSDP: gathers and reduce-scatters within each FSDP group ('data'), then the shards'
-    gradients all-reduced across the groups ('replica'); replicated leaves over all ranks.
+    HSDP: gathers within each FSDP group ('data'); the gradients all-reduced over every rank.
     """
     g = self._groups(plan, plan.data_axes)  # every data-parallel rank
     fg = self._groups(plan, DATA) if plan.hsdp else g  # one FSDP group
-    rg = self._groups(plan, REPLICA) if plan.hsdp else None
     L = max(1, self.program.num_blocks)
     # frozen leaves (`Program.trainable`) are gathered like the others but have no gradient
     flags = jax.tree.leaves(self.program.trainable_mask)
@@ -202,14 +200,14 @@ class TimeTerms:
                           n * reps * regather, fg)])
         # the pipeline reduce-scatters its blocks' gradients itself (psum_scatter)
         k = "reduce-scatter" if plan.pp > 1 and group is blocks else kind
-        if plan.hsdp and k == "all-reduce":  # XLA:CPU: one all-reduce over every rank, then a slice
-          add([Collective(k, int(sum(gb for s, gb, t in shard if t) // n), plan.dp, n * reps, g)])
+        if plan.hsdp:
+          # Both compilers (XLA:CPU, and XLA:GPU compiled without a device, measured on a tiny Llama)
+          # reduce an HSDP gradient with one all-reduce over every data rank, then a slice, not
+          # PyTorch HSDP's reduce-scatter in the group plus all-reduce across groups.
+          add([Collective("all-reduce", int(sum(gb for s, gb, t in shard if t) // n), plan.dp, n * reps, g)])
           continue
         total = sum(gb if k == "all-reduce" else s for s, gb, t in shard if t)
         add([Collective(k, int(total // n), plan.shard_degree, n * reps, fg)])
-        if plan.hsdp:  # the group's shards summed across the replicas
-          add([Collective("all-reduce", int(sum(s for s, gb, t in shard if t) // n), plan.replicas,
-                          n * reps, rg)])
     return out
 
   def stage_collectives(self, plan: Plan) -> list[Collective]:
