@@ -13,12 +13,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from passes import shardings as sh
 from passes.plan import DATA, Plan
 from passes.program import BLOCKS, POST, PRE, Program, combine, partition, scan_blocks
+from passes.regather import regathering_block, regathers
 
 PyTree = Any
 
@@ -26,40 +26,6 @@ _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# The name FSDP's gathered block weights carry (`checkpoint_name`): without recomputation the
-# block is checkpointed saving anything but them, so the backward gathers each layer's weights
-# again instead of keeping every layer's gathered copy from the forward (PyTorch FSDP's
-# reshard_after_forward). 'dots' and 'full' never save them (not dot outputs).
-GATHERED = "fsdp_gathered"
-
-
-def regathers(plan: Plan) -> bool:
-  """Whether the plan's backward gathers its block weights again (FSDP over more than one rank)."""
-  return plan.fsdp and plan.shard_degree > 1
-
-
-# What prepares a weight for use (`_prepare_fns`): its casts, the barrier and the gather.
-_PREPARING = ("convert_element_type", "optimization_barrier", "sharding_constraint", "copy", "copy_p")
-
-
-def regather_policy(block_params) -> Callable:
-  """A checkpoint policy that saves anything but the gathered block weights.
-
-  `save_anything_except_these_names(GATHERED)` alone is not enough: the value just before the
-  name (the gather's result, or its bf16 cast) is saveable and is saved in its place. So the
-  steps that prepare a weight are not saveable either, told apart by their operand having a
-  block weight's shape (activations are [batch, seq, ...]); a rare activation of such a shape
-  is then recomputed, which changes no value. The shards the gather starts from are saved.
-  """
-  shapes = {tuple(x.shape[1:]) for x in jax.tree.leaves(block_params)}
-
-  def policy(prim, *avals, **params):
-    if prim.name == "name":
-      return params["name"] != GATHERED
-    if prim.name in _PREPARING and avals and tuple(getattr(avals[0], "shape", ())) in shapes:
-      return False
-    return True
-  return policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +94,8 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
 
   if plan.recompute != "none":
     block_fn = jax.checkpoint(block_fn, policy=_POLICIES[plan.recompute])
-  elif regathers(plan) and plan.pp == 1:
-    # (a pipeline gathers a stage's weights once per step, outside the blocks)
-    block_fn = jax.checkpoint(block_fn, policy=regather_policy(program.params[BLOCKS]))
+  elif regathers(plan):  # the backward gathers each layer's weights again
+    block_fn = regathering_block(layers.block, lambda p: prepare(p, block_specs))
 
   def layered_loss(params, batch):
     batch = cast_batch(batch)
@@ -192,9 +157,8 @@ def _prepare_fns(plan: Plan):
       # most weights after the backward's re-gather under recomputation (fp32 gathered).
       p = jax.lax.optimization_barrier(_to_bf16(p)) if plan.fsdp else _to_bf16(p)
     if plan.fsdp:
-      p = jax.tree.map(lambda x: checkpoint_name(x, GATHERED), _gather(p, specs))
-    p = _to_bf16(p) if plan.bf16 else p
-    return jax.tree.map(lambda x: checkpoint_name(x, GATHERED), p) if plan.fsdp else p
+      p = _gather(p, specs)
+    return _to_bf16(p) if plan.bf16 else p
 
   def cast_batch(batch):
     return _to_bf16(batch) if plan.bf16 else batch
