@@ -41,6 +41,7 @@ from passes import cost_model, shardings as sh
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
 from passes.plan import DATA, Plan
+from passes.regather import regathers
 from passes.program import BLOCKS, POST, PRE, Program
 from passes.screen_profile import ProgramProfile
 from passes.screen_time import TimeTerms, nbytes
@@ -237,6 +238,8 @@ class Screen(TimeTerms):
     if blk is None:
       return pre.saved + pre.saved_input
     per_layer = blk.saved + blk.saved_input
+    if regathers(plan):  # the weights' casts are redone with the re-gather, not kept
+      per_layer -= blk.saved_weights
     L = self.program.num_blocks
     if plan.pp > 1:
       layers = L // plan.pp
