@@ -11,7 +11,7 @@ from passes.evaluate import compile_plan
 from passes.hardware import get_profile
 from passes.plan import Plan
 from passes.space import SearchOptions, enumerate_plans, hsdp_groups
-from tests.models import llama_tiny
+from tests.models import TINY_LLAMA
 
 
 def test_plan_fields_and_errors():
@@ -43,14 +43,14 @@ def test_regather_keeps_the_attention_o_s():
   """The re-gather keeps what the block keeps without FSDP: the chunked attention's scores are
   recomputed (an outer checkpoint policy saved them, 205.9 MiB against 50.1 MiB here)."""
   cfg = LlamaConfig(vocab=64, dim=64, layers=4, heads=4, ffn=128, seq=1024)
-  prog = llama_program(cfg, 8, optimizer=optax.adamw(1e-3)).abstract()
+  prog = llama_program(cfg, 8, optimizer=optax.adamw(1e-3), abstract=True)
   fsdp = memory.memory_stats(compile_plan(prog, Plan(dp=8, fsdp=True), jax.devices(), None)).temp
   dp = memory.memory_stats(compile_plan(prog, Plan(dp=8), jax.devices(), None)).temp
   assert fsdp <= 1.05 * dp, (fsdp, dp)
 
 
 def test_largest_shard_group_divides_every_weight():
-  prog = llama_tiny().abstract()  # dims 32, 64, 16 x 4 layers
+  prog = llama_program(TINY_LLAMA, 16, abstract=True)  # dims 32, 64, 16 x 4 layers
   assert shardings.largest_shard_group(prog, 8) == 8
   assert shardings.largest_shard_group(prog, 96) == 32  # 96 = 32 x 3: no dim divides by 96 or 48
 
@@ -62,7 +62,7 @@ def test_fsdp_without_recomputation_gathers_again_in_the_backward():
   of temporaries were measured when they were kept, 18.7 MiB with the re-gather), every block
   weight is gathered twice per layer, and the screen predicts the compiled peak within 25%."""
   cfg = LlamaConfig(vocab=64, dim=256, layers=8, heads=4, ffn=1024, seq=16)
-  prog = llama_program(cfg, 8, optimizer=optax.adamw(1e-3)).abstract()
+  prog = llama_program(cfg, 8, optimizer=optax.adamw(1e-3), abstract=True)
   plan = Plan(dp=8, fsdp=True)
   c = compile_plan(prog, plan, jax.devices(), None)
   m = memory.memory_stats(c)
