@@ -13,13 +13,16 @@ predicted memory against the 80% budget; then the pairwise ordering check within
 are within 5%); last line one JSON object with the figures.
 
 Pinning. The published layouts map onto ap-xla's Plan as follows, and each row prints what
-it lost: FSDP over all ranks -> Plan(dp=N, fsdp=True); HSDP (shard in a node, replicate
-across nodes) has no Plan: it is planned as FSDP over all N ranks (same compute, less memory,
-more cross-node traffic); activation recomputation none/full -> 'none'/'full', 'selective'
-by its stated kind (`SELECTIVE`): torchtitan per-op -> 'selective_op', torchtitan per-layer
--> 'selective_layer' (every 2nd block), fms-fsdp every k-th block (k not stated) ->
-'selective_layer', MaxText minimal_flash -> 'dots' (which does not save the attention
-output minimal_flash keeps); parameters gathered in bf16
+it lost: FSDP over all ranks -> Plan(dp=N, fsdp=True), except where no weight dimension
+divides by N (96 ranks: PyTorch FSDP flattens and pads, ap-xla shards whole dimensions): then
+the largest group that divides them all (`passes.shardings.largest_shard_group`, 32 of 96)
+as HSDP, Plan(dp=N, fsdp=True, fsdp_group=32), which the row's notes say; HSDP (shard in a
+node, replicate across nodes) -> Plan(dp=N, fsdp=True, fsdp_group=<shard degree>);
+activation recomputation none/full -> 'none'/'full', 'selective' by its stated kind
+(`SELECTIVE`): torchtitan per-op -> 'selective_op', torchtitan per-layer -> 'selective_layer'
+(every 2nd block), fms-fsdp every k-th block (k not stated) -> 'selective_layer', MaxText
+minimal_flash -> 'dots' (which does not save the attention output minimal_flash keeps);
+parameters gathered in bf16
 -> low_prec; torch.compile is not modelled (the eager and compiled rows of one layout get
 the same prediction).
 
@@ -112,8 +115,10 @@ def pin(row: dict):
   lay, w, hw = row["layout"], row["workload"], row["hardware"]
   n, tp = hw["num_gpus"], lay["tensor_parallel"] or 1
   notes = []
+  group = 0
   if lay.get("hsdp"):
-    notes.append(f"HSDP {lay['fsdp_degree']}x{lay['data_parallel']} as FSDP {n // tp}")
+    group = lay["fsdp_degree"]
+    notes.append(f"HSDP {lay['fsdp_degree']}x{lay['data_parallel']}")
   policy, note = recompute_policy(row)
   if note:
     notes.append(note)
@@ -123,8 +128,23 @@ def pin(row: dict):
     raise ValueError(f"row {row['id']!r}: pipeline or context parallelism is not pinned by this benchmark")
   fsdp = (lay["fsdp_degree"] or 1) > 1
   plan = Plan(dp=n // tp, tp=tp, mb=w["grad_accum"] or 1, recompute=policy, fsdp=fsdp, bf16=True,
-              low_prec=fsdp and lay.get("param_gather_dtype") == "bf16")
+              low_prec=fsdp and lay.get("param_gather_dtype") == "bf16", fsdp_group=group)
   return PRESETS[row["model"]["name"]], plan, w["global_batch_seqs"], w["seq_len"], notes
+
+
+def _shardable(plan, program, notes):
+  """The plan ap-xla actually runs for a pinned FSDP layout: where no weight dimension divides
+  by the shard degree, HSDP over the largest group that divides them all (module doc)."""
+  import dataclasses
+  from passes.shardings import largest_shard_group
+  if not plan.fsdp or plan.shard_degree == 1:
+    return plan, notes
+  g = largest_shard_group(program, plan.shard_degree)
+  if g == plan.shard_degree:
+    return plan, notes
+  new = dataclasses.replace(plan, fsdp_group=g)
+  return new, notes + [f"FSDP {plan.shard_degree} planned as HSDP {g}x{plan.dp // g} "
+                       f"(no weight dim divides by {plan.shard_degree})"]
 
 
 def _check_preset(spec, row):
@@ -146,7 +166,7 @@ class Planner:
   def screen(self, preset: str, batch: int, seq: int, plan):
     from ap_xla import presets
     from passes.build import derive_program_tp
-    from passes.screen import Screen, build_screen
+    from passes.screen import build_screen
     key = (preset, batch, seq, plan.num_devices)
     if key not in self._screens:
       spec = presets.resolve_model(preset)
@@ -168,10 +188,15 @@ class Planner:
     hw = hardware_for(row)
     spec, screen = self.screen(preset, batch, seq, plan)
     _check_preset(spec, row)
+    plan, notes = _shardable(plan, screen.program, notes)
     s = screen(plan, hw)
     measured = row["derived"]["step_time_s"]
     pred = s.cost.total_s
     budget = MEMORY_RATIO * hw.memory_bytes
+    peak = row.get("published_peak_memory_gib")
+    if peak is not None and peak * 2**30 > budget:
+      notes = notes + [f"published peak {peak} GiB > {MEMORY_RATIO:.0%} of {hw.memory_bytes / 1e9:.0f} GB "
+                       f"({budget / 2**30:.1f} GiB): over the budget even if predicted exactly"]
     return {"id": row["id"], "group": row["group"], "source": row["source"]["independent_group"],
             "model": row["model"]["name"], "gpus": row["hardware"]["num_gpus"], "hardware": hw.name,
             "plan": repr(plan), "notes": notes, "measured_s": measured, "predicted_s": pred,
@@ -180,6 +205,8 @@ class Planner:
             "memory_bytes": s.memory_bytes, "budget_bytes": budget, "feasible": s.memory_bytes <= budget,
             "near_feasible": s.memory_bytes <= (1 + NEAR) * budget,
             "memory_terms": {k: round(v / 2**30, 2) for k, v in s.memory.items()},
+            "published_peak_gib": peak,
+            "published_over_budget": peak is not None and peak * 2**30 > budget,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -227,12 +254,12 @@ def summary(results: list[dict], pairs: list[dict], wall_s: float) -> dict:
 
 def table(results: list[dict]) -> str:
   gib = lambda b: f"{b / 2**30:.1f}"
-  head = (f"{'row':<48} {'gpus':>4} {'plan':<66} {'meas s':>7} {'pred s':>7} {'|log2|':>6} "
+  head = (f"{'row':<48} {'gpus':>4} {'plan':<82} {'meas s':>7} {'pred s':>7} {'|log2|':>6} "
           f"{'comp s':>7} {'comm s':>7} {'hid s':>6} {'GiB':>6} {'budget':>6} feasible  notes")
   lines = [head, "-" * len(head)]
   for r in results:
     plan = r["plan"].replace("Plan(", "").replace(")", "").replace(", pp=1", "").replace(", bf16=True", "")
-    lines.append(f"{r['id']:<48} {r['gpus']:>4} {plan:<66} {r['measured_s']:>7.3f} {r['predicted_s']:>7.3f} "
+    lines.append(f"{r['id']:<48} {r['gpus']:>4} {plan:<82} {r['measured_s']:>7.3f} {r['predicted_s']:>7.3f} "
                  f"{abs(r['log2']):>6.2f} {r['compute_s']:>7.3f} {r['comm_s']:>7.3f} {r['hidden_s']:>6.2f} "
                  f"{gib(r['memory_bytes']):>6} {gib(r['budget_bytes']):>6} "
                  f"{'yes' if r['feasible'] else 'near' if r['near_feasible'] else 'NO':<9} {'; '.join(r['notes'])}")

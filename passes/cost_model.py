@@ -184,7 +184,9 @@ def on_data_axis(c: Collective, plan: Plan) -> bool:
   its groups hold devices of one (stage, tensor) coordinate, the mesh's ids being
   (stage, data, tensor) in row-major order; without groups, a gather or reduce-scatter over
   dp devices, or an all-reduce over dp devices when dp != tp."""
-  if plan.dp <= 1 or c.group_size != plan.dp:
+  # (HSDP: over one FSDP group, or across the groups)
+  sizes = {plan.dp, plan.shard_degree, plan.replicas} - {1}
+  if plan.dp <= 1 or c.group_size not in sizes:
     return False
   if c.groups:
     tp, dp = plan.tp, plan.dp

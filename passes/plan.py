@@ -4,9 +4,13 @@ from __future__ import annotations
 import dataclasses
 
 # Mesh axis names, outermost first. 'stage' carries pipeline stages, 'data' data
-# parallelism (and the FSDP shards), 'tensor' Megatron-style tensor parallelism.
+# parallelism (and the FSDP shards), 'tensor' Megatron-style tensor parallelism. An HSDP plan
+# splits data parallelism into 'replica' (outer: the FSDP groups, state replicated across them)
+# and 'data' (inner: one group, the state sharded over it).
 STAGE, DATA, TENSOR = "stage", "data", "tensor"
+REPLICA = "replica"
 MESH_AXES = (STAGE, DATA, TENSOR)
+HSDP_MESH_AXES = (STAGE, REPLICA, DATA, TENSOR)
 
 # passes.recompute defines them; it imports jax, this module does not.
 RECOMPUTE_POLICIES = ("none", "full", "dots", "selective_op", "selective_layer")
@@ -34,6 +38,10 @@ class Plan:
     schedule: pipeline schedule: 'gpipe' (fill and drain: every micro-batch's residuals kept
       until the backward) or '1f1b' (one forward, one backward: at most 2 x pp kept);
       ignored when pp == 1.
+    fsdp_group: with `fsdp`, the FSDP shard-group size: 0 (or dp) shards over all dp ranks;
+      a proper divisor g of dp is HSDP (hybrid sharding): the state is sharded over groups of
+      g consecutive data ranks and replicated across the dp / g groups (mesh axes 'replica' x
+      'data'), gradients reduce-scattered in the group and all-reduced across groups.
   """
   dp: int = 1
   tp: int = 1
@@ -44,6 +52,7 @@ class Plan:
   low_prec: bool = False
   bf16: bool = False
   schedule: str = "gpipe"
+  fsdp_group: int = 0
 
   def __post_init__(self):
     for f in ("dp", "tp", "pp", "mb"):
@@ -57,6 +66,42 @@ class Plan:
     for f in ("fsdp", "low_prec", "bf16"):
       if not isinstance(getattr(self, f), bool):
         raise TypeError(f"Plan.{f} must be True or False, got {getattr(self, f)!r}.")
+    g = self.fsdp_group
+    if not isinstance(g, int) or isinstance(g, bool) or g < 0:
+      raise ValueError(f"Plan.fsdp_group must be 0 (all of dp) or a positive int, got {g!r}.")
+    if g and (self.dp % g):
+      raise ValueError(f"Plan.fsdp_group={g} must divide dp={self.dp} (the FSDP groups tile the data ranks).")
+    if g == self.dp:
+      object.__setattr__(self, "fsdp_group", 0)  # one group of all dp: plain FSDP, one spelling
+    elif g and not self.fsdp:
+      raise ValueError(f"Plan.fsdp_group={g} needs fsdp=True (it is the FSDP shard-group size).")
+    elif g and self.pp > 1:
+      raise ValueError(f"Plan.fsdp_group={g} (HSDP) is not implemented with pipeline stages (pp={self.pp}); "
+                       "use fsdp_group=0 or pp=1.")
+
+  @property
+  def hsdp(self) -> bool:
+    """Whether the FSDP state is sharded over groups smaller than dp and replicated across them."""
+    return bool(self.fsdp_group)
+
+  @property
+  def shard_degree(self) -> int:
+    """Ranks one FSDP-sharded leaf is split over: the group size (dp without HSDP)."""
+    return self.fsdp_group or self.dp
+
+  @property
+  def replicas(self) -> int:
+    """FSDP groups the state is replicated across (1 without HSDP)."""
+    return self.dp // self.shard_degree
+
+  @property
+  def data_axes(self):
+    """The mesh axis (or axes) the batch is split over."""
+    return (REPLICA, DATA) if self.hsdp else DATA
+
+  @property
+  def mesh_axes(self) -> tuple[str, ...]:
+    return HSDP_MESH_AXES if self.hsdp else MESH_AXES
 
   @property
   def num_devices(self) -> int:
@@ -64,6 +109,8 @@ class Plan:
 
   @property
   def mesh_shape(self) -> dict[str, int]:
+    if self.hsdp:
+      return {STAGE: self.pp, REPLICA: self.replicas, DATA: self.fsdp_group, TENSOR: self.tp}
     return {STAGE: self.pp, DATA: self.dp, TENSOR: self.tp}
 
   def batch_per_device(self, global_batch: int) -> int:
@@ -76,6 +123,8 @@ class Plan:
       s += f", bf16=True, low_prec={self.low_prec}"
     if self.pp > 1:
       s += f", schedule={self.schedule!r}"
+    if self.hsdp:
+      s += f", fsdp_group={self.fsdp_group}"
     return s + ")"
 
   def to_dict(self) -> dict:

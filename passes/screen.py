@@ -16,8 +16,9 @@ memory (per device)
                              recomputation policy (read from the block's jaxpr), times the
                              layers a device runs, times the micro-batches in flight (all
                              M + S - 1 ticks of the GPipe schedule), plus pre and post's
-  gathered_params            under FSDP, gathered block weights the backward keeps (no
-                             recomputation), or a pipeline stage's gathered weights
+  gathered_params            under FSDP, the layer at work's gathered block weights (the
+                             backward gathers them again, `passes.step.regathers`), or a
+                             pipeline stage's gathered weights
   temporaries                the largest working set of any part's forward or backward (the
                              attention scores, the logits), `temporaries_detail` says which
 
@@ -41,6 +42,7 @@ from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
 from passes.recompute import recomputed_fraction
 from passes.plan import DATA, Plan
+from passes.regather import regathers
 from passes.program import BLOCKS, POST, PRE, Program
 from passes.screen_profile import ProgramProfile
 from passes.screen_time import TimeTerms, nbytes
@@ -123,7 +125,7 @@ class Screen(TimeTerms):
 
   def _specs(self, plan: Plan):
     """(param specs, optimizer-state specs) of the plan, shared by plans of the same layout."""
-    key = (plan.dp, plan.tp, plan.pp, plan.fsdp)
+    key = (plan.dp, plan.tp, plan.pp, plan.fsdp, plan.fsdp_group)
     if key not in self._spec_cache:
       pspecs = sh.param_specs(self.program, plan, self.tp_dims_fn(plan.tp) if plan.tp > 1 else None)
       split = self.program.split
@@ -238,6 +240,8 @@ class Screen(TimeTerms):
     if blk is None:
       return pre.saved + pre.saved_input
     per_layer = blk.saved + blk.saved_input
+    if regathers(plan):  # the weights' casts are redone with the re-gather, not kept
+      per_layer -= blk.saved_weights
     L = self.program.num_blocks
     if plan.pp > 1:
       layers = L // plan.pp
@@ -257,17 +261,20 @@ class Screen(TimeTerms):
     return in_flight * layers * per_layer + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
-    """Gathered weights held beyond the stored shards: under FSDP the block weights the
-    backward keeps (no recomputation: every layer's; else the layer at work); a pipeline
+    """Gathered weights held beyond the stored shards: under FSDP the layer at work's (the
+    backward gathers each layer's again where the block re-gathers, `passes.regather`, or is
+    recomputed; 'selective_layer' keeps those of the blocks it does not recompute); a pipeline
     stage's block weights as its loops use them (gathered once per step)."""
     blocks = [(s, g, n) for part, s, g, n in layout if part == BLOCKS]
     if blk is None:
       return 0.0
-    if not plan.fsdp or plan.dp == 1:
+    if not plan.fsdp or plan.shard_degree == 1:
       return 0.0
     if plan.pp > 1:
       return sum(g for _, g, _ in blocks)
     layer = sum(g / n for _, g, n in blocks)
+    if regathers(plan):  # the backward gathers each layer's weights again
+      return layer
     kept = 1.0 - recomputed_fraction(plan.recompute)  # blocks whose gathered weights stay for the backward
     return self.program.num_blocks * layer if kept == 1.0 else self.program.num_blocks * kept * layer + layer
 
@@ -286,7 +293,7 @@ class Screen(TimeTerms):
     if plan.pp > 1 and blk is not None:
       best += blk.temp_peak
       what += f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
-    if plan.fsdp and plan.dp > 1 and plan.pp == 1 and blk is not None:
+    if plan.fsdp and plan.shard_degree > 1 and plan.pp == 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
 

@@ -50,6 +50,8 @@ class PartCost:
       kept by the loop that runs the layers).
     saved_invariant: bytes of residuals computed from side inputs only (masks, rotary
       tables): the same for every layer, kept once.
+    saved_weights: the part of `saved` computed from the parameters alone (their bf16 casts):
+      what FSDP's re-gather in the backward does not keep (`passes.regather`).
   """
   fwd: JaxprCost
   bwd: JaxprCost
@@ -57,6 +59,7 @@ class PartCost:
   saved_params: float
   saved_input: float
   saved_invariant: float
+  saved_weights: float = 0.0
 
   @property
   def flops(self) -> float:
@@ -285,7 +288,7 @@ class ProgramProfile:
     n_params = len(jax.tree.leaves(args[0]))  # the cotangents of the parameters come first,
     cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp,  # sharded like them
                             out_hints=in_dims[:n_params])
-    saved = saved_params = saved_input = saved_invariant = 0.0
+    saved = saved_params = saved_input = saved_invariant = saved_weights = 0.0
     for i in res:
       src, nbytes, deps = cf.out_sources[i], cf.out_bytes[i], cf.out_deps[i]
       if cf.out_repeats[i]:
@@ -300,10 +303,12 @@ class ProgramProfile:
           saved_invariant += nbytes
       elif deps & ((1 << PARAMS) | (1 << HIDDEN)):
         saved += nbytes
+        if deps == 1 << PARAMS:
+          saved_weights += nbytes
       elif deps:
         saved_invariant += nbytes
       # else: a constant (a broadcast zero, an iota mask): XLA folds it, nothing is stored
-    return PartCost(cf, cb, saved, saved_params, saved_input, saved_invariant)
+    return PartCost(cf, cb, saved, saved_params, saved_input, saved_invariant, saved_weights)
 
   def part(self, part: str, recompute: str, bf16: bool, b: int, tp: int) -> PartCost:
     """The part's costs for a per-device micro-batch of `b` examples at TP degree `tp`."""
@@ -325,7 +330,8 @@ class ProgramProfile:
         t = (b - lo) / (hi - lo)
         cost = PartCost(_lerp_cost(a.fwd, z.fwd, t), _lerp_cost(a.bwd, z.bwd, t), _lerp(a.saved, z.saved, t),
                         _lerp(a.saved_params, z.saved_params, t), _lerp(a.saved_input, z.saved_input, t),
-                        _lerp(a.saved_invariant, z.saved_invariant, t))
+                        _lerp(a.saved_invariant, z.saved_invariant, t),
+                        _lerp(a.saved_weights, z.saved_weights, t))
       else:
         cost = self._exact(part, key[1], bf16, b, tp)
     self._costs[key] = cost

@@ -18,6 +18,7 @@ from passes.hlo_stats import Collective, Kernel
 from passes.plan import DATA, STAGE, TENSOR, Plan
 from passes.program import BLOCKS
 from passes.recompute import recomputed_fraction
+from passes.regather import regathers
 
 
 def nbytes(x) -> int:
@@ -138,10 +139,14 @@ class TimeTerms:
     """Runs of post per step: per micro-batch on every tick under 1F1B."""
     return self.pipeline_shape(plan)[0] if plan.pp > 1 and plan.schedule == "1f1b" else runs_edge
 
-  def _groups(self, plan: Plan, axis: str) -> tuple:
-    ids = np.arange(plan.num_devices).reshape(plan.pp, plan.dp, plan.tp)
-    d = ("stage", "data", "tensor").index(axis)
-    return tuple(tuple(g) for g in np.moveaxis(ids, d, -1).reshape(-1, ids.shape[d]).tolist())
+  def _groups(self, plan: Plan, axis) -> tuple:
+    """The device groups of a mesh axis (or of several, e.g. HSDP's ('replica', 'data'))."""
+    shape = plan.mesh_shape
+    ids = np.arange(plan.num_devices).reshape(tuple(shape.values()))
+    axes = [list(shape).index(a) for a in (axis if isinstance(axis, tuple) else (axis,))]
+    size = int(np.prod([ids.shape[d] for d in axes]))
+    moved = np.moveaxis(ids, axes, list(range(ids.ndim - len(axes), ids.ndim)))
+    return tuple(tuple(g) for g in moved.reshape(-1, size).tolist())
 
   def collectives(self, plan: Plan, pre, blk, post, runs_edge, runs_block, layout) -> list[Collective]:
     """The step's collectives per mesh axis (module doc)."""
@@ -166,8 +171,11 @@ class TimeTerms:
     reduces inside the layer loop (pp=1, one micro-batch). FSDP: weights are gathered before
     use (again in the backward under recomputation) and gradients reduced to shards, per
     layer and micro-batch; a pipeline gathers and reduces a stage's blocks once per step.
+    The backward gathers each layer's block weights again (`passes.step.regathers`).
+    HSDP: gathers within each FSDP group ('data'); the gradients all-reduced over every rank.
     """
-    g = self._groups(plan, DATA)
+    g = self._groups(plan, plan.data_axes)  # every data-parallel rank
+    fg = self._groups(plan, DATA) if plan.hsdp else g  # one FSDP group
     L = max(1, self.program.num_blocks)
     # frozen leaves (`Program.trainable`) are gathered like the others but have no gradient
     flags = jax.tree.leaves(self.program.trainable_mask)
@@ -193,13 +201,21 @@ class TimeTerms:
         add([Collective("all-reduce", int(rep // runs), plan.dp, runs, g)])
       if shard:
         reps = 1 if plan.pp > 1 and group is blocks else plan.mb
-        regather = 1 + recomputed_fraction(plan.recompute) if per_layer else 1
+        # the backward gathers a layer's weights again where it re-gathers or recomputes the layer
+        regather = (2 if regathers(plan) else 1 + recomputed_fraction(plan.recompute)) if per_layer else 1
         for _, gb, _ in shard:  # one gather per leaf (and layer)
-          add([Collective("all-gather", int((gb // 2 if low else gb) // n), plan.dp, n * reps * regather, g)])
+          add([Collective("all-gather", int((gb // 2 if low else gb) // n), plan.shard_degree,
+                          n * reps * regather, fg)])
         # the pipeline reduce-scatters its blocks' gradients itself (psum_scatter)
         k = "reduce-scatter" if plan.pp > 1 and group is blocks else kind
+        if plan.hsdp:
+          # Both compilers (XLA:CPU, and XLA:GPU compiled without a device, measured on a tiny Llama)
+          # reduce an HSDP gradient with one all-reduce over every data rank, then a slice, not
+          # PyTorch HSDP's reduce-scatter in the group plus all-reduce across groups.
+          add([Collective("all-reduce", int(sum(gb for s, gb, t in shard if t) // n), plan.dp, n * reps, g)])
+          continue
         total = sum(gb if k == "all-reduce" else s for s, gb, t in shard if t)
-        add([Collective(k, int(total // n), plan.dp, n * reps, g)])
+        add([Collective(k, int(total // n), plan.shard_degree, n * reps, fg)])
     return out
 
   def stage_collectives(self, plan: Plan) -> list[Collective]:

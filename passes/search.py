@@ -10,6 +10,7 @@ cannot analyse the program).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -227,7 +228,8 @@ def config_line(plan: Plan, global_batch: int) -> str:
           f"{plan.batch_per_device(global_batch)}, DP : {plan.dp}, TP : {plan.tp}, recomputation : "
           f"{plan.recompute.upper()}, distribute_param : {str(plan.fsdp).lower()}, "
           f"distribute_low_prec_param : {str(plan.low_prec).lower()}, mixed_precision : "
-          f"{str(plan.bf16).lower()}")
+          f"{str(plan.bf16).lower()}" + (f", fsdp_group : {plan.fsdp_group} (HSDP: {plan.replicas} replicas)"
+                                         if plan.hsdp else ""))
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -297,7 +299,11 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     from passes import pipeline
     return pipeline.check_pipeline(abstract.num_blocks, batch, pp, mb, dp)
 
-  plans, skipped = enumerate_plans(len(devices), batch, abstract.num_blocks, options, tp_ok, pipeline_ok)
+  from passes.shardings import largest_shard_group
+  from passes.space import hsdp_groups
+  groups = hsdp_groups(hw.devices_per_node, functools.cache(lambda dp: largest_shard_group(abstract, dp)))
+  plans, skipped = enumerate_plans(len(devices), batch, abstract.num_blocks, options, tp_ok, pipeline_ok,
+                                   groups if options.distribute_parameter is not False else (lambda dp, tp: ()))
   check_pinned_tp(len(devices), options, tp_ok)
   log.info("Generated %d parallelization candidates (%d left out) for %r on %d devices (%s, "
            "budget %s per device).", len(plans), len(skipped), abstract, len(devices), hw.name,

@@ -8,19 +8,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from passes.compat import auto_mesh
-from passes.plan import DATA, MESH_AXES, STAGE, TENSOR, Plan
+from passes.plan import DATA, STAGE, TENSOR, Plan
 from passes.program import BLOCKS, Program
 
 PyTree = Any
 
 
 def make_mesh(plan: Plan, devices) -> Mesh:
-  """The (stage, data, tensor) mesh of a plan over the first `plan.num_devices` devices."""
+  """The (stage, data, tensor) mesh of a plan over the first `plan.num_devices` devices; under
+  HSDP (stage, replica, data, tensor), each FSDP group `plan.fsdp_group` consecutive data ranks."""
   devices = list(devices)
   if len(devices) < plan.num_devices:
     raise ValueError(f"{plan} needs {plan.num_devices} devices, got {len(devices)}.")
-  arr = np.array(devices[:plan.num_devices], dtype=object).reshape(plan.pp, plan.dp, plan.tp)
-  return auto_mesh(arr, MESH_AXES)
+  arr = np.array(devices[:plan.num_devices], dtype=object).reshape(tuple(plan.mesh_shape.values()))
+  return auto_mesh(arr, plan.mesh_axes)
 
 
 def _fsdp_dim(shape, taken: set[int], dp: int, skip_leading: bool) -> int | None:
@@ -43,8 +44,8 @@ def _leaf_spec(shape, tp_dim: int | None, plan: Plan, stacked: bool) -> P:
   if tp_dim is not None and plan.tp > 1:
     spec[tp_dim] = TENSOR
     taken.add(tp_dim)
-  if plan.fsdp and plan.dp > 1:
-    d = _fsdp_dim(shape, taken, plan.dp, skip_leading=stacked)
+  if plan.fsdp and plan.shard_degree > 1:
+    d = _fsdp_dim(shape, taken, plan.shard_degree, skip_leading=stacked)
     if d is not None:
       spec[d] = DATA
   return P(*spec)
@@ -98,13 +99,34 @@ def opt_state_specs(opt_state_shapes: PyTree, params: PyTree, pspecs: PyTree) ->
   return jax.tree_util.tree_map_with_path(spec_for, opt_state_shapes)
 
 
-def batch_spec(leaf) -> P:
-  """The batch's leading dim over 'data'."""
-  return P(DATA, *([None] * (len(leaf.shape) - 1))) if len(leaf.shape) else P()
+def batch_spec(leaf, axes=DATA) -> P:
+  """The batch's leading dim over 'data' (over `axes`: under HSDP ('replica', 'data'))."""
+  return P(axes, *([None] * (len(leaf.shape) - 1))) if len(leaf.shape) else P()
 
 
-def batch_specs(batch: PyTree) -> PyTree:
-  return jax.tree.map(batch_spec, batch)
+def batch_specs(batch: PyTree, axes=DATA) -> PyTree:
+  return jax.tree.map(lambda x: batch_spec(x, axes), batch)
+
+
+def largest_shard_group(program: Program, dp: int) -> int:
+  """The largest divisor g of dp over which every weight FSDP could split (a leaf with a
+  dimension of at least g elements, the layer dim of stacked blocks aside) has a dimension
+  divisible by g: the FSDP group that shards all weights when dp itself divides none of their
+  dims (e.g. 96 ranks and Llama's dims: 32; the plan is then HSDP over 96 / 32 groups).
+
+  Args:
+    program: the program (its params give the shapes).
+    dp: the data-parallel degree.
+  """
+  shapes = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(program.params)[0]:
+    stacked = program.layers is not None and _key(path[0]) == BLOCKS
+    shapes.append(tuple(leaf.shape)[1:] if stacked else tuple(leaf.shape))
+
+  def ok(g):  # (and some weight does split: not vacuously, with every weight smaller than g)
+    return (all(any(n % g == 0 for n in shape) for shape in shapes if any(n >= g for n in shape))
+            and any(n % g == 0 for shape in shapes for n in shape))
+  return max(g for g in range(1, dp + 1) if dp % g == 0 and ok(g))
 
 
 def named(mesh: Mesh, specs: PyTree) -> PyTree:

@@ -112,7 +112,8 @@ def divisors(n: int) -> list[int]:
 
 
 def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options: SearchOptions,
-                    tp_ok=lambda tp: None, pipeline_ok=lambda pp, mb, dp: None):
+                    tp_ok=lambda tp: None, pipeline_ok=lambda pp, mb, dp: None,
+                    fsdp_groups=lambda dp, tp: ()):
   """Lists the plans to compile and the ones left out with their reasons.
 
   Args:
@@ -122,6 +123,8 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
     options: the search knobs.
     tp_ok: `tp -> reason or None`; says whether tensor parallelism of that degree applies.
     pipeline_ok: `(pp, mb, dp) -> reason or None` for pipelined combinations.
+    fsdp_groups: `(dp, tp) -> FSDP group sizes` to try as HSDP beside FSDP over all of dp
+      (pp == 1; `hsdp_groups`); none by default.
 
   Returns:
     (plans, skipped): plans to compile, in a deterministic order; skipped plans with reasons.
@@ -170,6 +173,8 @@ def enumerate_plans(num_devices: int, batch_size: int, num_blocks: int, options:
           continue
         for plan in _variants(plan0, num_blocks, o):
           plans.append(plan)
+          if plan.fsdp and pp == 1:
+            plans += [dataclasses.replace(plan, fsdp_group=g) for g in fsdp_groups(dp, tp) if 1 < g < dp]
           # 1F1B keeps 2S micro-batches' residuals where GPipe keeps M + S - 1: an
           # alternative when that is fewer (at the cost of S more ticks and post per tick).
           if pp > 1 and mb > pp + 1:
@@ -188,6 +193,23 @@ def _variants(plan: Plan, num_blocks: int, o: SearchOptions):
       lows = [o.distribute_low_prec_param] if o.distribute_low_prec_param != AUTO else [False, True]
     for low in lows:
       yield dataclasses.replace(plan, recompute=recompute, fsdp=fsdp, low_prec=low, bf16=o.mixed_precision)
+
+
+def hsdp_groups(devices_per_node: int, largest_group=lambda dp: None):
+  """`(dp, tp) -> FSDP group sizes` for `enumerate_plans`: where the data-parallel ranks span
+  nodes, a group of one node's ranks (sharded over NVLink, replicated across nodes); and where
+  FSDP over all of dp would leave weights replicated (no dimension divides by dp),
+  `largest_group(dp)`, the largest group that shards them all (`shardings.largest_shard_group`)."""
+  def groups(dp: int, tp: int) -> tuple[int, ...]:
+    out = set()
+    node = devices_per_node // tp if devices_per_node % tp == 0 else 0
+    if dp * tp > devices_per_node and node > 1 and dp % node == 0:
+      out.add(node)
+    g = largest_group(dp)
+    if g and g < dp:
+      out.add(g)
+    return tuple(sorted(out))
+  return groups
 
 
 def check_pinned_tp(num_devices: int, options: SearchOptions, tp_ok) -> None:

@@ -19,6 +19,7 @@ from passes import recompute as rc
 from passes import shardings as sh
 from passes.plan import DATA, Plan
 from passes.program import BLOCKS, POST, PRE, Program, combine, partition
+from passes.regather import regathering_block, regathers
 
 PyTree = Any
 
@@ -88,6 +89,8 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
   def block_fn(p, h, aux):
     return layers.block(prepare(p, block_specs), h, aux)
 
+  if regathers(plan):  # the backward gathers each layer's weights again
+    block_fn = regathering_block(layers.block, lambda p: prepare(p, block_specs))
   run_layers = rc.layer_runner(block_fn, plan.recompute)
 
   def layered_loss(params, batch):
@@ -106,7 +109,7 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
   return layered_loss
 
 
-def _split_micro_batches(batch, mb: int):
+def _split_micro_batches(batch, mb: int, axes=DATA):
   """[B, ...] -> [mb, B/mb, ...], keeping the data sharding on the per-micro-batch dim.
 
   Micro-batch j takes rows j, j + mb, j + 2mb, ...: reshaping to [B/mb, mb] and swapping
@@ -116,7 +119,7 @@ def _split_micro_batches(batch, mb: int):
   """
   def split(x):
     y = jnp.swapaxes(x.reshape((x.shape[0] // mb, mb) + x.shape[1:]), 0, 1)
-    return jax.lax.with_sharding_constraint(y, P(None, DATA, *([None] * (x.ndim - 1))))
+    return jax.lax.with_sharding_constraint(y, P(None, axes, *([None] * (x.ndim - 1))))
   return jax.tree.map(split, batch)
 
 
@@ -225,7 +228,7 @@ def make_loss_and_grad(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh)
   # are reduce-scattered over 'data' as the backward makes them (per layer, per micro-batch):
   # ZeRO-3's trade, which keeps the accumulator sharded instead of holding a full local copy.
   def accumulated(params, batch):
-    micro = _split_micro_batches(batch, plan.mb)
+    micro = _split_micro_batches(batch, plan.mb, plan.data_axes)
     zeros = constrain(jax.tree.map(jnp.zeros_like, split(params)[0]))
 
     def body(carry, mbatch):
@@ -317,7 +320,7 @@ def build_step(program: Program, plan: Plan, devices, tp_dims: PyTree | None = N
   tspecs = split(pspecs)[0]
   opt_shapes = jax.eval_shape(program.init_optimizer, program.params)
   ospecs = sh.opt_state_specs(opt_shapes, split(program.params)[0], tspecs)
-  bspecs = sh.batch_specs(program.batch)
+  bspecs = sh.batch_specs(program.batch, plan.data_axes)
   pshard, oshard, bshard, gshard = (sh.named(mesh, s) for s in (pspecs, ospecs, bspecs, tspecs))
   loss_and_grad = make_loss_and_grad(program, plan, pspecs, mesh)
   tx = program.optimizer

@@ -107,14 +107,17 @@ def test_fsdp_with_distribute_low_prec_param_gathers_bf16_also_when_recomputing(
 
 
 def test_the_backward_regather_under_recomputation_is_counted(fsdp_bf16):
-  """Full recomputation gathers each layer's weights again in the backward: the HLO's
-  all-gather bytes per step (what the cost model reads) grow by the blocks' share."""
+  """Full recomputation, and no recomputation alike (`passes.regather`: PyTorch FSDP's
+  reshard_after_forward), gather each layer's weights again in the backward: the HLO's all-gather
+  bytes per step (what the cost model reads) hold the blocks' bf16 weights twice, the edges' once."""
   def gathered(key):
     return sum(c.bytes * c.count for c in hlo_stats.analyze_hlo(fsdp_bf16[key][1]).collectives
                if c.kind == "all-gather")
   program = llama_tiny(batch=8, cfg=dataclasses.replace(TINY_LLAMA, seq=512))
   blocks_bf16 = sum(x.size * 2 for x in jax.tree.leaves(program.params["blocks"]))
-  assert gathered("full") - gathered(512) == blocks_bf16, (gathered("full"), gathered(512), blocks_bf16)
+  edges_bf16 = sum(x.size * 2 for k in ("pre", "post") for x in jax.tree.leaves(program.params[k]))
+  assert gathered("full") == gathered(512) == 2 * blocks_bf16 + edges_bf16, (
+      gathered("full"), gathered(512), blocks_bf16, edges_bf16)
 
 
 def test_the_plan_cache_keeps_routes_apart(monkeypatch):

@@ -10,7 +10,8 @@ from passes.plan import Plan
 from tests.models import llama_tiny
 
 PLANS = [Plan(dp=8), Plan(dp=4, tp=2, fsdp=True, mb=2, recompute="full"),
-         Plan(dp=2, tp=2, pp=2, mb=2, fsdp=True, bf16=True, low_prec=True)]
+         Plan(dp=2, tp=2, pp=2, mb=2, fsdp=True, bf16=True, low_prec=True),
+         Plan(dp=4, tp=2, fsdp=True, fsdp_group=2, recompute="dots", bf16=True, low_prec=True)]  # HSDP
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,8 @@ CASES = {
     "1f1b": Plan(pp=2, dp=4, mb=4, schedule="1f1b"),
     "1f1b_tp_fsdp_recompute": Plan(pp=2, dp=2, tp=2, mb=8, fsdp=True, recompute="full", schedule="1f1b"),
     "1f1b_bf16_low_prec": Plan(pp=2, dp=4, mb=4, fsdp=True, bf16=True, low_prec=True, schedule="1f1b"),
+    # HSDP: state sharded over groups of 2 data ranks, replicated across the 2 groups
+    "hsdp_tp_mb_bf16": Plan(dp=4, tp=2, mb=2, fsdp=True, fsdp_group=2, bf16=True, low_prec=True),
 }
 
 
@@ -139,9 +141,14 @@ def adamw_case(plan):
 ACCUMULATE = Plan(dp=2, tp=2, pp=1, mb=2)
 
 
-@pytest.mark.parametrize("plan", [Plan(dp=8, fsdp=True), ACCUMULATE])
+@pytest.mark.parametrize("plan", [Plan(dp=8, fsdp=True), ACCUMULATE, Plan(dp=8, fsdp=True, fsdp_group=4)],
+                         ids=["fsdp", "accumulate", "hsdp"])
 def test_adamw_steps(plan):
-  _, (ref_loss, ref_grads, ref_params), _, loss, grads, params = adamw_case(plan)
+  _, (ref_loss, ref_grads, ref_params), built, loss, grads, params = adamw_case(plan)
+  if plan.hsdp:  # really hybrid: weights sharded over the 4-rank 'data' groups, 2 'replica's
+    assert dict(built.mesh.shape) == {"stage": 1, "replica": 2, "data": 4, "tensor": 1}
+    specs = [tuple(s.spec) for s in jax.tree.leaves(built.param_shardings["blocks"])]
+    assert all("data" in s and "replica" not in s for s in specs)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert_tree_close(grads, ref_grads, 1e-5, "grad ")
   assert_tree_close(params, ref_params, 1e-4, "param after 3 AdamW steps ")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from bridge.attention import dot_product_attention
 from ap_xla.models.decoder import decoder_layers, decoder_program, init_stack, token_batch
+from ap_xla.models.fused import rms_norm, swiglu
 from passes.program import Layers, Program
 
 
@@ -51,8 +52,8 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    return (x * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * scale.astype(x.dtype)
+    # (x / rms) in float32, cast back, times the scale; the backward keeps x and 1/rms alone
+    return rms_norm(x, scale, self.eps)
 
 
 def rope_tables(seq: int, head_dim: int, theta: float):
@@ -90,7 +91,7 @@ class Block(nn.Module):
     x = RMSNorm(name="mlp_norm")(h)
     g = dense(c.ffn_dim, "gate")(x)
     u = dense(c.ffn_dim, "up")(x)
-    return h + dense(c.dim, "down")(jax.nn.silu(g) * u)
+    return h + dense(c.dim, "down")(swiglu(g, u))
 
 
 class Embed(nn.Module):
