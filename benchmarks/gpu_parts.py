@@ -40,6 +40,9 @@ PQ_MODELS = {
     "llama-1b": (32000, 2048, 20, 16, 4, 5632, 2048),
     "tiny": (128, 32, 2, 4, 4, 64, 32),
 }
+# The GPU check searches two recomputation policies, not the auto space's four: every plan of its
+# space is compiled (and maybe run) within the lent device's few minutes.
+PQ_RECOMPUTE = ("none", "full")
 OOM_PATTERN = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemory|Out of memory|failed to allocate",
                          re.IGNORECASE)
 
@@ -175,6 +178,7 @@ def step_pq_search(args) -> dict:
   from ap_xla.models.llama import llama_program
   from passes import hardware
   from passes.report import PRUNED
+  from passes.recompute import recomputed_fraction
   from passes.space import SearchOptions, enumerate_plans
   devices = jax.devices()
   profile, source = _profile(args.work)
@@ -188,8 +192,9 @@ def step_pq_search(args) -> dict:
   # search: the plans its branch-and-bound prunes get a prediction too (and can be run), and
   # those it does compile find them in the persistent compilation cache. The likely-pruned
   # variants (most recomputation and micro-batches) go first.
-  space, _ = enumerate_plans(len(devices), batch, cfg.layers, SearchOptions(mixed_precision=True))
-  space.sort(key=lambda p: ({"full": 0, "dots": 1, "none": 2}[p.recompute], -p.mb))
+  space, _ = enumerate_plans(len(devices), batch, cfg.layers,
+                             SearchOptions(mixed_precision=True, activation_recomputation=PQ_RECOMPUTE))
+  space.sort(key=lambda p: (-recomputed_fraction(p.recompute), -p.mb))
   if args.capacity == "auto":  # the dry run: a budget halfway between the replicated and the smallest plan
     from ap_xla import env
     alone = dict(kwargs, capacity_bytes=2**40)
@@ -208,7 +213,7 @@ def step_pq_search(args) -> dict:
   pool = concurrent.futures.ThreadPoolExecutor(max(args.extra_threads, 1))
   futures = {p: pool.submit(_pinned, program, devices, p, kwargs) for p in space} if args.extra_threads else {}
   t0 = time.perf_counter()
-  res = ap_xla.search(program, devices, **kwargs)
+  res = ap_xla.search(program, devices, activation_recomputation=PQ_RECOMPUTE, **kwargs)
   doc.update(result=res.to_json(), search_s=time.perf_counter() - t0)
   print(res.table(), flush=True)
   _write(path, doc)  # the runs can start from this even if the plans alone run out of time
