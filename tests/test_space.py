@@ -12,7 +12,7 @@ def test_defaults_enumerate_every_factorization():
   assert meshes == {(1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1), (2, 2, 2), (2, 1, 4),
                     (4, 2, 1), (4, 1, 2)}  # pp=8 exceeds 4 blocks
   assert all(p.num_devices == 8 for p in plans)
-  assert {p.recompute for p in plans} == {"none", "selective_op", "selective_layer", "full"}
+  assert {p.recompute for p in plans} == {"none", "selective_op", "full"}
   assert not any(p.fsdp and p.dp == 1 for p in plans)
   assert not any(p.bf16 or p.low_prec for p in plans)
   assert len(set(plans)) == len(plans)
