@@ -86,8 +86,11 @@ def run_plan(prog, plan, rules, steps=3):
 
 
 # Plans another case covers together with more (dp and tp in dp_x_tp, fsdp in fsdp_x_tp, a plain
-# pipeline of either schedule in its tp/fsdp/recompute case): `-m slow` only.
-COVERED = ("dp", "fsdp", "tp", "pipeline", "1f1b")
+# pipeline of either schedule in its tp/fsdp/recompute case, four stages and selective_layer's
+# pipelined runner in the two-stage cases and the flat selective_layer case, 'dots' a
+# jax.checkpoint policy applied as 'full' is, which the 'recompute' case covers): `-m slow` only.
+COVERED = ("dp", "fsdp", "tp", "pipeline", "1f1b", "pipeline_4_stages", "pipeline_selective_layer",
+           "recompute_dots")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in COVERED else n for n in CASES])
