@@ -41,7 +41,8 @@ class Plan:
     fsdp_group: with `fsdp`, the FSDP shard-group size: 0 (or dp) shards over all dp ranks;
       a proper divisor g of dp is HSDP (hybrid sharding): the state is sharded over groups of
       g consecutive data ranks and replicated across the dp / g groups (mesh axes 'replica' x
-      'data'), gradients reduce-scattered in the group and all-reduced across groups.
+      'data'); the gradients are reduced over every data rank (XLA:CPU and XLA:GPU emit one
+      all-reduce and slice the group's shard, not a reduce-scatter plus an all-reduce).
   """
   dp: int = 1
   tp: int = 1

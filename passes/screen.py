@@ -273,10 +273,10 @@ class Screen(TimeTerms):
     if plan.pp > 1:
       return sum(g for _, g, _ in blocks)
     layer = sum(g / n for _, g, n in blocks)
-    if regathers(plan):  # the backward gathers each layer's weights again
-      return layer
-    kept = 1.0 - recomputed_fraction(plan.recompute)  # blocks whose gathered weights stay for the backward
-    return self.program.num_blocks * layer if kept == 1.0 else self.program.num_blocks * kept * layer + layer
+    # the fraction of blocks whose gathered weights stay for the backward: none where the block
+    # re-gathers ('none') or recomputes, half the blocks under 'selective_layer'
+    kept = 0.0 if regathers(plan) else 1.0 - recomputed_fraction(plan.recompute)
+    return layer * (1 + self.program.num_blocks * kept)
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under
