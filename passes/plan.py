@@ -12,7 +12,7 @@ REPLICA = "replica"
 MESH_AXES = (STAGE, DATA, TENSOR)
 HSDP_MESH_AXES = (STAGE, REPLICA, DATA, TENSOR)
 
-# passes.recompute defines them; it imports jax, this module does not.
+# The recomputation policies `passes.recompute` implements (named here: this module imports no jax).
 RECOMPUTE_POLICIES = ("none", "full", "dots", "selective_op", "selective_layer")
 SCHEDULES = ("gpipe", "1f1b")  # pipeline schedules the step builder implements
 

@@ -29,6 +29,7 @@ import jax
 import jax.extend.core as jcore
 from jax.ad_checkpoint import checkpoint_name
 
+from passes.plan import RECOMPUTE_POLICIES
 from passes.program import scan_blocks
 
 PyTree = Any
@@ -39,7 +40,7 @@ ATTENTION_OUT = "ap_attention_out"
 # Name of the matmul outputs 'selective_op' keeps (given by `_name_every_other_matmul`).
 SAC_SAVED = "ap_sac_saved"
 
-POLICIES = ("none", "full", "dots", "selective_op", "selective_layer")
+POLICIES = RECOMPUTE_POLICIES  # the names Plan validates (passes.plan, which imports no jax)
 # Ordered by how much the backward recomputes (its FLOPs), for the staged search.
 RECOMPUTE_ORDER = {"none": 0, "dots": 1, "selective_op": 2, "selective_layer": 3, "full": 4}
 # Layer frequency of 'selective_layer' (torchtitan's default option '2').
