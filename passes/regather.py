@@ -22,8 +22,9 @@ from passes.plan import Plan
 
 def regathers(plan: Plan) -> bool:
   """Whether the plan's blocks re-gather their weights in the backward: FSDP over more than one
-  rank without pipelining ('dots' and 'full' recompute the gather with the block anyway)."""
-  return plan.fsdp and plan.shard_degree > 1 and plan.pp == 1 and plan.recompute == "none"
+  rank without pipelining, for the blocks that are not recomputed ('none', and the blocks
+  'selective_layer' leaves alone; the other policies recompute the gather with the block)."""
+  return plan.fsdp and plan.shard_degree > 1 and plan.pp == 1 and plan.recompute in ("none", "selective_layer")
 
 
 def regathering_block(block: Callable, prepare: Callable) -> Callable:

@@ -17,7 +17,7 @@ memory (per device)
                              layers a device runs, times the micro-batches in flight (all
                              M + S - 1 ticks of the GPipe schedule), plus pre and post's
   gathered_params            under FSDP, the layer at work's gathered block weights (the
-                             backward gathers them again, `passes.step.regathers`), or a
+                             backward gathers them again, `passes.regather`), or a
                              pipeline stage's gathered weights
   temporaries                the largest working set of any part's forward or backward (the
                              attention scores, the logits), `temporaries_detail` says which
@@ -40,8 +40,8 @@ import jax
 from passes import cost_model, shardings as sh
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
-from passes.recompute import recomputed_fraction
 from passes.plan import DATA, Plan
+from passes.recompute import LAYER_SAC_EVERY
 from passes.regather import regathers
 from passes.program import BLOCKS, POST, PRE, Program
 from passes.screen_profile import ProgramProfile
@@ -262,9 +262,9 @@ class Screen(TimeTerms):
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
     """Gathered weights held beyond the stored shards: under FSDP the layer at work's (the
-    backward gathers each layer's again where the block re-gathers, `passes.regather`, or is
-    recomputed; 'selective_layer' keeps those of the blocks it does not recompute); a pipeline
-    stage's block weights as its loops use them (gathered once per step)."""
+    backward gathers each layer's again: the block re-gathers, `passes.regather`, or is
+    recomputed); a pipeline stage's block weights as its loops use them (gathered once per
+    step)."""
     blocks = [(s, g, n) for part, s, g, n in layout if part == BLOCKS]
     if blk is None:
       return 0.0
@@ -272,11 +272,11 @@ class Screen(TimeTerms):
       return 0.0
     if plan.pp > 1:
       return sum(g for _, g, _ in blocks)
-    layer = sum(g / n for _, g, n in blocks)
-    # the fraction of blocks whose gathered weights stay for the backward: none where the block
-    # re-gathers ('none') or recomputes, half the blocks under 'selective_layer'
-    kept = 0.0 if regathers(plan) else 1.0 - recomputed_fraction(plan.recompute)
-    return layer * (1 + self.program.num_blocks * kept)
+    # 'selective_layer' runs a group of blocks per loop step and gathers the group's weights
+    # together (XLA:GPU, deviceless H100, FSDP-8 Llamas of 8 and 16 layers: the compiled
+    # memory grows as the mean of 'none' and 'full' per layer, and stands a constant above it)
+    at_work = LAYER_SAC_EVERY if plan.recompute == "selective_layer" else 1
+    return at_work * sum(g / n for _, g, n in blocks)
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under

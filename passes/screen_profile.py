@@ -120,7 +120,8 @@ def _layer_mix(none: "PartCost", full: "PartCost", w: float) -> "PartCost":
   mix = lambda x, y: (1 - w) * x + w * y
   return PartCost(_mix_cost(none.fwd, full.fwd, w), _mix_cost(none.bwd, full.bwd, w),
                   mix(none.saved, full.saved), mix(none.saved_params, full.saved_params),
-                  mix(none.saved_input, full.saved_input), max(none.saved_invariant, full.saved_invariant))
+                  mix(none.saved_input, full.saved_input), max(none.saved_invariant, full.saved_invariant),
+                  mix(none.saved_weights, full.saved_weights))
 
 
 def _same_structure(a: JaxprCost, b: JaxprCost) -> bool:

@@ -171,7 +171,7 @@ class TimeTerms:
     reduces inside the layer loop (pp=1, one micro-batch). FSDP: weights are gathered before
     use (again in the backward under recomputation) and gradients reduced to shards, per
     layer and micro-batch; a pipeline gathers and reduces a stage's blocks once per step.
-    The backward gathers each layer's block weights again (`passes.step.regathers`).
+    The backward gathers each layer's block weights again (`passes.regather`) or recomputes them.
     HSDP: gathers within each FSDP group ('data'); the gradients all-reduced over every rank.
     """
     g = self._groups(plan, plan.data_axes)  # every data-parallel rank

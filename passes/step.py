@@ -19,7 +19,7 @@ from passes import recompute as rc
 from passes import shardings as sh
 from passes.plan import DATA, Plan
 from passes.program import BLOCKS, POST, PRE, Program, combine, partition
-from passes.regather import regathering_block, regathers
+from passes.regather import regathers
 
 PyTree = Any
 
@@ -89,9 +89,8 @@ def make_loss(program: Program, plan: Plan, pspecs: PyTree, mesh: Mesh) -> Calla
   def block_fn(p, h, aux):
     return layers.block(prepare(p, block_specs), h, aux)
 
-  if regathers(plan):  # the backward gathers each layer's weights again
-    block_fn = regathering_block(layers.block, lambda p: prepare(p, block_specs))
-  run_layers = rc.layer_runner(block_fn, plan.recompute)
+  # regathers: the backward gathers each layer's weights again
+  run_layers = rc.layer_runner(layers.block, plan.recompute, lambda p: prepare(p, block_specs), regathers(plan))
 
   def layered_loss(params, batch):
     batch = cast_batch(batch)
