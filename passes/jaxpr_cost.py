@@ -80,8 +80,8 @@ class JaxprCost:
 class _Walker:
   """Abstract interpretation of a jaxpr for one tensor-parallel degree (module doc)."""
 
-  def __init__(self, tp: int, prog: Program):
-    self.tp, self.prog = tp, prog
+  def __init__(self, tp: int, prog: Program, fusion: str = "xla"):
+    self.tp, self.prog, self.fusion = tp, prog, fusion
     self.flops = 0.0
     self.kernels: list[tuple] = []  # (flops, bytes, count), in walk order
     self.attention: list[tuple] = []  # (index, causal) of the kernels under ATTENTION_SCOPE
@@ -154,7 +154,7 @@ class _Walker:
       self.out_hints = []
     if self.tp > 1:
       jaxpr_tp.shard_backward(eqns, dims, consumers, out_set, self.shape)
-    kept = jaxpr_liveness.materialized(eqns, args, consumers, out_set)
+    kept = jaxpr_liveness.materialized(eqns, args, consumers, out_set, self.fusion)
     size = lambda i: self.size(i, dims)
     for e, moved in jaxpr_liveness.fused_kernels(eqns, kept, producer, size):
       self.kernel(0, moved, count, e.att)
@@ -248,7 +248,7 @@ class _Walker:
 
 
 def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None,
-            out_hints: Sequence | None = None) -> JaxprCost:
+            out_hints: Sequence | None = None, fusion: str = "xla") -> JaxprCost:
   """Per-device costs of one call of `closed` (module doc).
 
   Args:
@@ -260,6 +260,8 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     out_hints: per output (or a prefix of them), the dim the caller shards it on over
       'tensor' (a gradient constrained like its parameter), or None; what makes it is then
       sharded alike (GSPMD propagates shardings backwards too).
+    fusion: how kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' (default), or
+      'eager', every elementwise op and reduction its own kernel (PyTorch eager).
 
   Example:
     >>> c = analyze(jax.make_jaxpr(f)(x, w), [None, 1], tp=4)
@@ -268,8 +270,10 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
   jaxpr = closed.jaxpr
   if len(in_dims) != len(jaxpr.invars):
     raise ValueError(f"analyze: in_dims has {len(in_dims)} entries for a jaxpr of {len(jaxpr.invars)} inputs.")
+  if fusion not in jaxpr_liveness.FUSIONS:
+    raise ValueError(f"analyze: fusion={fusion!r}; allowed: {jaxpr_liveness.FUSIONS}.")
   prog = Program()
-  w = _Walker(tp, prog)
+  w = _Walker(tp, prog, fusion)
   args = [prog.new(v.aval) for v in jaxpr.invars]
   groups = groups if groups is not None else [min(i, 30) for i in range(len(args))]
   for a, g in zip(args, groups):

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
 
-from passes.jaxpr_ir import FUSIBLE, REDUCTIONS, Eqn
+from passes.jaxpr_ir import ELEMENTWISE, FUSIBLE, REDUCTIONS, Eqn
 
 
-def materialized(eqns: Sequence[Eqn], args: Sequence[int], consumers: dict, out_set) -> set:
+# How kernels are formed: 'xla' fuses as the module doc says; 'eager' runs every elementwise op
+# and reduction as its own kernel, as PyTorch's eager mode does (shape ops are views there).
+FUSIONS = ("xla", "eager")
+
+
+def materialized(eqns: Sequence[Eqn], args: Sequence[int], consumers: dict, out_set,
+                 fusion: str = "xla") -> set:
   """Ids of the values XLA keeps in memory (module doc): `args`, and every value not made by
-  a fusible op, an output, or one consumed by an op that is neither fusible nor a reduction."""
+  a fusible op, an output, or one consumed by an op that is neither fusible nor a reduction.
+  Under 'eager' fusion also every elementwise op's and reduction's result."""
   kept = set(args)
   for e in eqns:
+    if fusion == "eager" and (e.name in ELEMENTWISE or e.name in REDUCTIONS):
+      kept.update(e.outs)
+      continue
     fusible = e.name in FUSIBLE
     for o in e.outs:
       if not fusible or o in out_set or any(c.name not in FUSIBLE and c.name not in REDUCTIONS

@@ -317,7 +317,7 @@ class Screen(TimeTerms):
     return Screened(plan, memory, cost_model.estimate_step_time(stats, plan, hw), what, flops)
 
 
-def build_screen(program: Program, devices, tp_rules, plans) -> Screen:
+def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla") -> Screen:
   """The screen of `program` on `devices` for `plans` (traces the micro-batch sizes they use).
 
   Args:
@@ -325,6 +325,8 @@ def build_screen(program: Program, devices, tp_rules, plans) -> Screen:
     devices: the devices planned for.
     tp_rules: the program's TP rules (None: no tensor parallelism).
     plans: the candidates to screen (their micro-batch sizes are traced).
+    fusion: 'xla' (ap-xla's programs), or 'eager' to cost the model as PyTorch eager runs it
+      (`passes.screen_profile.ProgramProfile`).
   """
   from passes.build import tp_dims
   dims_cache: dict = {}
@@ -334,7 +336,7 @@ def build_screen(program: Program, devices, tp_rules, plans) -> Screen:
       dims_cache[tp] = tp_dims(program, tp_rules, tp)
     return dims_cache[tp]
 
-  profile = ProgramProfile(program, dims)
+  profile = ProgramProfile(program, dims, fusion)
   B = program.batch_size
   sizes = {B // (p.dp * p.mb) for p in plans}
   for p in plans:

@@ -166,11 +166,14 @@ class ProgramProfile:
     program: the abstract program.
     tp_rules: its tensor-parallel rules (None: no tensor parallelism).
     tp_dims: `tp -> per-leaf dims over 'tensor'` (passes.build.tp_dims) for the parts' inputs.
+    fusion: how the kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' for ap-xla's
+      own programs; 'eager' to cost a PyTorch eager run of the same model (benchmarks).
   """
 
-  def __init__(self, program: Program, tp_dims_fn):
+  def __init__(self, program: Program, tp_dims_fn, fusion: str = "xla"):
     self.program = program
     self.tp_dims_fn = tp_dims_fn
+    self.fusion = fusion
     self.layered = program.layers is not None
     self.aux_grad = self.layered and _depends_on_params(program)
     self._traces: dict = {}
@@ -283,12 +286,12 @@ class ProgramProfile:
   def _exact(self, part: str, recompute: str, bf16: bool, b: int, tp: int) -> PartCost:
     fwd, bwd, groups, n_out, names, args = self._trace(part, recompute, bf16, b)
     in_dims = self._in_dims(part, names, args, tp)
-    cf = jaxpr_cost.analyze(fwd, in_dims, tp, groups)
+    cf = jaxpr_cost.analyze(fwd, in_dims, tp, groups, fusion=self.fusion)
     res = list(range(n_out, len(cf.out_bytes)))
     ct_dims = list(cf.out_dims[:n_out])
     n_params = len(jax.tree.leaves(args[0]))  # the cotangents of the parameters come first,
     cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp,  # sharded like them
-                            out_hints=in_dims[:n_params])
+                            out_hints=in_dims[:n_params], fusion=self.fusion)
     saved = saved_params = saved_input = saved_invariant = saved_weights = 0.0
     for i in res:
       src, nbytes, deps = cf.out_sources[i], cf.out_bytes[i], cf.out_deps[i]

@@ -44,7 +44,7 @@ class TimeTerms:
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
       closed = jax.make_jaxpr(update)(params, self.opt_shapes, params)
-      c = jaxpr_cost.analyze(closed, [None] * len(closed.jaxpr.invars))
+      c = jaxpr_cost.analyze(closed, [None] * len(closed.jaxpr.invars), fusion=self.profile.fusion)
       total = sum(nbytes(x) for x in jax.tree.leaves(params)) or 1
       self._opt = (sum(k[0] * k[2] for k in c.kernels) / total, c.kernel_bytes / total)
     return self._opt

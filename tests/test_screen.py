@@ -89,3 +89,18 @@ def test_loops_are_unrolled_and_residuals_classified():
   c = jaxpr_cost.analyze(fwd, [None, None], groups=[0, 1])
   # outputs: the primal, then the residuals (tanh's output depends on both inputs; w itself)
   assert c.out_deps[0] == 0b11 and 1 in c.out_sources[1:]
+
+
+def test_eager_fusion_runs_each_elementwise_op_as_its_own_kernel():
+  """'xla' fuses exp -> mul -> add into one kernel (read x, write y); 'eager' (PyTorch without
+  torch.compile) runs three, each reading its operand and writing its result, and keeps the
+  intermediates in memory."""
+  x = jnp.ones((1024,), jnp.float32)
+  closed = jax.make_jaxpr(lambda x: jnp.exp(x) * 2.0 + 1.0)(x)
+  fused = jaxpr_cost.analyze(closed, [None])
+  eager = jaxpr_cost.analyze(closed, [None], fusion="eager")
+  assert fused.kernel_bytes == 2 * 4096 and len(fused.kernels) == 1
+  assert eager.kernel_bytes == 6 * 4096 and len(eager.kernels) == 3
+  assert eager.peak_bytes > fused.peak_bytes
+  with pytest.raises(ValueError, match="fusion='inductor'"):
+    jaxpr_cost.analyze(closed, [None], fusion="inductor")
