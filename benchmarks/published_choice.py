@@ -54,18 +54,21 @@ def free_choice(planner: "pr.Planner", row: dict):
   """(chosen plan or None, its screened figures, the space's plans, candidates screened) of
   the free search for `row`'s workload and GPU."""
   from passes.space import SearchOptions, enumerate_plans
+  from passes.search import fsdp_groups
   from passes import pipeline
   preset, pinned, batch, seq, _ = pr.pin(row)
   hw = pr.hardware_for(row)
-  spec, screen = planner.screen(preset, batch, seq, pinned)
+  spec, screen = planner.screen(preset, batch, seq, pinned, pr.row_fusion(row))
   n = row["hardware"]["num_gpus"]
   rules = _rules(preset, screen.program)
   blocks = screen.program.num_blocks
 
   def tp_ok(tp):  # as passes.search.search
     return None if rules.shardable(tp) else f"no tensor-parallel group of the program divides by tp={tp}"
-  plans, _ = enumerate_plans(n, batch, blocks, SearchOptions(), tp_ok,
-                             lambda pp, mb, dp: pipeline.check_pipeline(blocks, batch, pp, mb, dp))
+  options = SearchOptions()
+  plans, _ = enumerate_plans(n, batch, blocks, options, tp_ok,
+                             lambda pp, mb, dp: pipeline.check_pipeline(blocks, batch, pp, mb, dp),
+                             fsdp_groups(screen.program, hw, options))
   sizes = {batch // (p.dp * p.mb) for p in plans}
   for p in plans:  # as passes.screen.build_screen: a pipeline's pre and post run on the local batch
     if p.pp > 1:
@@ -86,7 +89,10 @@ def judge(planner: "pr.Planner", rows: list[dict]) -> dict:
   t0 = time.perf_counter()
   choice, s, plans = free_choice(planner, rows[0])
   space = set(plans)
-  pinned = {r["id"]: pr.pin(r)[1] for r in rows}
+  preset, plan, batch, seq, _ = pr.pin(rows[0])
+  program = planner.screen(preset, batch, seq, plan, pr.row_fusion(rows[0]))[1].program
+  # each row's layout as ap-xla runs it (FSDP over 96 as HSDP 32x3, as the pinned rows are)
+  pinned = {r["id"]: pr._shardable(pr.pin(r)[1], program, [])[0] for r in rows}
   in_space = [r for r in rows if pinned[r["id"]] in space]
   best = min(in_space, key=lambda r: r["derived"]["step_time_s"]) if in_space else None
   ran = [r for r in rows if pinned[r["id"]] == choice]

@@ -249,6 +249,16 @@ def write_json_atomic(path: str, obj) -> None:
     raise
 
 
+def fsdp_groups(program: Program, hw, options: SearchOptions) -> Callable:
+  """`(dp, tp) -> HSDP group sizes` the search tries beside FSDP over all of dp
+  (`passes.space.hsdp_groups` on `hw`'s nodes; none where FSDP is turned off)."""
+  if options.distribute_parameter is False:
+    return lambda dp, tp: ()
+  from passes.shardings import largest_shard_group
+  from passes.space import hsdp_groups
+  return hsdp_groups(hw.devices_per_node, functools.cache(lambda dp: largest_shard_group(program, dp)))
+
+
 def search(program: Program, devices=None, options: SearchOptions | None = None,
            settings: SearchSettings | None = None, *, compile_fn: Callable = compile_plan,
            timer: Callable | None = None) -> SearchResult:
@@ -299,11 +309,8 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     from passes import pipeline
     return pipeline.check_pipeline(abstract.num_blocks, batch, pp, mb, dp)
 
-  from passes.shardings import largest_shard_group
-  from passes.space import hsdp_groups
-  groups = hsdp_groups(hw.devices_per_node, functools.cache(lambda dp: largest_shard_group(abstract, dp)))
   plans, skipped = enumerate_plans(len(devices), batch, abstract.num_blocks, options, tp_ok, pipeline_ok,
-                                   groups if options.distribute_parameter is not False else (lambda dp, tp: ()))
+                                   fsdp_groups(abstract, hw, options))
   check_pinned_tp(len(devices), options, tp_ok)
   log.info("Generated %d parallelization candidates (%d left out) for %r on %d devices (%s, "
            "budget %s per device).", len(plans), len(skipped), abstract, len(devices), hw.name,

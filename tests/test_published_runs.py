@@ -73,7 +73,47 @@ def test_free_choice_is_judged_against_the_published_runs_in_its_space(monkeypat
   # a choice that a published run shows > 10% slower than the best published plan in the space
   rows = [r for r in pr.load_rows() if r["id"].startswith("tt-a100x64-llama2-13b-")]
   plans = {r["id"]: pr.pin(r)[1] for r in rows}
+  planner = pr.Planner()
   for chosen, verdict in (("tt-a100x64-llama2-13b-sac-op", "slower"), ("tt-a100x64-llama2-13b-noac", "ok")):
     monkeypatch.setattr(pc, "free_choice", lambda planner, row: (plans[chosen], None, list(plans.values())))
-    got = pc.judge(None, rows)
+    got = pc.judge(planner, rows)
     assert (got["verdict"], got["best_published"]) == (verdict, "tt-a100x64-llama2-13b-noac"), got
+
+
+def test_an_unstated_fraction_of_recomputed_blocks_is_the_least_that_fits():
+  """fms-fsdp's compile table checkpoints a fraction p of the blocks, p not stated: p = 1/2 where
+  that fits, else the least p in [1/2, 1] that fits, the figures on the line through p=1/2 and 1."""
+  sel = {"memory_bytes": 100.0, "total_s": 1.0}
+  full = {"memory_bytes": 40.0, "total_s": 1.4}
+  assert pr.resolve_fraction(sel, full, 120.0) == (0.5, sel)
+  p, fig = pr.resolve_fraction(sel, full, 70.0)  # 40 + 2 (1 - p) 60 = 70
+  assert p == pytest.approx(0.75) and fig["memory_bytes"] == pytest.approx(70.0)
+  assert fig["total_s"] == pytest.approx(1.2)
+  p, fig = pr.resolve_fraction(sel, full, 30.0)  # not even 'full' fits: p = 1, over the budget
+  assert p == 1.0 and fig["memory_bytes"] == pytest.approx(40.0)
+  rows = {r["id"]: r for r in pr.load_rows()}
+  assert pr.unstated_fraction(rows["fms-a100x128-llama-70b-fsdp-selectiveac-compile"])
+  assert not pr.unstated_fraction(rows["fms-a100x128-llama-13b-fsdp-selectiveac-eager"])  # every x-th block
+
+
+def test_pytorch_flash_attention_on_hopper_is_flashattention_2():
+  rows = {r["id"]: r for r in pr.load_rows()}
+  fms, maxtext = rows["fms-h100x96-llama-7b-hsdp-noac-eager"], rows["maxtext-h100x8-llama2-7b-fsdp8-dp1"]
+  assert (pr.attention_kernel(fms), pr.attention_kernel(maxtext)) == ("fa2", "cudnn")
+  assert pr.hardware_for(fms).attention_efficiency == pr.FA2_HOPPER_EFFICIENCY
+  assert pr.hardware_for(maxtext).attention_efficiency > pr.FA2_HOPPER_EFFICIENCY
+  a100 = rows["fms-a100x128-llama-7b-hsdp-noac-eager"]  # A100's profile is FlashAttention-2's already
+  from passes.hardware import get_profile
+  assert pr.hardware_for(a100).attention_efficiency == get_profile("a100").attention_efficiency
+
+
+def test_pytorch_eager_rows_are_costed_with_eager_kernels():
+  """A PyTorch run without torch.compile runs each elementwise op as its own kernel; torch.compile
+  and the JAX runs fuse (costed as XLA fuses). Same layout, eager predicted slower."""
+  rows = {r["id"]: r for r in pr.load_rows()}
+  eager, compiled = rows["fms-h100x96-llama-7b-hsdp-noac-eager"], rows["fms-h100x96-llama-7b-hsdp-noac-compile"]
+  assert [pr.row_fusion(r) for r in (eager, compiled, rows["maxtext-h100x8-llama2-7b-fsdp8-dp1"])] == [
+      "eager", "xla", "xla"]
+  planner = pr.Planner()
+  e, c = planner.predict(eager), planner.predict(compiled)
+  assert e["predicted_s"] > 1.1 * c["predicted_s"] and e["memory_bound_s"] > 2 * c["memory_bound_s"], (e, c)
