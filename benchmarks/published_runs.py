@@ -20,11 +20,16 @@ as HSDP, Plan(dp=N, fsdp=True, fsdp_group=32), which the row's notes say; HSDP (
 node, replicate across nodes) -> Plan(dp=N, fsdp=True, fsdp_group=<shard degree>);
 activation recomputation none/full -> 'none'/'full', 'selective' by its stated kind
 (`SELECTIVE`): torchtitan per-op -> 'selective_op', torchtitan per-layer -> 'selective_layer'
-(every 2nd block), fms-fsdp every k-th block (k not stated) -> 'selective_layer', MaxText
-minimal_flash -> 'dots' (which does not save the attention output minimal_flash keeps);
-parameters gathered in bf16
--> low_prec; torch.compile is not modelled (the eager and compiled rows of one layout get
-the same prediction).
+(every 2nd block), fms-fsdp @4ffb9bd every k-th block (k not stated) -> 'selective_layer',
+fms-fsdp @ed74fd5 a fraction p of the blocks (p not stated) -> p = 1/2 where that fits, else
+the least p that fits (`resolve_fraction`), MaxText minimal_flash -> 'dots' (which does not
+save the attention output minimal_flash keeps); parameters gathered in bf16 -> low_prec.
+
+Costing a row as it ran: PyTorch without torch.compile runs each elementwise op and reduction
+as its own kernel (the screen's fusion='eager'); torch.compile (Inductor) and the JAX runs fuse
+(fusion='xla'), `row_fusion`. On an H100 a run whose attention was PyTorch SDPA's flash backend
+(FlashAttention-2) gets that kernel's efficiency (`FA2_HOPPER_EFFICIENCY`), the cuDNN runs the
+profile's.
 
 Then, unless --no-free-choice (or --rows), `benchmarks/published_choice.py`: the free search's
 choice per published workload, judged against the published runs in its space (issue 19:
