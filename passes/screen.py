@@ -225,15 +225,25 @@ class Screen(TimeTerms):
     gradient accumulation (the accumulator and the micro-batch's); a pipeline's below."""
     trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
     if plan.pp > 1:
-      # A stage accumulates its blocks' gradients through the loops: in the output buffer
-      # when they are replicated over 'data'; whole beside it under FSDP, which then
-      # reduce-scatters them (and XLA:CPU keeps one more whole copy for that, measured on
-      # the search_time model). 1F1B computes each tick's gradient beside the accumulator.
-      stage = (self.trainable_bytes(plan, BLOCKS, gathered=True) if self.program.has_frozen
-               else sum(g for part, _, g, _ in layout if part == BLOCKS))
-      whole = (2 if plan.fsdp and plan.dp > 1 else 0) + (1 if plan.schedule == "1f1b" else 0)
-      return trained + whole * stage
+      # Every trained parameter's gradient accumulates through the loops whole (as gathered
+      # over 'data' under FSDP: reduce-scattered once, after them; the embedding's too).
+      # When a stage's backward is a loop over its layers, each tick's block gradients are
+      # that loop's stacked output, beside the accumulator they are added to: a second
+      # whole set of the stage's. XLA:CPU's buffer assignment, loop-carried values included
+      # (`benchmarks/memory_peak.py`): GPipe and 1F1B, with and without FSDP, 1-6 layers a
+      # stage, on three Llamas. With one layer a stage XLA removes that loop.
+      if self.program.has_frozen:
+        whole, stage = (self.trainable_bytes(plan, gathered=True),
+                        self.trainable_bytes(plan, BLOCKS, gathered=True))
+      else:
+        whole = sum(g for _, _, g, _ in layout)
+        stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
+      return whole + (stage if self._layer_loop(plan) else 0)
     return (2 if plan.mb > 1 else 1) * trained
+
+  def _layer_loop(self, plan: Plan) -> bool:
+    """Whether a pipeline stage runs its blocks as a loop (more than one layer a stage)."""
+    return plan.pp > 1 and self.program.num_blocks // plan.pp > 1
 
   def saved_activations(self, plan: Plan, pre, blk, post) -> float:
     """Residuals kept for the backward: per layer x layers x micro-batches in flight."""
@@ -246,12 +256,13 @@ class Screen(TimeTerms):
     if plan.pp > 1:
       layers = L // plan.pp
       in_flight = self.pipeline_shape(plan)[1]
-      if plan.schedule == "1f1b" and layers > 1:
-        # The set a tick's backward reads out of the ring is copied: the stage's backward is
-        # a loop over its layers, whose operand cannot alias the ring that the same tick
-        # updates in place (XLA:CPU's live ranges, the 100M Llama's 1F1B at tp=4: a ring of
-        # 4 x 469 MiB and a 474 MiB copy at the peak). With one layer a stage XLA removes
-        # that loop and reads the ring in place (measured: no copy).
+      if self._layer_loop(plan):
+        # The set a tick's backward reads out of the stash is copied: the stage's backward is
+        # a loop over its layers, whose operand is a dynamic slice of the stash (1F1B: of the
+        # ring the same tick updates in place). XLA:CPU's live ranges: the 100M Llama's 1F1B
+        # at tp=4, a ring of 4 x 469 MiB and a 474 MiB copy; its GPipe at tp=4, a stash of
+        # 216 MiB and a 72 MiB copy. With one layer a stage XLA removes that loop and reads
+        # the stash in place (measured: no copy).
         in_flight += 1
     else:
       layers, in_flight = L, 1
@@ -270,8 +281,8 @@ class Screen(TimeTerms):
       return 0.0
     if not plan.fsdp or plan.shard_degree == 1:
       return 0.0
-    if plan.pp > 1:
-      return sum(g for _, g, _ in blocks)
+    if plan.pp > 1:  # and post's, which runs on every tick (1F1B) or between the loops (GPipe)
+      return sum(g for _, g, _ in blocks) + sum(g for part, _, g, _ in layout if part == POST)
     # 'selective_layer' runs a group of blocks per loop step and gathers the group's weights
     # together (XLA:GPU, deviceless H100, FSDP-8 Llamas of 8 and 16 layers: the compiled
     # memory grows as the mean of 'none' and 'full' per layer, and stands a constant above it)
@@ -280,9 +291,8 @@ class Screen(TimeTerms):
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under
-    FSDP plus one layer's whole gradient before its reduction. In a pipeline the blocks'
-    working set (per micro-batch, inside the stage loops) comes on top of pre's and post's
-    (on the whole local batch, outside them)."""
+    FSDP plus one layer's whole gradient before its reduction. In a pipeline see
+    `_pipeline_temporaries`."""
     best, what = 0.0, ""
     for name, c in (("pre", pre), ("block", blk), ("post", post)):
       if c is None or (plan.pp > 1 and c is blk):
@@ -291,11 +301,32 @@ class Screen(TimeTerms):
         if jc.peak_bytes > best:
           best, what = jc.peak_bytes, f"{name} {phase}: largest {jc.largest[1]}"
     if plan.pp > 1 and blk is not None:
-      best += blk.temp_peak
-      what += f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
-    if plan.fsdp and plan.shard_degree > 1 and plan.pp == 1 and blk is not None:
+      return self._pipeline_temporaries(plan, blk, layout, best, what)
+    if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
+
+  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str) -> tuple[float, str]:
+    """A pipeline's temporaries beside its stash and gradient accumulators. 1F1B runs pre's
+    and post's parts on every tick, inside the loop: their working set and the blocks' (per
+    micro-batch) add up. GPipe runs post between its forward and backward loops: the peak
+    is either post's working set or the loops' (the blocks' per micro-batch, the micro-
+    batches' stage inputs and their gradients, and with a layer loop the copied residual set
+    and the tick's gradient stack that `saved_activations` and `grads` count), never both
+    (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
+    backward loop)."""
+    loops = blk.temp_peak
+    if plan.schedule == "1f1b":
+      return edge + loops, what + f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
+    loops += 2 * plan.mb * self._hidden_bytes(plan)
+    counted = 0.0  # the loops' own terms, counted in saved_activations and grads
+    if self._layer_loop(plan):
+      per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+      counted = (self.program.num_blocks // plan.pp * per_layer
+                 + sum(g for part, _, g, _ in layout if part == BLOCKS))
+    if edge - counted >= loops:
+      return edge - counted, what
+    return loops, f"the stage loops: block {blk.bwd.largest[1]} per micro-batch"
 
   # ---------------------------------------------------------------- the screen
 
