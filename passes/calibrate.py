@@ -7,12 +7,19 @@ device really gets during a step, which is what the cost model needs.
 
   matmul      per device an [n, n] x [n, n] dot in f32 and bf16 at a few n; the peak FLOP/s
               is the best rate over the sizes.
-  memory      per device y = a * x + b over a large vector: 2 x bytes / time.
+  memory      per device y = a * x + b over a large vector, written over x (donated): 2 x
+              bytes / time. A fresh output per run would be timed with its page faults: on 8
+              simulated CPU devices 1.7 GB/s per device against 5.0 GB/s into a reused
+              buffer, which a step's buffers are (its state is donated, its temporaries come
+              back from the heap); the replicated AdamW update measured what the reused
+              figure predicts (`benchmarks/cpu_update_cost.py`).
   collectives psum and all-gather over groups of 2, 4, 8 devices (as many as are present),
               each at a small and a large size, repeated in a loop inside one program so
               dispatch is not counted; the ring model of `cost_model.collective_time` is
               fitted to them: one (bandwidth, latency) per group size for the log, and one
-              over all of them (least squares on relative error) for the profile.
+              over all of them (least squares on relative error) for the profile. On host
+              devices the latency is one per collective, not per ring step
+              (`cost_model.collective_time`).
 
 A calibrated profile is saved as JSON (`hardware.save_profile`) and read back validated
 (`hardware.load_profile`) on later runs: `load_or_calibrate`.
@@ -91,15 +98,21 @@ def profile_key(devices) -> str:
   return f"{_sanitize(d.platform)}-{_sanitize(d.device_kind)}-{len(devices)}"
 
 
+# Bumped when what a calibration measures changes meaning, so a profile measured the old way
+# is not read back (2: the memory stream into a reused buffer; host latency per collective).
+CALIBRATION_VERSION = 2
+
+
 def default_profile_path(devices, cache_dir: str | None = None) -> str:
-  """Where a calibrated profile of these devices is kept: <cache_dir>/profiles/<key>.json.
+  """Where a calibrated profile of these devices is kept:
+  <cache_dir>/profiles/<key>.v<CALIBRATION_VERSION>.json.
 
   Args:
     devices: the devices the profile describes.
     cache_dir: the cache folder (default ~/.cache/ap_xla).
   """
   base = os.path.expanduser(cache_dir or os.path.join("~", ".cache", "ap_xla"))
-  return os.path.join(base, "profiles", profile_key(devices) + ".json")
+  return os.path.join(base, "profiles", f"{profile_key(devices)}.v{CALIBRATION_VERSION}.json")
 
 
 def _median_time(fn: Callable[[], object], reps: int) -> float:
@@ -136,11 +149,17 @@ def _matmul_samples(mesh: Mesh, sizes: Sequence[int], dtypes: Sequence[str], rep
 
 
 def _memory_sample(mesh: Mesh, nbytes: int, reps: int) -> Sample:
+  """Streams into the input's own buffer (donated): a fresh output would add its page faults."""
   n_dev = mesh.size
   spec = P(mesh.axis_names)
-  x = jax.device_put(jnp.ones((n_dev, nbytes // 4), jnp.float32), NamedSharding(mesh, spec))
-  fn = _per_device(mesh, lambda a: a * 1.0001 + 0.5, spec)
-  return Sample("memory", nbytes, 1, _median_time(lambda: fn(x), reps))
+  x = [jax.device_put(jnp.ones((n_dev, nbytes // 4), jnp.float32), NamedSharding(mesh, spec))]
+  fn = jax.jit(jax.shard_map(lambda a: a * 1.0001 + 0.5, mesh=mesh, in_specs=spec, out_specs=spec),
+               donate_argnums=0)
+
+  def run():
+    x[0] = fn(x[0])
+    return x[0]
+  return Sample("memory", nbytes, 1, _median_time(run, reps))
 
 
 def _collective_sample(devices, kind: str, group: int, nbytes: int, loops: int, reps: int) -> Sample:
@@ -171,25 +190,27 @@ def _collective_sample(devices, kind: str, group: int, nbytes: int, loops: int, 
   return Sample(kind, size, group, t)
 
 
-def _ring_coeffs(kind: str, n: int, nbytes: int) -> tuple[float, float]:
-  """(bytes term, latency term) of the ring model: time = a / bw + b * latency."""
+def _ring_coeffs(kind: str, n: int, nbytes: int, host: bool = False) -> tuple[float, float]:
+  """(bytes term, latency term) of the ring model: time = a / bw + b * latency; on host
+  devices one latency per collective (`cost_model.collective_time`)."""
   if kind == "all-reduce":
-    return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
-  return (n - 1) / n * nbytes, n - 1  # all-gather
+    return 2 * (n - 1) / n * nbytes, 1 if host else 2 * (n - 1)
+  return (n - 1) / n * nbytes, 1 if host else n - 1  # all-gather
 
 
-def fit_link(samples: Sequence[Sample], group: int = 0) -> LinkFit:
+def fit_link(samples: Sequence[Sample], group: int = 0, host: bool = False) -> LinkFit:
   """Least squares (on relative error) of the ring model over collective samples.
 
   Args:
     samples: all-reduce / all-gather samples, at two sizes at least.
     group: the group size the samples share, or 0 when they span several.
+    host: the samples ran on host devices: one latency per collective, not per ring step.
 
   Returns:
     The fitted LinkFit; the latency is clamped at 0 and the bandwidth at 1 B/s when noise
     makes the unconstrained fit non-physical.
   """
-  rows = [_ring_coeffs(s.kind, s.group, s.size) + (s.seconds,) for s in samples]
+  rows = [_ring_coeffs(s.kind, s.group, s.size, host) + (s.seconds,) for s in samples]
   if len({r[0] for r in rows}) < 2:
     raise ValueError(f"fit_link needs collective samples of at least two sizes, got {list(samples)}.")
   a = np.array([[r[0] / r[2], r[1] / r[2]] for r in rows])  # divide by t: relative residuals
@@ -250,9 +271,9 @@ def run_calibration(devices=None, quick: bool = False) -> Calibration:
   mem = next(s for s in samples if s.kind == "memory")
   mem_bw = 2 * mem.size / mem.seconds
   coll = [s for s in samples if s.kind in ("all-reduce", "all-gather")]
-  links = tuple(fit_link([s for s in coll if s.group == g], g) for g in groups)
+  links = tuple(fit_link([s for s in coll if s.group == g], g, not gpu_like) for g in groups)
   if coll:
-    overall = fit_link(coll, 0)
+    overall = fit_link(coll, 0, not gpu_like)
     links += (overall,)
     link_bw, latency = overall.bandwidth, overall.latency
   else:  # one device: no collective runs; the figures are never used, keep them valid
