@@ -12,7 +12,7 @@ device really gets during a step, which is what the cost model needs.
               simulated CPU devices 1.7 GB/s per device against 5.0 GB/s into a reused
               buffer, which a step's buffers are (its state is donated, its temporaries come
               back from the heap); the replicated AdamW update measured what the reused
-              figure predicts (`benchmarks/cpu_update_cost.py`).
+              figure predicts (`benchmarks/cpu_cost_pieces.py`).
   collectives psum and all-gather over groups of 2, 4, 8 devices (as many as are present),
               each at a small and a large size, repeated in a loop inside one program so
               dispatch is not counted; the ring model of `cost_model.collective_time` is

@@ -54,7 +54,7 @@ device of bandwidth nic (both times the profile's efficiencies), latencies lat /
   ring: each collective is one rendezvous of every device thread (all groups of the step's
   collective reach it at the same program point), then copies from the peers' buffers. The
   bytes cost as above; the latency is paid once per collective, not per ring step: measured
-  with 8 devices on 2 cores (`benchmarks/cpu_collective_cost.py`), a 16 KiB all-gather amid
+  with 8 devices on 2 cores (`benchmarks/cpu_cost_pieces.py`), a 16 KiB all-gather amid
   compute cost the same over groups of 2 and of 8 (the ring model: 7x apart).
 
 Pipeline bubble: the plans are SPMD GPipe programs in which every stage computes on each of
