@@ -17,9 +17,7 @@ device really gets during a step, which is what the cost model needs.
               each at a small and a large size, repeated in a loop inside one program so
               dispatch is not counted; the ring model of `cost_model.collective_time` is
               fitted to them: one (bandwidth, latency) per group size for the log, and one
-              over all of them (least squares on relative error) for the profile. On host
-              devices the latency is one per collective, not per ring step
-              (`cost_model.collective_time`).
+              over all of them (least squares on relative error) for the profile.
 
 A calibrated profile is saved as JSON (`hardware.save_profile`) and read back validated
 (`hardware.load_profile`) on later runs: `load_or_calibrate`.
@@ -99,7 +97,7 @@ def profile_key(devices) -> str:
 
 
 # Bumped when what a calibration measures changes meaning, so a profile measured the old way
-# is not read back (2: the memory stream into a reused buffer; host latency per collective).
+# is not read back (2: the memory stream into a reused buffer, not a fresh output).
 CALIBRATION_VERSION = 2
 
 
@@ -190,27 +188,25 @@ def _collective_sample(devices, kind: str, group: int, nbytes: int, loops: int, 
   return Sample(kind, size, group, t)
 
 
-def _ring_coeffs(kind: str, n: int, nbytes: int, host: bool = False) -> tuple[float, float]:
-  """(bytes term, latency term) of the ring model: time = a / bw + b * latency; on host
-  devices one latency per collective (`cost_model.collective_time`)."""
+def _ring_coeffs(kind: str, n: int, nbytes: int) -> tuple[float, float]:
+  """(bytes term, latency term) of the ring model: time = a / bw + b * latency."""
   if kind == "all-reduce":
-    return 2 * (n - 1) / n * nbytes, 1 if host else 2 * (n - 1)
-  return (n - 1) / n * nbytes, 1 if host else n - 1  # all-gather
+    return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+  return (n - 1) / n * nbytes, n - 1  # all-gather
 
 
-def fit_link(samples: Sequence[Sample], group: int = 0, host: bool = False) -> LinkFit:
+def fit_link(samples: Sequence[Sample], group: int = 0) -> LinkFit:
   """Least squares (on relative error) of the ring model over collective samples.
 
   Args:
     samples: all-reduce / all-gather samples, at two sizes at least.
     group: the group size the samples share, or 0 when they span several.
-    host: the samples ran on host devices: one latency per collective, not per ring step.
 
   Returns:
     The fitted LinkFit; the latency is clamped at 0 and the bandwidth at 1 B/s when noise
     makes the unconstrained fit non-physical.
   """
-  rows = [_ring_coeffs(s.kind, s.group, s.size, host) + (s.seconds,) for s in samples]
+  rows = [_ring_coeffs(s.kind, s.group, s.size) + (s.seconds,) for s in samples]
   if len({r[0] for r in rows}) < 2:
     raise ValueError(f"fit_link needs collective samples of at least two sizes, got {list(samples)}.")
   a = np.array([[r[0] / r[2], r[1] / r[2]] for r in rows])  # divide by t: relative residuals
@@ -271,9 +267,9 @@ def run_calibration(devices=None, quick: bool = False) -> Calibration:
   mem = next(s for s in samples if s.kind == "memory")
   mem_bw = 2 * mem.size / mem.seconds
   coll = [s for s in samples if s.kind in ("all-reduce", "all-gather")]
-  links = tuple(fit_link([s for s in coll if s.group == g], g, not gpu_like) for g in groups)
+  links = tuple(fit_link([s for s in coll if s.group == g], g) for g in groups)
   if coll:
-    overall = fit_link(coll, 0, not gpu_like)
+    overall = fit_link(coll, 0)
     links += (overall,)
     link_bw, latency = overall.bandwidth, overall.latency
   else:  # one device: no collective runs; the figures are never used, keep them valid

@@ -49,13 +49,6 @@ device of bandwidth nic (both times the profile's efficiencies), latencies lat /
   (On 2 nodes of 8 A100 with 6.25 GB/s of network per GPU this gives 51.7 ms for 2 GiB with the
   profile's efficiencies; nccl-tests measured 51.4 ms: `passes/hardware.py`.)
   A group with one device per node (k = 1) is a ring over NICs alone.
-  Host devices (a profile calibrated on XLA:CPU, or the built-in 'cpu'): the simulated devices
-  are threads of one process that share a few cores. XLA:CPU's in-process collectives run no
-  ring: each collective is one rendezvous of every device thread (all groups of the step's
-  collective reach it at the same program point), then copies from the peers' buffers. The
-  bytes cost as above; the latency is paid once per collective, not per ring step: measured
-  with 8 devices on 2 cores (`benchmarks/cpu_cost_pieces.py`), a 16 KiB all-gather amid
-  compute cost the same over groups of 2 and of 8 (the ring model: 7x apart).
 
 Pipeline bubble: the plans are SPMD GPipe programs in which every stage computes on each of
 the M + S - 1 ticks of the schedule (idle ticks compute on padding). The per-device kernels
@@ -67,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from passes.hardware import HardwareProfile, is_host_profile
+from passes.hardware import HardwareProfile
 from passes.hlo_stats import COLLECTIVE_KINDS, Collective, HloStats
 from passes.plan import Plan
 
@@ -152,15 +145,11 @@ def collective_time(c: Collective, hw: HardwareProfile) -> float:
   nic = hw.inter_node_bandwidth * hw.inter_node_efficiency
   lat, net = hw.link_latency, hw.network_latency
   b = c.bytes
-  host = is_host_profile(hw)
 
   def ring(sent: float, steps: int) -> float:
     """A ring in which each device sends `sent` bytes over `steps` lock-step steps."""
     if m == 1:
-      # Host devices (XLA:CPU) run no ring: every device thread of the process meets at one
-      # rendezvous and copies from its peers' buffers, so the latency is one rendezvous of
-      # all the host's device threads per collective, whatever the group size (module doc).
-      return sent / nvl + (lat if host else steps * lat)
+      return sent / nvl + steps * lat
     # NCCL runs one ring (channel) per NIC, each crossing between nodes on its own NIC: a device
     # sends 1/k of its ring traffic over its NIC and the rest over NVLink; a step's latency is
     # the network's on the m of n hops that cross between nodes.
@@ -184,7 +173,7 @@ def collective_time(c: Collective, hw: HardwareProfile) -> float:
     return min(flat, tree)
   if c.kind == "all-to-all":
     if m == 1:
-      return (n - 1) / n * b / nvl + (lat if host else (n - 1) * lat)
+      return (n - 1) / n * b / nvl + (n - 1) * lat
     # each device sends its (n-k)/n share to other nodes over its NIC, (k-1)/n over NVLink
     return max((n - k) / n * b / nic, (k - 1) / n * b / nvl) + (n - 1) * net
   return b / (nic if m > 1 else nvl) + (net if m > 1 else lat)  # collective-permute

@@ -31,8 +31,7 @@ class HardwareProfile:
     peak_flops: dense peak FLOP/s per dtype name; at least 'f32' and 'bf16'.
     memory_bandwidth: device memory bandwidth (B/s).
     link_bandwidth: collective bandwidth within a node, per device, one direction (B/s).
-    link_latency: effective latency of one step of a collective within a node (s); on host
-      (CPU) profiles, of one whole collective (`cost_model.collective_time`).
+    link_latency: effective latency of one step of a collective within a node (s).
     devices_per_node: devices sharing the fast links.
     inter_node_bandwidth: network bandwidth per device, one direction (B/s): one NIC per
       device, as on H100/A100 clusters (a node's NICs together carry devices_per_node times it).

@@ -120,17 +120,6 @@ def test_fit_link_recovers_the_ring_model():
   assert "GB/s" in repr(LinkFit(0, 1e9, 1e-6))
 
 
-def test_fit_link_on_host_devices_fits_one_latency_per_collective():
-  # XLA:CPU's in-process collectives: one rendezvous per collective, whatever the group size
-  bw, lat = 1e9, 100e-6
-  samples = [Sample(kind, size, n, cal_lib._ring_coeffs(kind, n, size)[0] / bw + lat)
-             for kind in ("all-reduce", "all-gather") for n in (2, 4, 8) for size in (4096, 1 << 22)]
-  fit = fit_link(samples, host=True)
-  assert fit.bandwidth == pytest.approx(bw, rel=1e-6) and fit.latency == pytest.approx(lat, rel=1e-6)
-  assert cal_lib._ring_coeffs("all-reduce", 8, 4096, host=True)[1] == 1
-  assert cal_lib._ring_coeffs("all-gather", 2, 4096, host=False)[1] == 1
-
-
 def test_memory_sample_streams_into_a_reused_buffer(monkeypatch):
   # the step's buffers are reused (donated state, heap temporaries): a fresh 16 MiB output per
   # run would be timed with its page faults (1.7 vs 5.0 GB/s per device on 8 CPU devices)
