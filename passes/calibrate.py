@@ -7,7 +7,12 @@ device really gets during a step, which is what the cost model needs.
 
   matmul      per device an [n, n] x [n, n] dot in f32 and bf16 at a few n; the peak FLOP/s
               is the best rate over the sizes.
-  memory      per device y = a * x + b over a large vector: 2 x bytes / time.
+  memory      per device y = a * x + b over a large vector, written over x (donated): 2 x
+              bytes / time. A fresh output per run would be timed with its page faults: on 8
+              simulated CPU devices 1.7 GB/s per device against 5.0 GB/s into a reused
+              buffer, which a step's buffers are (its state is donated, its temporaries come
+              back from the heap); the replicated AdamW update measured what the reused
+              figure predicts (`benchmarks/cpu_cost_pieces.py`).
   collectives psum and all-gather over groups of 2, 4, 8 devices (as many as are present),
               each at a small and a large size, repeated in a loop inside one program so
               dispatch is not counted; the ring model of `cost_model.collective_time` is
@@ -91,15 +96,21 @@ def profile_key(devices) -> str:
   return f"{_sanitize(d.platform)}-{_sanitize(d.device_kind)}-{len(devices)}"
 
 
+# Bumped when what a calibration measures changes meaning, so a profile measured the old way
+# is not read back (2: the memory stream into a reused buffer, not a fresh output).
+CALIBRATION_VERSION = 2
+
+
 def default_profile_path(devices, cache_dir: str | None = None) -> str:
-  """Where a calibrated profile of these devices is kept: <cache_dir>/profiles/<key>.json.
+  """Where a calibrated profile of these devices is kept:
+  <cache_dir>/profiles/<key>.v<CALIBRATION_VERSION>.json.
 
   Args:
     devices: the devices the profile describes.
     cache_dir: the cache folder (default ~/.cache/ap_xla).
   """
   base = os.path.expanduser(cache_dir or os.path.join("~", ".cache", "ap_xla"))
-  return os.path.join(base, "profiles", profile_key(devices) + ".json")
+  return os.path.join(base, "profiles", f"{profile_key(devices)}.v{CALIBRATION_VERSION}.json")
 
 
 def _median_time(fn: Callable[[], object], reps: int) -> float:
@@ -136,11 +147,17 @@ def _matmul_samples(mesh: Mesh, sizes: Sequence[int], dtypes: Sequence[str], rep
 
 
 def _memory_sample(mesh: Mesh, nbytes: int, reps: int) -> Sample:
+  """Streams into the input's own buffer (donated): a fresh output would add its page faults."""
   n_dev = mesh.size
   spec = P(mesh.axis_names)
-  x = jax.device_put(jnp.ones((n_dev, nbytes // 4), jnp.float32), NamedSharding(mesh, spec))
-  fn = _per_device(mesh, lambda a: a * 1.0001 + 0.5, spec)
-  return Sample("memory", nbytes, 1, _median_time(lambda: fn(x), reps))
+  x = [jax.device_put(jnp.ones((n_dev, nbytes // 4), jnp.float32), NamedSharding(mesh, spec))]
+  fn = jax.jit(jax.shard_map(lambda a: a * 1.0001 + 0.5, mesh=mesh, in_specs=spec, out_specs=spec),
+               donate_argnums=0)
+
+  def run():
+    x[0] = fn(x[0])
+    return x[0]
+  return Sample("memory", nbytes, 1, _median_time(run, reps))
 
 
 def _collective_sample(devices, kind: str, group: int, nbytes: int, loops: int, reps: int) -> Sample:
