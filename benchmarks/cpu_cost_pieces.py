@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -46,13 +45,8 @@ PARAMS = 1_573_504  # benchmarks/plan_quality.py's 'small' Llama
 
 
 def _median(fn, reps: int = 9) -> float:
-  jax.block_until_ready(fn())
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+  """Median wall time of `fn()` after a warm-up call, timed as the calibration times its samples."""
+  return calibrate._median_time(fn, reps)
 
 
 def stream(mesh, nbytes: int) -> dict:

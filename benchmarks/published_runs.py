@@ -204,6 +204,13 @@ def _check_preset(spec, row):
                      f"{have}, the published model {want}")
 
 
+def _figures(screened) -> dict:
+  """A screened plan's figures the table reports: its step-time terms and its memory."""
+  c = screened.cost
+  return {"total_s": c.total_s, "compute_s": c.compute_s, "comm_s": c.comm_s, "hidden_s": c.hidden_s,
+          "flops_s": c.flops_s, "memory_bound_s": c.memory_bound_s, "memory_bytes": screened.memory_bytes}
+
+
 def row_fusion(row: dict) -> str:
   """How the row's run formed its kernels (`passes.jaxpr_liveness.FUSIONS`): 'eager' for PyTorch
   without torch.compile (each elementwise op and reduction its own kernel), else 'xla' (XLA's
@@ -245,15 +252,10 @@ class Planner:
     plan, notes = _shardable(plan, screen.program, notes)
     s = screen(plan, hw)
     budget = MEMORY_RATIO * hw.memory_bytes
-    fig = {"total_s": s.cost.total_s, "compute_s": s.cost.compute_s, "comm_s": s.cost.comm_s,
-           "hidden_s": s.cost.hidden_s, "flops_s": s.cost.flops_s, "memory_bound_s": s.cost.memory_bound_s,
-           "memory_bytes": s.memory_bytes}
+    fig = _figures(s)
     fraction = None
     if unstated_fraction(row):
-      f = screen(dataclasses.replace(plan, recompute="full"), hw)
-      full = {"total_s": f.cost.total_s, "compute_s": f.cost.compute_s, "comm_s": f.cost.comm_s,
-              "hidden_s": f.cost.hidden_s, "flops_s": f.cost.flops_s, "memory_bound_s": f.cost.memory_bound_s,
-              "memory_bytes": f.memory_bytes}
+      full = _figures(screen(dataclasses.replace(plan, recompute="full"), hw))
       fraction, fig = resolve_fraction(fig, full, budget)
       notes = notes + [f"p not stated: p={fraction:.2f}" + (
           "" if fraction == 0.5 else f", the least that fits (p=1/2: {s.memory_bytes / 2**30:.1f} GiB)")]
