@@ -158,8 +158,15 @@ class _Walker:
     size = lambda i: self.size(i, dims)
     for e, moved in jaxpr_liveness.fused_kernels(eqns, kept, producer, size):
       self.kernel(0, moved, count, e.att)
-    peak, largest = jaxpr_liveness.peak(eqns, kept, producer, out_set, inner_peak, size,
-                                        lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}")
+    live_kept, live_size, cpu = kept, size, {}
+    if self.fusion == "xla:cpu":  # the buffers XLA:CPU adds (passes.jaxpr_liveness module doc)
+      wide = jaxpr_liveness.shared_values(eqns, args, kept, producer, consumers, size)
+      live_kept = kept | set(wide)
+      live_size = lambda i: size(wide.get(i, i))
+      cpu = dict(last_reads=jaxpr_liveness.kernel_last_reads(eqns, live_kept, producer),
+                 copies=jaxpr_liveness.dot_layout_copies(eqns, live_kept, producer, consumers, self.shape))
+    peak, largest = jaxpr_liveness.peak(eqns, live_kept, producer, out_set, inner_peak, live_size,
+                                        lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}", **cpu)
     if largest[0] > self.largest[0]:
       self.largest = largest
     for o in outs:  # a partial sum leaving the function is reduced there
@@ -191,7 +198,7 @@ class _Walker:
     if name == "cond":
       best = None
       for br in p["branches"]:
-        sub = _Walker(self.tp, self.prog)
+        sub = _Walker(self.tp, self.prog, self.fusion)
         sub.att = self.att
         _, outs, peak = sub.walk(br.jaxpr, ins[1:], count)
         cost = sub.flops + sum(k[1] * k[2] for k in sub.kernels)
@@ -260,8 +267,9 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     out_hints: per output (or a prefix of them), the dim the caller shards it on over
       'tensor' (a gradient constrained like its parameter), or None; what makes it is then
       sharded alike (GSPMD propagates shardings backwards too).
-    fusion: how kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' (default), or
-      'eager', every elementwise op and reduction its own kernel (PyTorch eager).
+    fusion: how kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' (default),
+      'xla:cpu' (XLA's fusion, with the buffers XLA:CPU adds to the liveness), or 'eager',
+      every elementwise op and reduction its own kernel (PyTorch eager).
 
   Example:
     >>> c = analyze(jax.make_jaxpr(f)(x, w), [None, 1], tp=4)

@@ -356,8 +356,8 @@ def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla"
     devices: the devices planned for.
     tp_rules: the program's TP rules (None: no tensor parallelism).
     plans: the candidates to screen (their micro-batch sizes are traced).
-    fusion: 'xla' (ap-xla's programs), or 'eager' to cost the model as PyTorch eager runs it
-      (`passes.screen_profile.ProgramProfile`).
+    fusion: 'xla' (ap-xla's programs; 'xla:cpu' on CPU devices), or 'eager' to cost the
+      model as PyTorch eager runs it (`passes.screen_profile.ProgramProfile`).
   """
   from passes.build import tp_dims
   dims_cache: dict = {}
@@ -367,6 +367,9 @@ def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla"
       dims_cache[tp] = tp_dims(program, tp_rules, tp)
     return dims_cache[tp]
 
+  devices = tuple(devices)
+  if fusion == "xla" and devices[0].platform == "cpu":  # XLA:CPU's own buffers (passes.jaxpr_liveness)
+    fusion = "xla:cpu"
   profile = ProgramProfile(program, dims, fusion)
   B = program.batch_size
   sizes = {B // (p.dp * p.mb) for p in plans}
@@ -375,5 +378,4 @@ def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla"
       local = B // p.dp
       sizes |= {local, local // p.pp if local % p.pp == 0 else local}
   profile.set_sizes(sizes)
-  devices = tuple(devices)
   return Screen(program, profile, len(devices), devices[0].platform, dims)
