@@ -47,7 +47,8 @@ class JaxprCost:
     flops: FLOPs of its matmuls and convolutions (2 per multiply-add).
     kernels: (flops, bytes moved, count) per kernel (module doc), as `hlo_stats.Kernel`s.
     comms: the 'tensor'-axis collectives the dataflow needs (module doc).
-    peak_bytes: the most bytes of materialized values created inside live at once.
+    peak_bytes: the most bytes of materialized values created inside live at once (above the
+      inputs `free_inputs` frees, on XLA:CPU).
     largest: (bytes, description) of the largest such value: the temporary a kernel-level
       model (e.g. fused attention) would replace.
     out_bytes: per-device bytes of each output.
@@ -90,6 +91,7 @@ class _Walker:
     self.largest = (0, "")
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
     self.out_hints: list = []  # dims the caller shards the top-level outputs on
+    self.free_inputs: list = []  # XLA:CPU: top-level inputs reclaimed after their last read
 
   def size(self, i, dims) -> int:
     if i is None:
@@ -165,6 +167,8 @@ class _Walker:
       live_size = lambda i: size(wide.get(i, i))
       cpu = dict(last_reads=jaxpr_liveness.kernel_last_reads(eqns, live_kept, producer),
                  copies=jaxpr_liveness.dot_layout_copies(eqns, live_kept, producer, consumers, self.shape))
+    if top and self.fusion == "xla:cpu":
+      cpu.update(freed=[a for a, f in zip(args, self.free_inputs) if f])
     peak, largest = jaxpr_liveness.peak(eqns, live_kept, producer, out_set, inner_peak, live_size,
                                         lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}", **cpu)
     if largest[0] > self.largest[0]:
@@ -255,7 +259,8 @@ class _Walker:
 
 
 def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None,
-            out_hints: Sequence | None = None, fusion: str = "xla") -> JaxprCost:
+            out_hints: Sequence | None = None, fusion: str = "xla",
+            free_inputs: Sequence[bool] = ()) -> JaxprCost:
   """Per-device costs of one call of `closed` (module doc).
 
   Args:
@@ -270,6 +275,9 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     fusion: how kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' (default),
       'xla:cpu' (XLA's fusion, with the buffers XLA:CPU adds to the liveness), or 'eager',
       every elementwise op and reduction its own kernel (PyTorch eager).
+    free_inputs ('xla:cpu' only): per input, whether its buffer is freed after its last read
+      (the caller counts it whole: `peak_bytes` is then the peak above it, and can be
+      negative; `jaxpr_liveness.peak`).
 
   Example:
     >>> c = analyze(jax.make_jaxpr(f)(x, w), [None, 1], tp=4)
@@ -287,6 +295,7 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
   for a, g in zip(args, groups):
     w.deps[a] = 1 << g
   w.out_hints = list(out_hints or [])
+  w.free_inputs = list(free_inputs) + [False] * (len(args) - len(free_inputs))
   outs, out_dims, peak = w.walk(jaxpr, list(in_dims), 1, args)
   arg_set = set(args)
   out_b = []

@@ -206,14 +206,19 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
 
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
          size: Callable, describe: Callable, last_reads: dict | None = None,
-         copies: Sequence[tuple[int, int, int]] = ()) -> tuple[int, tuple[int, str]]:
+         copies: Sequence[tuple[int, int, int]] = (),
+         freed: Sequence[int] = ()) -> tuple[int, tuple[int, str]]:
   """(the most bytes of materialized values created here live at once, (bytes, description)
   of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body).
 
-  Args (XLA:CPU's, `cpu_buffers`):
+  Args (XLA:CPU's, module doc):
     last_reads: value id -> the last equation whose kernel reads it, where that is later than
       its last direct use.
-    copies: (value id, made at or -1, last read): buffers of the value's size beside it."""
+    copies: (value id, made at or -1, last read): buffers of the value's size beside it, from
+      the equation after the one that makes the value.
+    freed: inputs whose buffers are reclaimed after their last read (a part's own residuals,
+      which the caller counts whole): the peak is then the most bytes above all of them, and
+      can be negative where the function's peak comes after their last reads."""
   last_use: dict[int, int] = {}
   for i, e in enumerate(eqns):
     for a in e.ins:
@@ -226,11 +231,15 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
   for a, i in last_use.items():
     if a in producer and a in kept and a not in out_set:
       frees.setdefault(i, []).append(size(a))
+  for a in freed:
+    if a in last_use:
+      frees.setdefault(last_use[a], []).append(size(a))
   made: dict[int, int] = {}
-  for a, start, end in copies:
-    made[max(start, 0)] = made.get(max(start, 0), 0) + size(a)
+  for a, start, end in copies:  # made once the value is (its own inputs freed), read by `end`
+    made[start + 1] = made.get(start + 1, 0) + size(a)
     frees.setdefault(end, []).append(size(a))
-  live = top = 0
+  live = 0
+  top = None
   largest = (0, "")
   for i, e in enumerate(eqns):
     created = made.get(i, 0)
@@ -240,8 +249,8 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
         created += b
         if b > largest[0]:
           largest = (b, describe(e, o))
-    top = max(top, live + inner_peak[i] + created)
+    top = live + inner_peak[i] + created if top is None else max(top, live + inner_peak[i] + created)
     live += created
     for b in frees.get(i, []):
       live -= b
-  return top, largest
+  return (top or 0) if freed else max(top or 0, 0), largest
