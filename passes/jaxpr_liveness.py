@@ -110,8 +110,8 @@ def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[in
 def shared_values(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
                   nbytes: Callable) -> dict[int, int]:
   """Values XLA:CPU keeps that the fusion model recomputes in each kernel reading them: the
-  result of an elementwise or shape op read by several kernels, where the op is expensive
-  (EXPENSIVE) or one of those kernels is a reduction's. Value id -> the id whose bytes it is
+  result of an elementwise op (or of an input's broadcast) read by several kernels, where the
+  op is expensive (EXPENSIVE) or one of those kernels is a reduction's. Value id -> the id whose bytes it is
   kept at: an expensive op's result broadcast by its consumers (rmsnorm's rsqrt statistic),
   or a broadcast of an input (rmsnorm's weight), is kept at the largest shape a consumer
   broadcasts it to; any other at its own. Values of constants alone (masks) are left out."""
@@ -137,10 +137,12 @@ def shared_values(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer:
   out = {}
   for a, red in readers.items():
     e = producer[a]
-    if len(red) < 2 or a in const or not (e.name in EXPENSIVE or any(red)):
+    bcast_input = e.name == "broadcast_in_dim" and e.ins[0] in inputs
+    if len(red) < 2 or a in const or not (e.name in EXPENSIVE or any(red)) or not (
+        e.name in ELEMENTWISE or bcast_input):
       continue
     out[a] = a
-    if e.name in EXPENSIVE or (e.name == "broadcast_in_dim" and e.ins[0] in inputs):
+    if e.name in EXPENSIVE or bcast_input:
       wide = [o for c in consumers.get(a, []) if c.name in ELEMENTWISE for o in c.outs]
       out[a] = max(wide + [a], key=nbytes)
   return out
@@ -174,9 +176,12 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
 
   A dot whose operands both read in place (or do after swapping them: XLA then computes the
   transposed product) needs none; else the left operand is copied, and the right one too when
-  it does not read in place as the right operand. A copy is its own buffer unless the operand
-  is made by a fusible op for that dot alone (its producing kernel then writes that layout)."""
+  it does not read in place as the right operand. A copy is its own buffer beside the operand,
+  but for an operand a fusible op makes for dots alone, none of which reads it in place: its
+  producing kernel writes the first layout they need (XLA:CPU's dumps: the attention's score
+  gradient written twice, once per dot, and not a third time in its own layout)."""
   copies: dict[tuple, list] = {}
+  in_place: set = set()  # operands some dot reads in place
   for i, e in enumerate(eqns):
     if e.name != "dot_general":
       continue
@@ -187,21 +192,30 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
     ls, rs = shape(lhs), shape(rhs)
     if ((_reads_as_lhs(ls, lb, lc) and _reads_as_rhs(rs, rb, rc))
         or (_reads_as_lhs(rs, rb, rc) and _reads_as_rhs(ls, lb, lc))):
+      in_place.update((lhs, rhs))
       continue
     need = [(lhs, "lhs", tuple(lb), tuple(lc))]
-    if not _reads_as_rhs(rs, rb, rc):
+    if _reads_as_rhs(rs, rb, rc):
+      in_place.add(rhs)
+    else:
       need.append((rhs, "rhs", tuple(rb), tuple(rc)))
     for a, side, b, c in need:
-      only_here = a in producer and producer[a].name in FUSIBLE and len(consumers.get(a, [])) == 1
-      if only_here:
-        continue
       key = (a, side, b, c)
       if key in copies:
         copies[key][2] = i
       else:
         made = next((j for j, x in enumerate(eqns) if a in x.outs), -1)
         copies[key] = [a, made, i]
-  return [tuple(v) for v in copies.values()]
+  # A value a fusible op makes for dots alone, none reading it in place, is written by its
+  # producing kernel in the first layout they need: that one is no extra buffer.
+  out, written = [], set()
+  for a, made, last in copies.values():
+    if (a not in written and a not in in_place and a in producer and producer[a].name in FUSIBLE
+        and all(c.name == "dot_general" for c in consumers.get(a, []))):
+      written.add(a)
+      continue
+    out.append((a, made, last))
+  return out
 
 
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
