@@ -162,13 +162,9 @@ class _Walker:
       self.kernel(0, moved, count, e.att)
     live_kept, live_size, cpu = kept, size, {}
     if self.fusion == "xla:cpu":  # the buffers XLA:CPU adds (passes.jaxpr_liveness module doc)
-      wide = jaxpr_liveness.shared_values(eqns, args, kept, producer, consumers, size)
-      live_kept = kept | set(wide)
-      live_size = lambda i: size(wide.get(i, i))
-      cpu = dict(last_reads=jaxpr_liveness.kernel_last_reads(eqns, live_kept, producer),
-                 copies=jaxpr_liveness.dot_layout_copies(eqns, live_kept, producer, consumers, self.shape))
-    if top and self.fusion == "xla:cpu":
-      cpu.update(freed=[a for a, f in zip(args, self.free_inputs) if f])
+      freed = [a for a, f in zip(args, self.free_inputs) if f] if top else []
+      live_kept, live_size, cpu = jaxpr_liveness.cpu_liveness(eqns, args, kept, producer, consumers, size,
+                                                              self.shape, freed)
     peak, largest = jaxpr_liveness.peak(eqns, live_kept, producer, out_set, inner_peak, live_size,
                                         lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}", **cpu)
     if largest[0] > self.largest[0]:

@@ -9,7 +9,7 @@ depends on. Liveness walks the equations in order: a materialized value is live 
 equation that makes it to its last use (outputs to the end); an equation's own inner peak
 (a loop's body) adds to what is live around it.
 
-XLA:CPU ('xla:cpu', `cpu_buffers`) keeps more than that model: a materialized value lives until
+XLA:CPU ('xla:cpu', `cpu_liveness`) keeps more than that model: a materialized value lives until
 the last kernel that reads it, fused chains included (XLA does not recompute it from what it was
 made of); and its dot kernels read each operand in one layout (batch dims leading, the left
 operand's contracting dims last, the right one's contracting dims next to its batch or last):
@@ -21,6 +21,9 @@ Nor does it fuse an elementwise op into several kernels when the op is expensive
 a division, ...) or one of them is a reduction's (`shared_values`): its result is kept, at the
 shape it is broadcast to where that is an expensive op's result or an input's broadcast
 (rmsnorm's rsqrt statistic and its weight, [batch, seq, dim] buffers in XLA:CPU's dumps).
+Inputs a caller counts whole (a part's residuals) can be freed after their last read: the
+peak is then taken above them. Traced on XLA:CPU's buffer assignments and live ranges
+(`benchmarks/memory_peak.py`) of three Llamas, full recomputation at TP 2-8.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ EXPENSIVE = {"div", "exp", "exp2", "expm1", "log", "log1p", "logistic", "pow", "
              "tanh", "sin", "cos", "tan", "atan2", "erf", "erfc", "erf_inv", "rem"}
 
 # How kernels are formed: 'xla' fuses as the module doc says; 'xla:cpu' fuses alike and keeps
-# the buffers XLA:CPU adds (module doc, `cpu_buffers`); 'eager' runs every elementwise op and
+# the buffers XLA:CPU adds (module doc, `cpu_liveness`); 'eager' runs every elementwise op and
 # reduction as its own kernel, as PyTorch's eager mode does (shape ops are views there).
 FUSIONS = ("xla", "xla:cpu", "eager")
 
@@ -225,7 +228,7 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
   """(the most bytes of materialized values created here live at once, (bytes, description)
   of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body).
 
-  Args (XLA:CPU's, module doc):
+  Args (XLA:CPU's, `cpu_liveness`):
     last_reads: value id -> the last equation whose kernel reads it, where that is later than
       its last direct use.
     copies: (value id, made at or -1, last read): buffers of the value's size beside it, from
@@ -268,3 +271,14 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
     for b in frees.get(i, []):
       live -= b
   return (top or 0) if freed else max(top or 0, 0), largest
+
+
+def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
+                 size: Callable, shape: Callable, freed: Sequence[int] = ()) -> tuple[set, Callable, dict]:
+  """(materialized set, size function, `peak` keyword arguments) of XLA:CPU's liveness (module
+  doc) over the fusion model's `kept` set; `freed`: inputs freed after their last read."""
+  wide = shared_values(eqns, args, kept, producer, consumers, size)
+  live = kept | set(wide)
+  return live, (lambda i: size(wide.get(i, i))), dict(
+      last_reads=kernel_last_reads(eqns, live, producer),
+      copies=dot_layout_copies(eqns, live, producer, consumers, shape), freed=list(freed))
