@@ -305,12 +305,13 @@ class Screen(TimeTerms):
         if peak > best:
           best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
     if plan.pp > 1 and blk is not None:
-      return self._pipeline_temporaries(plan, blk, layout, best, what)
+      return self._pipeline_temporaries(plan, blk, layout, best, what, gone)
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
 
-  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str) -> tuple[float, str]:
+  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str,
+                            gone: float = 0.0) -> tuple[float, str]:
     """A pipeline's temporaries beside its stash and gradient accumulators. 1F1B runs pre's
     and post's parts on every tick, inside the loop: their working set and the blocks' (per
     micro-batch) add up. GPipe runs post between its forward and backward loops: the peak
@@ -318,11 +319,12 @@ class Screen(TimeTerms):
     batches' stage inputs and their gradients, and with a layer loop the copied residual set
     and the tick's gradient stack that `saved_activations` and `grads` count), never both
     (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
-    backward loop)."""
+    backward loop). `gone`: post's residuals, freed by its backward before the backward loop
+    (on XLA:CPU; the 100M's GPipe tp=4 full: 56 MiB not live at its peak)."""
     loops = blk.temp_peak
     if plan.schedule == "1f1b":
       return edge + loops, what + f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
-    loops += 2 * plan.mb * self._hidden_bytes(plan)
+    loops += 2 * plan.mb * self._hidden_bytes(plan) - gone
     counted = 0.0  # the loops' own terms, counted in saved_activations and grads
     if self._layer_loop(plan):
       per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
