@@ -210,9 +210,15 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
         made = next((j for j, x in enumerate(eqns) if a in x.outs), -1)
         copies[key] = [a, made, i]
   # A value a fusible op makes for dots alone, none reading it in place, is written by its
-  # producing kernel in the first layout they need: that one is no extra buffer.
+  # producing kernel in the first layout they need: that one is no extra buffer. A shape op's
+  # (pad, concatenate) is not fused into the copy: where a dot also reads it in place, the copy
+  # reads a materialization of its own (post's backward: the logits' gradient, padded, three
+  # times in XLA:CPU's dumps: in place, for the copy, the copy).
   out, written = [], set()
   for a, made, last in copies.values():
+    shape_op = a in producer and producer[a].name in FUSIBLE and producer[a].name not in ELEMENTWISE
+    if shape_op and a in in_place:
+      out.append((a, made, made + 1))
     if (a not in written and a not in in_place and a in producer and producer[a].name in FUSIBLE
         and all(c.name == "dot_general" for c in consumers.get(a, []))):
       written.add(a)
