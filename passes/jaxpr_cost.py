@@ -47,7 +47,8 @@ class JaxprCost:
     flops: FLOPs of its matmuls and convolutions (2 per multiply-add).
     kernels: (flops, bytes moved, count) per kernel (module doc), as `hlo_stats.Kernel`s.
     comms: the 'tensor'-axis collectives the dataflow needs (module doc).
-    peak_bytes: the most bytes of materialized values created inside live at once.
+    peak_bytes: the most bytes of materialized values created inside live at once (above the
+      inputs `free_inputs` frees, on XLA:CPU).
     largest: (bytes, description) of the largest such value: the temporary a kernel-level
       model (e.g. fused attention) would replace.
     out_bytes: per-device bytes of each output.
@@ -90,6 +91,7 @@ class _Walker:
     self.largest = (0, "")
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
     self.out_hints: list = []  # dims the caller shards the top-level outputs on
+    self.free_inputs: list = []  # XLA:CPU: top-level inputs reclaimed after their last read
 
   def size(self, i, dims) -> int:
     if i is None:
@@ -158,8 +160,13 @@ class _Walker:
     size = lambda i: self.size(i, dims)
     for e, moved in jaxpr_liveness.fused_kernels(eqns, kept, producer, size):
       self.kernel(0, moved, count, e.att)
-    peak, largest = jaxpr_liveness.peak(eqns, kept, producer, out_set, inner_peak, size,
-                                        lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}")
+    live_kept, live_size, cpu = kept, size, {}
+    if self.fusion == "xla:cpu":  # the buffers XLA:CPU adds (passes.jaxpr_liveness module doc)
+      freed = [a for a, f in zip(args, self.free_inputs) if f] if top else []
+      live_kept, live_size, cpu = jaxpr_liveness.cpu_liveness(eqns, args, kept, producer, consumers, size,
+                                                              self.shape, freed)
+    peak, largest = jaxpr_liveness.peak(eqns, live_kept, producer, out_set, inner_peak, live_size,
+                                        lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}", **cpu)
     if largest[0] > self.largest[0]:
       self.largest = largest
     for o in outs:  # a partial sum leaving the function is reduced there
@@ -191,7 +198,7 @@ class _Walker:
     if name == "cond":
       best = None
       for br in p["branches"]:
-        sub = _Walker(self.tp, self.prog)
+        sub = _Walker(self.tp, self.prog, self.fusion)
         sub.att = self.att
         _, outs, peak = sub.walk(br.jaxpr, ins[1:], count)
         cost = sub.flops + sum(k[1] * k[2] for k in sub.kernels)
@@ -248,7 +255,8 @@ class _Walker:
 
 
 def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None,
-            out_hints: Sequence | None = None, fusion: str = "xla") -> JaxprCost:
+            out_hints: Sequence | None = None, fusion: str = "xla",
+            free_inputs: Sequence[bool] = ()) -> JaxprCost:
   """Per-device costs of one call of `closed` (module doc).
 
   Args:
@@ -260,8 +268,12 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     out_hints: per output (or a prefix of them), the dim the caller shards it on over
       'tensor' (a gradient constrained like its parameter), or None; what makes it is then
       sharded alike (GSPMD propagates shardings backwards too).
-    fusion: how kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' (default), or
-      'eager', every elementwise op and reduction its own kernel (PyTorch eager).
+    fusion: how kernels are formed (`passes.jaxpr_liveness.FUSIONS`): 'xla' (default),
+      'xla:cpu' (XLA's fusion, with the buffers XLA:CPU adds to the liveness), or 'eager',
+      every elementwise op and reduction its own kernel (PyTorch eager).
+    free_inputs ('xla:cpu' only): per input, whether its buffer is freed after its last read
+      (the caller counts it whole: `peak_bytes` is then the peak above it, and can be
+      negative; `jaxpr_liveness.peak`).
 
   Example:
     >>> c = analyze(jax.make_jaxpr(f)(x, w), [None, 1], tp=4)
@@ -279,6 +291,7 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
   for a, g in zip(args, groups):
     w.deps[a] = 1 << g
   w.out_hints = list(out_hints or [])
+  w.free_inputs = list(free_inputs) + [False] * (len(args) - len(free_inputs))
   outs, out_dims, peak = w.walk(jaxpr, list(in_dims), 1, args)
   arg_set = set(args)
   out_b = []

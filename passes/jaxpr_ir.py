@@ -68,10 +68,19 @@ class Program:
   def __init__(self):
     self.avals: list = []
     self._seen: dict = {}  # CSE key -> output ids
+    self._literals: dict = {}  # (aval, value) -> the id of a literal passed into a call
 
   def new(self, aval) -> int:
     self.avals.append(aval)
     return len(self.avals) - 1
+
+  def literal(self, lit: Literal) -> int:
+    """The id of a literal passed into a call: one id per value, as XLA folds equal constants
+    into one (two calls of `jnp.where(m, x, -inf)` then compute the same, and CSE merges them)."""
+    key = (str(lit.aval), repr(lit.val))
+    if key not in self._literals:
+      self._literals[key] = self.new(lit.aval)
+    return self._literals[key]
 
   def lower(self, jaxpr: Jaxpr, args: Sequence, att=False) -> tuple[list, list]:
     """(equations, output ids) of `jaxpr` applied to the ids `args`, calls inlined; `att`:
@@ -90,7 +99,7 @@ class Program:
       inner = sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub
       if (e.primitive.name in CALLS and isinstance(inner, Jaxpr) and len(inner.invars) == len(ins)
           and len(inner.outvars) == len(e.outvars)):
-        sub_eqns, outs = self.lower(inner, [i if i is not None else self.new(a.aval)
+        sub_eqns, outs = self.lower(inner, [i if i is not None else self.literal(a)
                                             for i, a in zip(ins, e.invars)], e_att)
         eqns.extend(sub_eqns)
         for v, o in zip(e.outvars, outs):

@@ -8,6 +8,22 @@ output. A fused kernel writes its materialized result and reads the materialized
 depends on. Liveness walks the equations in order: a materialized value is live from the
 equation that makes it to its last use (outputs to the end); an equation's own inner peak
 (a loop's body) adds to what is live around it.
+
+XLA:CPU ('xla:cpu', `cpu_liveness`) keeps more than that model: a materialized value lives until
+the last kernel that reads it, fused chains included (XLA does not recompute it from what it was
+made of); and its dot kernels read each operand in one layout (batch dims leading, the left
+operand's contracting dims last, the right one's contracting dims next to its batch or last):
+an operand in another order is copied into that layout first, a buffer of its own beside the
+operand whenever the operand is kept anyway (a dot's result, an input, a value read elsewhere).
+The weight gradients of a backward, `dot_general(x, dy)` contracting the leading (token) dims
+of both, are such dots: XLA:CPU copies `x` transposed (`copy_bitcast_fusion` in its dumps).
+Nor does it fuse an elementwise op into several kernels when the op is expensive (exp, rsqrt,
+a division, ...) or one of them is a reduction's (`shared_values`): its result is kept, at the
+shape it is broadcast to where that is an expensive op's result or an input's broadcast
+(rmsnorm's rsqrt statistic and its weight, [batch, seq, dim] buffers in XLA:CPU's dumps).
+Inputs a caller counts whole (a part's residuals) can be freed after their last read: the
+peak is then taken above them. Traced on XLA:CPU's buffer assignments and live ranges
+(`benchmarks/memory_peak.py`) of three Llamas, full recomputation at TP 2-8.
 """
 from __future__ import annotations
 
@@ -16,9 +32,14 @@ from typing import Callable, Iterator, Sequence
 from passes.jaxpr_ir import ELEMENTWISE, FUSIBLE, REDUCTIONS, Eqn
 
 
-# How kernels are formed: 'xla' fuses as the module doc says; 'eager' runs every elementwise op
-# and reduction as its own kernel, as PyTorch's eager mode does (shape ops are views there).
-FUSIONS = ("xla", "eager")
+# Elementwise ops XLA does not duplicate into several consumers (its `IsExpensive`).
+EXPENSIVE = {"div", "exp", "exp2", "expm1", "log", "log1p", "logistic", "pow", "rsqrt", "sqrt", "cbrt",
+             "tanh", "sin", "cos", "tan", "atan2", "erf", "erfc", "erf_inv", "rem"}
+
+# How kernels are formed: 'xla' fuses as the module doc says; 'xla:cpu' fuses alike and keeps
+# the buffers XLA:CPU adds (module doc, `cpu_liveness`); 'eager' runs every elementwise op and
+# reduction as its own kernel, as PyTorch's eager mode does (shape ops are views there).
+FUSIONS = ("xla", "xla:cpu", "eager")
 
 
 def materialized(eqns: Sequence[Eqn], args: Sequence[int], consumers: dict, out_set,
@@ -61,31 +82,209 @@ def fused_kernels(eqns: Sequence[Eqn], kept: set, producer: dict, size: Callable
       yield e, read + size(o)
 
 
+def _reads(e: Eqn, kept: set, producer: dict) -> set:
+  """The materialized values (and inputs) the kernel of `e` reads, through the fusible ops
+  fused into it."""
+  seen, stack, read = set(), list(e.ins), set()
+  while stack:
+    a = stack.pop()
+    if a is None or a in seen:
+      continue
+    seen.add(a)
+    if a in kept or a not in producer:
+      read.add(a)
+    else:
+      stack.extend(producer[a].ins)
+  return read
+
+
+def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[int, int]:
+  """value id -> index of the last kernel (an equation that is not fusible, or makes a
+  materialized value) that reads it, through the fusible ops fused into that kernel."""
+  last: dict[int, int] = {}
+  for i, e in enumerate(eqns):
+    if e.name in FUSIBLE and not any(o in kept for o in e.outs):
+      continue
+    for a in _reads(e, kept, producer):
+      last[a] = i
+  return last
+
+
+def shared_values(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
+                  nbytes: Callable) -> dict[int, int]:
+  """Values XLA:CPU keeps that the fusion model recomputes in each kernel reading them: the
+  result of an elementwise op (or of an input's broadcast) read by several kernels, where the
+  op is expensive (EXPENSIVE) or one of those kernels is a reduction's. Value id -> the id whose bytes it is
+  kept at: an expensive op's result broadcast by its consumers (rmsnorm's rsqrt statistic),
+  or a broadcast of an input (rmsnorm's weight), is kept at the largest shape a consumer
+  broadcasts it to; any other at its own. Values of constants alone (masks) are left out."""
+  inputs = set(args)
+  const = set()
+  for e in eqns:
+    if e.name in FUSIBLE and all(a is None or a in const or (a not in producer and a not in inputs)
+                                 for a in e.ins):
+      const.update(e.outs)
+  readers: dict[int, list] = {}
+  for e in eqns:
+    if e.name in FUSIBLE and not any(o in kept for o in e.outs):
+      continue
+    seen, stack = set(), [a for a in e.ins if a is not None]
+    while stack:
+      a = stack.pop()
+      if a in seen or a in kept or a not in producer:
+        continue
+      seen.add(a)
+      stack.extend(x for x in producer[a].ins if x is not None)
+    for a in seen:
+      readers.setdefault(a, []).append(e.name in REDUCTIONS)
+  out = {}
+  for a, red in readers.items():
+    e = producer[a]
+    bcast_input = e.name == "broadcast_in_dim" and e.ins[0] in inputs
+    if len(red) < 2 or a in const or not (e.name in EXPENSIVE or any(red)) or not (
+        e.name in ELEMENTWISE or bcast_input):
+      continue
+    out[a] = a
+    if e.name in EXPENSIVE or bcast_input:
+      wide = [o for c in consumers.get(a, []) if c.name in ELEMENTWISE for o in c.outs]
+      out[a] = max(wide + [a], key=nbytes)
+  return out
+
+
+def _layout(shape, batch, contracting) -> tuple[list, list, list, list]:
+  """(dims in order, batch, contracting, free) of a dot operand, size-1 dims left out (XLA
+  bitcasts them away)."""
+  dims = [d for d in range(len(shape)) if shape[d] != 1]
+  b = [d for d in batch if shape[d] != 1]
+  c = [d for d in contracting if shape[d] != 1]
+  return dims, b, c, [d for d in dims if d not in b and d not in c]
+
+
+def _reads_as_lhs(shape, batch, contracting) -> bool:
+  """Whether XLA:CPU's dot kernel reads this operand in place as its left operand."""
+  dims, b, c, f = _layout(shape, batch, contracting)
+  return dims == b + f + c
+
+
+def _reads_as_rhs(shape, batch, contracting) -> bool:
+  """Whether XLA:CPU's dot kernel reads this operand in place as its right operand."""
+  dims, b, c, f = _layout(shape, batch, contracting)
+  return dims in (b + c + f, b + f + c)
+
+
+def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers: dict,
+                      shape: Callable) -> list[tuple[int, int, int]]:
+  """(operand id, index of the equation that makes it or -1, index of its last dot) of each
+  copy XLA:CPU makes of a dot operand into the layout its dot kernel reads (module doc).
+
+  A dot whose operands both read in place (or do after swapping them: XLA then computes the
+  transposed product) needs none; else the left operand is copied, and the right one too when
+  it does not read in place as the right operand. A copy is its own buffer beside the operand,
+  but for an operand a fusible op makes for dots alone, none of which reads it in place: its
+  producing kernel writes the first layout they need (XLA:CPU's dumps: the attention's score
+  gradient written twice, once per dot, and not a third time in its own layout)."""
+  copies: dict[tuple, list] = {}
+  in_place: set = set()  # operands some dot reads in place
+  for i, e in enumerate(eqns):
+    if e.name != "dot_general":
+      continue
+    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+    lhs, rhs = e.ins
+    if lhs is None or rhs is None:
+      continue
+    ls, rs = shape(lhs), shape(rhs)
+    if ((_reads_as_lhs(ls, lb, lc) and _reads_as_rhs(rs, rb, rc))
+        or (_reads_as_lhs(rs, rb, rc) and _reads_as_rhs(ls, lb, lc))):
+      in_place.update((lhs, rhs))
+      continue
+    need = [(lhs, "lhs", tuple(lb), tuple(lc))]
+    if _reads_as_rhs(rs, rb, rc):
+      in_place.add(rhs)
+    else:
+      need.append((rhs, "rhs", tuple(rb), tuple(rc)))
+    for a, side, b, c in need:
+      key = (a, side, b, c)
+      if key in copies:
+        copies[key][2] = i
+      else:
+        made = next((j for j, x in enumerate(eqns) if a in x.outs), -1)
+        copies[key] = [a, made, i]
+  # A value a fusible op makes for dots alone, none reading it in place, is written by its
+  # producing kernel in the first layout they need: that one is no extra buffer. A shape op's
+  # (pad, concatenate) is not fused into the copy: where a dot also reads it in place, the copy
+  # reads a materialization of its own (post's backward: the logits' gradient, padded, three
+  # times in XLA:CPU's dumps: in place, for the copy, the copy).
+  out, written = [], set()
+  for a, made, last in copies.values():
+    shape_op = a in producer and producer[a].name in FUSIBLE and producer[a].name not in ELEMENTWISE
+    if shape_op and a in in_place:
+      out.append((a, made, made + 1))
+    if (a not in written and a not in in_place and a in producer and producer[a].name in FUSIBLE
+        and all(c.name == "dot_general" for c in consumers.get(a, []))):
+      written.add(a)
+      continue
+    out.append((a, made, last))
+  return out
+
+
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
-         size: Callable, describe: Callable) -> tuple[int, tuple[int, str]]:
+         size: Callable, describe: Callable, last_reads: dict | None = None,
+         copies: Sequence[tuple[int, int, int]] = (),
+         freed: Sequence[int] = ()) -> tuple[int, tuple[int, str]]:
   """(the most bytes of materialized values created here live at once, (bytes, description)
-  of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body)."""
+  of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body).
+
+  Args (XLA:CPU's, `cpu_liveness`):
+    last_reads: value id -> the last equation whose kernel reads it, where that is later than
+      its last direct use.
+    copies: (value id, made at or -1, last read): buffers of the value's size beside it, from
+      the equation after the one that makes the value.
+    freed: inputs whose buffers are reclaimed after their last read (a part's own residuals,
+      which the caller counts whole): the peak is then the most bytes above all of them, and
+      can be negative where the function's peak comes after their last reads."""
   last_use: dict[int, int] = {}
   for i, e in enumerate(eqns):
     for a in e.ins:
       if a is not None:
         last_use[a] = i
+  for a, i in (last_reads or {}).items():
+    if a in last_use and i > last_use[a]:
+      last_use[a] = i
   frees: dict[int, list] = {}
   for a, i in last_use.items():
     if a in producer and a in kept and a not in out_set:
-      frees.setdefault(i, []).append(a)
-  live = top = 0
+      frees.setdefault(i, []).append(size(a))
+  for a in freed:
+    if a in last_use:
+      frees.setdefault(last_use[a], []).append(size(a))
+  made: dict[int, int] = {}
+  for a, start, end in copies:  # made once the value is (its own inputs freed), read by `end`
+    made[start + 1] = made.get(start + 1, 0) + size(a)
+    frees.setdefault(end, []).append(size(a))
+  live = 0
+  top = None
   largest = (0, "")
   for i, e in enumerate(eqns):
-    created = 0
+    created = made.get(i, 0)
     for o in e.outs:
       if o in kept and (o in last_use or o in out_set):
         b = size(o)
         created += b
         if b > largest[0]:
           largest = (b, describe(e, o))
-    top = max(top, live + inner_peak[i] + created)
+    top = live + inner_peak[i] + created if top is None else max(top, live + inner_peak[i] + created)
     live += created
-    for a in frees.get(i, []):
-      live -= size(a)
-  return top, largest
+    for b in frees.get(i, []):
+      live -= b
+  return (top or 0) if freed else max(top or 0, 0), largest
+
+
+def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
+                 size: Callable, shape: Callable, freed: Sequence[int] = ()) -> tuple[set, Callable, dict]:
+  """(materialized set, size function, `peak` keyword arguments) of XLA:CPU's liveness (module
+  doc) over the fusion model's `kept` set; `freed`: inputs freed after their last read."""
+  wide = shared_values(eqns, args, kept, producer, consumers, size)
+  live = kept | set(wide)
+  return live, (lambda i: size(wide.get(i, i))), dict(
+      last_reads=kernel_last_reads(eqns, live, producer),
+      copies=dot_layout_copies(eqns, live, producer, consumers, shape), freed=list(freed))

@@ -294,19 +294,24 @@ class Screen(TimeTerms):
     FSDP plus one layer's whole gradient before its reduction. In a pipeline see
     `_pipeline_temporaries`."""
     best, what = 0.0, ""
+    # On XLA:CPU post's residuals are freed by its backward (`ProgramProfile._exact`): the
+    # blocks' and pre's backward run without them, which `saved_activations` counts whole.
+    gone = post.saved + post.saved_input if post is not None and self.profile.fusion == "xla:cpu" else 0.0
     for name, c in (("pre", pre), ("block", blk), ("post", post)):
       if c is None or (plan.pp > 1 and c is blk):
         continue
       for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
-        if jc.peak_bytes > best:
-          best, what = jc.peak_bytes, f"{name} {phase}: largest {jc.largest[1]}"
+        peak = jc.peak_bytes - (gone if phase == "backward" and c is not post else 0.0)
+        if peak > best:
+          best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
     if plan.pp > 1 and blk is not None:
-      return self._pipeline_temporaries(plan, blk, layout, best, what)
+      return self._pipeline_temporaries(plan, blk, layout, best, what, gone)
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
 
-  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str) -> tuple[float, str]:
+  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str,
+                            gone: float = 0.0) -> tuple[float, str]:
     """A pipeline's temporaries beside its stash and gradient accumulators. 1F1B runs pre's
     and post's parts on every tick, inside the loop: their working set and the blocks' (per
     micro-batch) add up. GPipe runs post between its forward and backward loops: the peak
@@ -314,11 +319,12 @@ class Screen(TimeTerms):
     batches' stage inputs and their gradients, and with a layer loop the copied residual set
     and the tick's gradient stack that `saved_activations` and `grads` count), never both
     (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
-    backward loop)."""
+    backward loop). `gone`: post's residuals, freed by its backward before the backward loop
+    (on XLA:CPU; the 100M's GPipe tp=4 full: 56 MiB not live at its peak)."""
     loops = blk.temp_peak
     if plan.schedule == "1f1b":
       return edge + loops, what + f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
-    loops += 2 * plan.mb * self._hidden_bytes(plan)
+    loops += 2 * plan.mb * self._hidden_bytes(plan) - gone
     counted = 0.0  # the loops' own terms, counted in saved_activations and grads
     if self._layer_loop(plan):
       per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
@@ -356,8 +362,8 @@ def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla"
     devices: the devices planned for.
     tp_rules: the program's TP rules (None: no tensor parallelism).
     plans: the candidates to screen (their micro-batch sizes are traced).
-    fusion: 'xla' (ap-xla's programs), or 'eager' to cost the model as PyTorch eager runs it
-      (`passes.screen_profile.ProgramProfile`).
+    fusion: 'xla' (ap-xla's programs; 'xla:cpu' on CPU devices), or 'eager' to cost the
+      model as PyTorch eager runs it (`passes.screen_profile.ProgramProfile`).
   """
   from passes.build import tp_dims
   dims_cache: dict = {}
@@ -367,6 +373,9 @@ def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla"
       dims_cache[tp] = tp_dims(program, tp_rules, tp)
     return dims_cache[tp]
 
+  devices = tuple(devices)
+  if fusion == "xla" and devices[0].platform == "cpu":  # XLA:CPU's own buffers (passes.jaxpr_liveness)
+    fusion = "xla:cpu"
   profile = ProgramProfile(program, dims, fusion)
   B = program.batch_size
   sizes = {B // (p.dp * p.mb) for p in plans}
@@ -375,5 +384,4 @@ def build_screen(program: Program, devices, tp_rules, plans, fusion: str = "xla"
       local = B // p.dp
       sizes |= {local, local // p.pp if local % p.pp == 0 else local}
   profile.set_sizes(sizes)
-  devices = tuple(devices)
   return Screen(program, profile, len(devices), devices[0].platform, dims)

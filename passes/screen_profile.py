@@ -289,12 +289,12 @@ class ProgramProfile:
     cf = jaxpr_cost.analyze(fwd, in_dims, tp, groups, fusion=self.fusion)
     res = list(range(n_out, len(cf.out_bytes)))
     ct_dims = list(cf.out_dims[:n_out])
-    n_params = len(jax.tree.leaves(args[0]))  # the cotangents of the parameters come first,
-    cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp,  # sharded like them
-                            out_hints=in_dims[:n_params], fusion=self.fusion)
+    n_params = len(jax.tree.leaves(args[0]))  # the cotangents of the parameters come first
     saved = saved_params = saved_input = saved_invariant = saved_weights = 0.0
+    counted = []  # per residual: whether `saved` or `saved_input` counts it
     for i in res:
       src, nbytes, deps = cf.out_sources[i], cf.out_bytes[i], cf.out_deps[i]
+      counted.append(False)
       if cf.out_repeats[i]:
         continue  # the same value saved twice is stored once
       if src >= 0:
@@ -303,15 +303,24 @@ class ProgramProfile:
           saved_params += nbytes
         elif g == HIDDEN:
           saved_input += nbytes
+          counted[-1] = True
         elif g in (AUX, BATCH):
           saved_invariant += nbytes
       elif deps & ((1 << PARAMS) | (1 << HIDDEN)):
         saved += nbytes
+        counted[-1] = True
         if deps == 1 << PARAMS:
           saved_weights += nbytes
       elif deps:
         saved_invariant += nbytes
       # else: a constant (a broadcast zero, an iota mask): XLA folds it, nothing is stored
+    # On XLA:CPU a backward's peak is taken above its residuals, which `saved_activations`
+    # counts whole: pre's and post's are freed after their last read (XLA:CPU's buffer
+    # assignment: the small Llama's post backward peaks with its logits residual dead); a
+    # block's stay in the layer loop's stack until the loop ends.
+    free = counted if part != BLOCKS else []
+    cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp,  # sharded like them
+                            out_hints=in_dims[:n_params], fusion=self.fusion, free_inputs=free)
     return PartCost(cf, cb, saved, saved_params, saved_input, saved_invariant, saved_weights)
 
   def part(self, part: str, recompute: str, bf16: bool, b: int, tp: int) -> PartCost:
