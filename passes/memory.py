@@ -60,6 +60,12 @@ class MemoryStats:
             f"alias={mib(self.alias)}, temp={mib(self.temp)}, scratch={mib(self.scratch)})")
 
 
+def eigen_packing_bytes(m: int, n: int, k: int, dtype_bytes: int) -> int:
+  """Bytes Eigen packs for an m x n result contracting k elements (module doc): the formula
+  the compiled side (`cpu_dot_scratch`) and the screen (`passes.screen`) both charge."""
+  return 2 * min(k, EIGEN_K_BLOCK) * (m + n) * dtype_bytes
+
+
 def cpu_dot_scratch(hlo: str | hlo_stats.HloStats) -> int:
   """Per-device bytes of the largest Eigen packing of a CPU program's unfused dots (module doc).
 
@@ -67,7 +73,7 @@ def cpu_dot_scratch(hlo: str | hlo_stats.HloStats) -> int:
     hlo: the program's HLO text (`compiled.as_text()`) or its `hlo_stats.analyze_hlo`.
   """
   dots = hlo.unfused_dots if isinstance(hlo, hlo_stats.HloStats) else hlo_stats.unfused_dots(hlo)
-  return max((2 * min(d.k, EIGEN_K_BLOCK) * (d.m + d.n) * d.dtype_bytes for d in dots), default=0)
+  return max((eigen_packing_bytes(d.m, d.n, d.k, d.dtype_bytes) for d in dots), default=0)
 
 
 def memory_stats(compiled, platform: str | None = None, stats: hlo_stats.HloStats | None = None) -> MemoryStats:
