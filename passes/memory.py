@@ -2,13 +2,15 @@
 packing memory that the buffer assignment does not hold.
 
 XLA:CPU runs a dot that its YNNPACK fusions do not take (a left operand contracted on dim 0,
-such as a weight gradient `x.T @ g`) as an Eigen thread-pool contraction, which packs slices
-of its operands into memory it allocates itself. `benchmarks/cpu_dot_scratch.py` measured that
+such as a weight gradient `x.T @ g` whose transpose XLA folded into the dot; which ones:
+`passes.screen_scratch`) as an Eigen thread-pool contraction, which packs slices of its
+operands into memory it allocates itself. `benchmarks/cpu_dot_scratch.py` measured that
 memory on one device at about 2 x 256 x (m + n) x element bytes for an m x n result (k >= 256);
 on 8 simulated devices sharing 2 cores each device's share was at most that (0.45-8.5 MiB).
 `cpu_dot_scratch` charges the largest such dot of a program at 2 x min(k, 256) x (m + n) x
-element bytes: on the plan_quality model the worst memory prediction went from 4.7-6.3% low
-(TP=8, four runs) to 3.2-3.6% (two runs; benchmarks/RESULTS.md). It errs high where Eigen
+element bytes (`eigen_packing_bytes`, which the screen charges too): on the plan_quality
+model the worst memory prediction went from 4.7-6.3% low (TP=8, four runs) to 3.2-3.6% (two
+runs; benchmarks/RESULTS.md). It errs high where Eigen
 partitions a dot another way (128 x 8192 or 4096 x 128 results), which only makes a plan look
 bigger than it is.
 """
