@@ -407,7 +407,8 @@ def unfused_dots(hlo_text: str) -> list[Dot]:
   Only computations reached through control flow (the entry, while bodies, every branch of a
   conditional, calls) are searched; a fusion's computation is not. On XLA:CPU these are the
   dots its YNNPACK fusions do not take (a left operand contracted on dim 0, e.g. weight
-  gradients `x.T @ g`), run as Eigen contractions (`memory.cpu_dot_scratch`). The same list
+  gradients `x.T @ g`; which ones: `passes.screen_scratch`), run as Eigen contractions
+  (`memory.cpu_dot_scratch`). The same list
   is `analyze_hlo(hlo_text).unfused_dots`.
   """
   if not isinstance(hlo_text, str):

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from passes import jaxpr_liveness, jaxpr_tp
+from passes import jaxpr_liveness, jaxpr_tp, memory
 from passes.jaxpr_ir import Eqn, Program, dce, nbytes
 from passes.jaxpr_tp import PARTIAL
 
@@ -59,6 +59,8 @@ class JaxprCost:
     attention: indices into `kernels` of those traced under `ATTENTION_SCOPE` (the fused
       attention of `bridge.attention`), which a target running flash attention replaces.
     attention_causal: per `attention` entry, whether it ran under the causal scope.
+    eigen_dots ('xla:cpu' only): (m, n, k, element bytes) per device of the dots XLA:CPU runs
+      as Eigen contractions outside YNNPACK (`jaxpr_liveness.eigen_dots`), each shape once.
   """
   flops: float
   kernels: tuple
@@ -72,6 +74,12 @@ class JaxprCost:
   out_repeats: tuple = ()
   attention: tuple = ()
   attention_causal: tuple = ()
+  eigen_dots: tuple = ()
+
+  @property
+  def eigen_scratch(self) -> int:
+    """Per-device bytes of the largest Eigen packing of `eigen_dots` (`memory.eigen_packing_bytes`)."""
+    return max((memory.eigen_packing_bytes(*d) for d in self.eigen_dots), default=0)
 
   @property
   def kernel_bytes(self) -> float:
@@ -92,6 +100,8 @@ class _Walker:
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
     self.out_hints: list = []  # dims the caller shards the top-level outputs on
     self.free_inputs: list = []  # XLA:CPU: top-level inputs reclaimed after their last read
+    self.eigen_dots: set = set()  # XLA:CPU: (m, n, k, bytes) of its Eigen dots (jaxpr_liveness.eigen_dots)
+    self.reduced: set = set()  # dots whose result is reduced over 'tensor' (nothing folds across it)
 
   def size(self, i, dims) -> int:
     if i is None:
@@ -101,6 +111,13 @@ class _Walker:
 
   def shape(self, i) -> tuple:
     return tuple(getattr(self.prog.avals[i], "shape", ()))
+
+  def device_shape(self, i, dims) -> tuple:
+    """The per-device shape: its dim sharded over 'tensor' divided by the degree."""
+    s, d = list(self.shape(i)), dims.get(i)
+    if self.tp > 1 and isinstance(d, int) and 0 <= d < len(s):
+      s[d] //= self.tp
+    return tuple(s)
 
   def comm(self, kind, size, count):
     if self.tp > 1 and size:
@@ -165,6 +182,10 @@ class _Walker:
       freed = [a for a, f in zip(args, self.free_inputs) if f] if top else []
       live_kept, live_size, cpu = jaxpr_liveness.cpu_liveness(eqns, args, kept, producer, consumers, size,
                                                               self.shape, freed)
+      self.eigen_dots.update(
+          (m, n, k, max(self.prog.avals[o].dtype.itemsize, 4))  # XLA:CPU runs non-library dots in f32
+          for m, n, k, o in jaxpr_liveness.eigen_dots(eqns, consumers, lambda i: self.device_shape(i, dims))
+          if o not in self.reduced)
     peak, largest = jaxpr_liveness.peak(eqns, live_kept, producer, out_set, inner_peak, live_size,
                                         lambda e, o: f"{e.name} -> {self.prog.avals[o].str_short()}", **cpu)
     if largest[0] > self.largest[0]:
@@ -243,6 +264,8 @@ class _Walker:
     self.flops += flops * count
     out_b = nbytes(self.prog.avals[out]) // (self.tp if out_dim is not None and self.tp > 1 else 1)
     self.kernel(flops, self.size(lhs, dims) + self.size(rhs, dims) + out_b, count, e.att)
+    if reduce:
+      self.reduced.add(out)
     return PARTIAL if reduce else out_dim
 
   def merge(self, other: "_Walker"):
@@ -252,6 +275,7 @@ class _Walker:
     self.comms += other.comms
     if other.largest[0] > self.largest[0]:
       self.largest = other.largest
+    self.eigen_dots |= other.eigen_dots
 
 
 def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None,
@@ -306,4 +330,5 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     seen.add(o)
   return JaxprCost(w.flops, tuple(w.kernels), tuple(w.comms), peak, w.largest, tuple(out_b),
                    tuple(sources), tuple(out_dims), deps, tuple(repeats),
-                   tuple(i for i, _ in w.attention), tuple(c for _, c in w.attention))
+                   tuple(i for i, _ in w.attention), tuple(c for _, c in w.attention),
+                   tuple(sorted(w.eigen_dots)))

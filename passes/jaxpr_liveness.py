@@ -27,6 +27,7 @@ peak is then taken above them. Traced on XLA:CPU's buffer assignments and live r
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Sequence
 
 from passes.jaxpr_ir import ELEMENTWISE, FUSIBLE, REDUCTIONS, Eqn
@@ -224,6 +225,33 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
       written.add(a)
       continue
     out.append((a, made, last))
+  return out
+
+
+def eigen_dots(eqns: Sequence[Eqn], consumers: dict, shape: Callable) -> list[tuple[int, int, int, int]]:
+  """(m, n, k, result id) of each dot XLA:CPU runs as an Eigen contraction, outside its YNNPACK
+  fusions (module doc): a `dot_general` without batch dims whose one consumer transposes its
+  result to (right operand's free dims, left operand's): JAX's weight gradient
+  `transpose(dot_general(dy, x))`, contracting the token dims. XLA's algebraic simplifier folds
+  that into `dot(x, dy)`, whose left operand is contracted on its leading dims, which
+  `IsDotSupportedByYnn` rejects (xla/backends/cpu/ynn_support.cc). Where a collective sits
+  between the dot and the transpose (a gradient reduced over 'data' by GSPMD) nothing folds:
+  the caller decides that (`passes.screen`). `shape`: per-device shapes."""
+  out = []
+  for e in eqns:
+    if e.name != "dot_general":
+      continue
+    users = consumers.get(e.outs[0], [])
+    (lc, rc), (lb, _) = e.params["dimension_numbers"]
+    if lb or len(users) != 1 or users[0].name != "transpose" or None in e.ins:
+      continue
+    ls, rs = shape(e.ins[0]), shape(e.ins[1])
+    nl = len(ls) - len(lc)
+    nr = len(rs) - len(rc)
+    if tuple(users[0].params["permutation"]) != tuple(range(nl, nl + nr)) + tuple(range(nl)):
+      continue
+    prod = lambda s, skip: math.prod(x for d, x in enumerate(s) if d not in skip)
+    out.append((prod(rs, rc), prod(ls, lc), math.prod(ls[d] for d in lc), e.outs[0]))
   return out
 
 

@@ -2,13 +2,15 @@
 packing memory that the buffer assignment does not hold.
 
 XLA:CPU runs a dot that its YNNPACK fusions do not take (a left operand contracted on dim 0,
-such as a weight gradient `x.T @ g`) as an Eigen thread-pool contraction, which packs slices
-of its operands into memory it allocates itself. `benchmarks/cpu_dot_scratch.py` measured that
+such as a weight gradient `x.T @ g` whose transpose XLA folded into the dot; which ones:
+`passes.screen_scratch`) as an Eigen thread-pool contraction, which packs slices of its
+operands into memory it allocates itself. `benchmarks/cpu_dot_scratch.py` measured that
 memory on one device at about 2 x 256 x (m + n) x element bytes for an m x n result (k >= 256);
 on 8 simulated devices sharing 2 cores each device's share was at most that (0.45-8.5 MiB).
 `cpu_dot_scratch` charges the largest such dot of a program at 2 x min(k, 256) x (m + n) x
-element bytes: on the plan_quality model the worst memory prediction went from 4.7-6.3% low
-(TP=8, four runs) to 3.2-3.6% (two runs; benchmarks/RESULTS.md). It errs high where Eigen
+element bytes (`eigen_packing_bytes`, which the screen charges too): on the plan_quality
+model the worst memory prediction went from 4.7-6.3% low (TP=8, four runs) to 3.2-3.6% (two
+runs; benchmarks/RESULTS.md). It errs high where Eigen
 partitions a dot another way (128 x 8192 or 4096 x 128 results), which only makes a plan look
 bigger than it is.
 """
@@ -60,6 +62,12 @@ class MemoryStats:
             f"alias={mib(self.alias)}, temp={mib(self.temp)}, scratch={mib(self.scratch)})")
 
 
+def eigen_packing_bytes(m: int, n: int, k: int, dtype_bytes: int) -> int:
+  """Bytes Eigen packs for an m x n result contracting k elements (module doc): the formula
+  the compiled side (`cpu_dot_scratch`) and the screen (`passes.screen`) both charge."""
+  return 2 * min(k, EIGEN_K_BLOCK) * (m + n) * dtype_bytes
+
+
 def cpu_dot_scratch(hlo: str | hlo_stats.HloStats) -> int:
   """Per-device bytes of the largest Eigen packing of a CPU program's unfused dots (module doc).
 
@@ -67,7 +75,7 @@ def cpu_dot_scratch(hlo: str | hlo_stats.HloStats) -> int:
     hlo: the program's HLO text (`compiled.as_text()`) or its `hlo_stats.analyze_hlo`.
   """
   dots = hlo.unfused_dots if isinstance(hlo, hlo_stats.HloStats) else hlo_stats.unfused_dots(hlo)
-  return max((2 * min(d.k, EIGEN_K_BLOCK) * (d.m + d.n) * d.dtype_bytes for d in dots), default=0)
+  return max((eigen_packing_bytes(d.m, d.n, d.k, d.dtype_bytes) for d in dots), default=0)
 
 
 def memory_stats(compiled, platform: str | None = None, stats: hlo_stats.HloStats | None = None) -> MemoryStats:

@@ -21,6 +21,8 @@ memory (per device)
                              pipeline stage's gathered weights
   temporaries                the largest working set of any part's forward or backward (the
                              attention scores, the logits), `temporaries_detail` says which
+  scratch                    on XLA:CPU, the packing memory of the largest dot it runs as an
+                             Eigen contraction outside YNNPACK (`passes.screen_scratch`)
 
 time: the step's kernels (matmuls with their FLOPs, fused elementwise kernels with the bytes
 they move) and collectives per mesh axis, costed by the same roofline and collective model
@@ -37,7 +39,7 @@ from typing import Any, Callable
 
 import jax
 
-from passes import cost_model, shardings as sh
+from passes import cost_model, screen_scratch, shardings as sh
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
 from passes.plan import DATA, Plan
@@ -48,7 +50,8 @@ from passes.screen_profile import ProgramProfile
 from passes.screen_time import TimeTerms, nbytes
 
 PyTree = Any
-MEMORY_TERMS = ("params", "opt_state", "batch", "grads", "saved_activations", "gathered_params", "temporaries")
+MEMORY_TERMS = ("params", "opt_state", "batch", "grads", "saved_activations", "gathered_params", "temporaries",
+                "scratch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +346,8 @@ class Screen(TimeTerms):
     temp, what = self.temporaries(plan, pre, blk, post, layout)
     memory = dict(state, grads=self.grads(plan, state, layout),
                   saved_activations=self.saved_activations(plan, pre, blk, post),
-                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp)
+                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
+                  scratch=screen_scratch.eigen_scratch(plan, pre, blk, post, self.program.batch_size))
     ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
     att, causal = self.attention_kernels(plan, pre, blk, post, runs_edge, runs_block) if hw.flash_attention \
         else ([], False)

@@ -98,7 +98,9 @@ def _lerp_cost(a: JaxprCost, b: JaxprCost, t: float) -> JaxprCost:
   largest = (int(_lerp(a.largest[0], b.largest[0], t)), a.largest[1])
   return JaxprCost(_lerp(a.flops, b.flops, t), kernels, comms, int(_lerp(a.peak_bytes, b.peak_bytes, t)), largest,
                    tuple(int(_lerp(x, y, t)) for x, y in zip(a.out_bytes, b.out_bytes)), a.out_sources,
-                   a.out_dims, a.out_deps, a.out_repeats, a.attention, a.attention_causal)
+                   a.out_dims, a.out_deps, a.out_repeats, a.attention, a.attention_causal,
+                   tuple(tuple(int(_lerp(u, v, t)) for u, v in zip(x, y))
+                         for x, y in zip(a.eigen_dots, b.eigen_dots)))
 
 
 def _mix_cost(a: JaxprCost, b: JaxprCost, w: float) -> JaxprCost:
@@ -111,7 +113,8 @@ def _mix_cost(a: JaxprCost, b: JaxprCost, w: float) -> JaxprCost:
   return dataclasses.replace(
       a, flops=(1 - w) * a.flops + w * b.flops, kernels=kernels, comms=comms, peak_bytes=top.peak_bytes,
       largest=max(a.largest, b.largest), attention=a.attention + tuple(i + len(a.kernels) for i in b.attention),
-      attention_causal=a.attention_causal + b.attention_causal)
+      attention_causal=a.attention_causal + b.attention_causal,
+      eigen_dots=tuple(sorted(set(a.eigen_dots) | set(b.eigen_dots))))
 
 
 def _layer_mix(none: "PartCost", full: "PartCost", w: float) -> "PartCost":
@@ -126,7 +129,8 @@ def _layer_mix(none: "PartCost", full: "PartCost", w: float) -> "PartCost":
 
 def _same_structure(a: JaxprCost, b: JaxprCost) -> bool:
   return (len(a.kernels) == len(b.kernels) and [c.kind for c in a.comms] == [c.kind for c in b.comms]
-          and len(a.out_bytes) == len(b.out_bytes) and a.out_sources == b.out_sources)
+          and len(a.out_bytes) == len(b.out_bytes) and a.out_sources == b.out_sources
+          and len(a.eigen_dots) == len(b.eigen_dots))
 
 
 def _is_float(x) -> bool:
