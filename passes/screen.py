@@ -21,6 +21,8 @@ memory (per device)
                              pipeline stage's gathered weights
   temporaries                the largest working set of any part's forward or backward (the
                              attention scores, the logits), `temporaries_detail` says which
+  dot_scratch                on CPU, the packing memory of the weight-gradient dots XLA:CPU
+                             runs as Eigen contractions (`passes.memory.cpu_dot_scratch`)
 
 time: the step's kernels (matmuls with their FLOPs, fused elementwise kernels with the bytes
 they move) and collectives per mesh axis, costed by the same roofline and collective model
@@ -33,6 +35,7 @@ search compiled; its stated error is what the search's bounds use.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -40,6 +43,7 @@ import jax
 from passes import cost_model, shardings as sh
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
+from passes.memory import EIGEN_K_BLOCK
 from passes.plan import DATA, Plan
 from passes.recompute import LAYER_SAC_EVERY
 from passes.regather import regathers
@@ -48,7 +52,8 @@ from passes.screen_profile import ProgramProfile
 from passes.screen_time import TimeTerms, nbytes
 
 PyTree = Any
-MEMORY_TERMS = ("params", "opt_state", "batch", "grads", "saved_activations", "gathered_params", "temporaries")
+MEMORY_TERMS = ("params", "opt_state", "batch", "grads", "saved_activations", "gathered_params", "temporaries",
+                "dot_scratch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +333,49 @@ class Screen(TimeTerms):
       return edge - counted, what
     return loops, f"the stage loops: block {blk.bwd.largest[1]} per micro-batch"
 
+  def dot_scratch(self, plan: Plan) -> float:
+    """On CPU, the Eigen packing memory of the largest weight-gradient dot XLA:CPU leaves
+    unfused (`passes.memory.cpu_dot_scratch`, charged the same way: 2 x min(k, 256) x (m + n)
+    x element bytes for an m x n gradient over k tokens).
+
+    A weight gradient `x.T @ g` contracts its left operand on dim 0, which XLA:CPU's YNNPACK
+    fusions do not take. When the gradient is reduced right after the dot (over 'data' per
+    micro-batch: data parallelism without accumulation, or FSDP's reduce-scatter; post's over
+    the stages under GPipe) XLA emits it transposed, `g.T @ x`, in the reduction's layout,
+    and fuses it; when it is accumulated (micro-batches without FSDP, a pipeline's ticks) or
+    used as is (dp=1) it stays `x.T @ g` and runs as an Eigen contraction. Measured on the
+    small Llama's 90 candidates (`benchmarks/memory_peak.py`, hlo_stats.unfused_dots): every
+    plan with unfused dots is one of these, and their largest is the LM head's gradient or,
+    where post's is reduced, the blocks' largest matrix.
+    """
+    if self.platform != "cpu" or self.program.layers is None:
+      return 0.0
+    if plan.pp > 1:
+      local = self.program.batch_size // plan.dp
+      block_kept = True
+      post_kept = plan.schedule == "1f1b" or (plan.dp == 1 and local % plan.pp != 0)
+    else:
+      block_kept = post_kept = plan.dp == 1 or (plan.mb > 1 and not (plan.fsdp and plan.shard_degree > 1))
+    if not block_kept and not post_kept:
+      return 0.0
+    h, _ = self.profile.hidden(plan.bf16, self.micro_batch(plan))
+    tokens = math.prod(h.shape[:-1])
+    k = min(tokens, EIGEN_K_BLOCK)
+    mesh = plan.mesh_shape
+    pspecs, _ = self._specs(plan)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    best = 0
+    flat = jax.tree_util.tree_leaves_with_path(self.program.params)
+    for (path, x), s, t in zip(flat, jax.tree.leaves(pspecs, is_leaf=is_spec), jax.tree.leaves(self.program.trainable_mask)):
+      part = str(getattr(path[0], "key", ""))
+      lead = 1 if part == BLOCKS else 0
+      if not t or len(x.shape) - lead != 2 or not ((part == BLOCKS and block_kept) or (part == POST and post_kept)):
+        continue  # pre's matrices (an embedding's gradient is a scatter, not a dot) are left out
+      spec = tuple(sh.without_axis(s, DATA)) + (None,) * len(x.shape)
+      m, n = (x.shape[i] // _shards((spec[i],), mesh) for i in (lead, lead + 1))
+      best = max(best, 2 * k * (m + n) * x.dtype.itemsize)
+    return float(best)
+
   # ---------------------------------------------------------------- the screen
 
   def __call__(self, plan: Plan, hw: HardwareProfile) -> Screened:
@@ -337,7 +385,8 @@ class Screen(TimeTerms):
     temp, what = self.temporaries(plan, pre, blk, post, layout)
     memory = dict(state, grads=self.grads(plan, state, layout),
                   saved_activations=self.saved_activations(plan, pre, blk, post),
-                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp)
+                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
+                  dot_scratch=self.dot_scratch(plan))
     ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
     att, causal = self.attention_kernels(plan, pre, blk, post, runs_edge, runs_block) if hw.flash_attention \
         else ([], False)
