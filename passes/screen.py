@@ -299,12 +299,17 @@ class Screen(TimeTerms):
     FSDP plus one layer's whole gradient before its reduction. In a pipeline see
     `_pipeline_temporaries`."""
     best, what = 0.0, ""
+    # GPipe runs post once, between its loops: its backward's outputs include its weights'
+    # gradient, which `grads` already counts (every trained parameter's accumulates whole),
+    # so at post's peak that gradient is one buffer, not two.
+    post_grad = self.trainable_bytes(plan, POST, gathered=True) if plan.pp > 1 and plan.schedule == "gpipe" else 0
     for name, c in (("pre", pre), ("block", blk), ("post", post)):
       if c is None or (plan.pp > 1 and c is blk):
         continue
       for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
-        if jc.peak_bytes > best:
-          best, what = jc.peak_bytes, f"{name} {phase}: largest {jc.largest[1]}"
+        peak = jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0)
+        if peak > best:
+          best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
     if plan.pp > 1 and blk is not None:
       return self._pipeline_temporaries(plan, blk, layout, best, what)
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
@@ -332,6 +337,68 @@ class Screen(TimeTerms):
     if edge - counted >= loops:
       return edge - counted, what
     return loops, f"the stage loops: block {blk.bwd.largest[1]} per micro-batch"
+
+  def phases(self, plan: Plan, state: dict, pre, blk, post, layout) -> tuple[dict, str]:
+    """Without pipelining: the step's memory at its largest phase, split into the terms.
+
+    The backward runs post, then the layers (a loop), then pre; what is live differs by
+    phase, and the peak is the largest phase, not the sum of every phase's largest part:
+      post's backward   every residual, post's working set (its gradient among its outputs),
+                        pre's gradient (the embedding's scatter target, zeroed up front);
+      the layer loop    the blocks' and pre's residuals (post's are dead), post's and pre's
+                        gradients, the loop's stacked block gradients, one layer's working set;
+      the forward       the residuals made so far and the layer's or post's forward.
+    Throughout: under gradient accumulation (mb > 1) the accumulator, one whole set. Under
+    FSDP a part's gradient is whole over 'data' until its reduction (XLA combines post's with
+    pre's, after the loop: post's waits through it); the layer at work holds its gathered
+    weights, then, past its last dot, its whole gradient twice (XLA:CPU reduces it with an
+    all-reduce: input and output; the backward's peak counts one); where the blocks re-gather
+    their weights (`passes.regather`) XLA keeps a second copy of the stored block shards in
+    the layout the per-layer gather reads (hoisted before the loops); with an accumulation
+    loop the gathers of pre's and post's weights, loop-invariant, are hoisted out of it and
+    stay for the step. XLA:CPU's buffer assignment, loop-carried values included
+    (`benchmarks/memory_peak.py`): the small Llama's dp=8 peaks in post's backward (the
+    blocks' gradients not yet made), the 100M's FSDP plans in the layer loop.
+
+    Returns:
+      ({grads, saved_activations, gathered_params, temporaries}: bytes, what the peak is).
+    """
+    fsdp = plan.fsdp and plan.shard_degree > 1
+    trained = lambda part=None, g=False: (self.trainable_bytes(plan, part, gathered=g) if self.program.has_frozen
+                                          else sum((gb if g else st) for q, st, gb, _ in layout
+                                                   if part is None or q == part))
+    acc = trained() if plan.mb > 1 else 0
+    g_pre, g_post, g_stack = trained(PRE, True), trained(POST, True), trained(BLOCKS)
+    per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+    saved_blocks = self.program.num_blocks * per_layer + blk.saved_invariant + pre.saved + pre.saved_input
+    saved_post = post.saved + post.saved_input
+    held = 0.0  # FSDP's weights beyond the stored shards, live in every phase
+    at_work = 0.0  # FSDP's layer at work: its gathered weights, then its reduction's output
+    if fsdp:
+      if regathers(plan):
+        held = sum(st for q, st, _, _ in layout if q == BLOCKS)
+      if plan.mb > 1:
+        held += sum(g for q, _, g, _ in layout if q in (PRE, POST))
+      at_work = self.gathered_params(plan, blk, layout)
+    post_regather = sum(g for q, _, g, _ in layout if q == POST) if fsdp and plan.mb == 1 else 0
+    cands = [
+        (f"post backward: largest {post.bwd.largest[1]}",
+         dict(grads=acc + g_pre, saved_activations=saved_blocks + saved_post,
+              gathered_params=held + post_regather, temporaries=post.bwd.peak_bytes)),
+        (f"the layer loop's backward: block {blk.bwd.largest[1]}",
+         dict(grads=acc + g_pre + g_post + g_stack, saved_activations=saved_blocks,
+              gathered_params=held + at_work, temporaries=blk.bwd.peak_bytes)),
+        # a forward's peak includes the residuals it makes (its outputs): the last layer's,
+        # then post's
+        ("the forward",
+         dict(grads=acc, saved_activations=saved_blocks - per_layer, gathered_params=held + at_work,
+              temporaries=max(blk.fwd.peak_bytes, per_layer + post.fwd.peak_bytes, pre.fwd.peak_bytes))),
+        (f"pre backward: largest {pre.bwd.largest[1]}",
+         dict(grads=acc + g_post + g_stack, saved_activations=pre.saved + pre.saved_input,
+              gathered_params=held, temporaries=pre.bwd.peak_bytes)),
+    ]
+    what, terms = max(cands, key=lambda c: sum(c[1].values()))
+    return terms, what
 
   def dot_scratch(self, plan: Plan) -> float:
     """On CPU, the Eigen packing memory of the largest weight-gradient dot XLA:CPU leaves
@@ -382,11 +449,15 @@ class Screen(TimeTerms):
     state = self.state(plan)
     layout = self.leaf_layout(plan)
     pre, blk, post, runs_edge, runs_block = self._parts(plan)
-    temp, what = self.temporaries(plan, pre, blk, post, layout)
-    memory = dict(state, grads=self.grads(plan, state, layout),
-                  saved_activations=self.saved_activations(plan, pre, blk, post),
-                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
-                  dot_scratch=self.dot_scratch(plan))
+    if plan.pp == 1 and blk is not None:
+      steps, what = self.phases(plan, state, pre, blk, post, layout)
+      memory = dict(state, **steps, dot_scratch=self.dot_scratch(plan))
+    else:
+      temp, what = self.temporaries(plan, pre, blk, post, layout)
+      memory = dict(state, grads=self.grads(plan, state, layout),
+                    saved_activations=self.saved_activations(plan, pre, blk, post),
+                    gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
+                    dot_scratch=self.dot_scratch(plan))
     ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
     att, causal = self.attention_kernels(plan, pre, blk, post, runs_edge, runs_block) if hw.flash_attention \
         else ([], False)
