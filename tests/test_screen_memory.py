@@ -58,3 +58,24 @@ def test_dot_scratch_is_charged_where_weight_gradients_stay_unfused(prog, plan):
   (the small Llama's 87 candidates and five of a third configuration: all equal)."""
   s, compiled = _screen_and_compiled(prog, plan)
   assert s.memory["dot_scratch"] == compiled.scratch, (s.memory, compiled)
+
+
+@pytest.mark.parametrize("plan", [Plan(dp=8, mb=2, fsdp=True), Plan(dp=4, tp=2, mb=4, fsdp=True)],
+                         ids=["dp8-mb2", "dp4-tp2-mb4"])
+def test_fsdp_accumulation_hoists_the_edge_gathers_and_keeps_whole_edge_gradients(prog, plan):
+  """FSDP with gradient accumulation: XLA hoists the loop-invariant gathers of pre's and
+  post's weights out of the micro-batch loop, keeps post's whole gradient through the layer
+  loop (its reduction is combined with pre's) beside pre's, and a second copy of the stored
+  block shards in the layout the per-layer gather reads. Measured: +0.3% and -0.7% (-13.9%
+  and -13.0% before these terms)."""
+  s, compiled = _screen_and_compiled(prog, plan)
+  assert s.memory_bytes == pytest.approx(compiled.total, rel=0.03), (s.memory, compiled)
+
+
+def test_without_pipelining_the_peak_is_the_largest_phase():
+  """A Llama whose head outweighs its blocks (vocab 4096, dim 128, two layers) peaks in
+  post's backward, before the blocks' gradients exist; the sum of every phase's largest part
+  (all gradients, post's output gradient twice) put it +12.7% high, the largest phase -0.3%."""
+  prog = llama_program(LlamaConfig(vocab=4096, dim=128, layers=2, heads=8, ffn=512, seq=128), 8, abstract=True)
+  s, compiled = _screen_and_compiled(prog, Plan(dp=8))
+  assert s.memory_bytes == pytest.approx(compiled.total, rel=0.03), (s.memory, compiled)
