@@ -267,13 +267,18 @@ class Screen(TimeTerms):
         # ring the same tick updates in place). XLA:CPU's live ranges: the 100M Llama's 1F1B
         # at tp=4, a ring of 4 x 469 MiB and a 474 MiB copy; its GPipe at tp=4, a stash of
         # 216 MiB and a 72 MiB copy. With one layer a stage XLA removes that loop and reads
-        # the stash in place (measured: no copy).
-        in_flight += 1
+        # the stash in place (measured: no copy). Under 1F1B the tick's forward is a loop
+        # too, whose stacked residuals are its output, live beside the ring until they are
+        # written into it: a third set (the 100M at tp=4, mb 4 and 16: 4 ring slots, the
+        # backward's copy and the forward's stack, each 6 layers x the micro-batch's).
+        in_flight += 2 if plan.schedule == "1f1b" else 1
     else:
       layers, in_flight = L, 1
     edges = pre.saved + pre.saved_input + post.saved + post.saved_input
     if plan.pp > 1 and plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
       edges += 2 * plan.mb * self._hidden_bytes(plan)
+      if self._layer_loop(plan):  # post's residuals: within a tick, in its phase (`_1f1b_temporaries`)
+        edges -= post.saved + post.saved_input
     return in_flight * layers * per_layer + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
@@ -310,24 +315,44 @@ class Screen(TimeTerms):
         peak = jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0)
         if peak > best:
           best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
+    if plan.pp > 1 and blk is not None and plan.schedule == "1f1b":
+      return self._1f1b_temporaries(plan, pre, blk, post)
     if plan.pp > 1 and blk is not None:
       return self._pipeline_temporaries(plan, blk, layout, best, what)
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
 
+  def _1f1b_temporaries(self, plan: Plan, pre, blk, post) -> tuple[float, str]:
+    """1F1B's working set beside its ring (`saved_activations`); pre runs once, outside the
+    ticks. A tick runs its forward, post (per micro-batch, on the last stage) and its
+    backward. With more than one layer a stage the backward is a loop, which XLA schedules
+    nothing across: the peak is post's phase (its residuals and backward) or the loop's (with
+    the set it copies out of the ring, which post's phase does not hold yet), not their sum
+    (XLA:CPU's buffer assignment, the 100M Llama at pp=4 mb=8: the peak in the stage
+    backward, post's buffers dead). With one layer a stage there is no loop and XLA
+    interleaves post's backward with the block's: their working sets add up (the small
+    Llama at pp=2: the logits' gradient and the attention scores live at once)."""
+    outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
+    if not self._layer_loop(plan):
+      return max(outside, max(post.fwd.peak_bytes, post.bwd.peak_bytes) + blk.temp_peak), \
+          f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
+    copy = self.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
+    post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
+    best = max((post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
+               (blk.temp_peak, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
+               (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
+    return max(best[0], 0.0), best[1]
+
   def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str) -> tuple[float, str]:
-    """A pipeline's temporaries beside its stash and gradient accumulators. 1F1B runs pre's
-    and post's parts on every tick, inside the loop: their working set and the blocks' (per
-    micro-batch) add up. GPipe runs post between its forward and backward loops: the peak
+    """GPipe's temporaries beside its stash and gradient accumulators (1F1B's: `temporaries`,
+    post's working set and a block's add up in the ticks, pre runs outside). GPipe runs post between its forward and backward loops: the peak
     is either post's working set or the loops' (the blocks' per micro-batch, the micro-
     batches' stage inputs and their gradients, and with a layer loop the copied residual set
     and the tick's gradient stack that `saved_activations` and `grads` count), never both
     (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
     backward loop)."""
     loops = blk.temp_peak
-    if plan.schedule == "1f1b":
-      return edge + loops, what + f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
     loops += 2 * plan.mb * self._hidden_bytes(plan)
     counted = 0.0  # the loops' own terms, counted in saved_activations and grads
     if self._layer_loop(plan):
