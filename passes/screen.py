@@ -397,30 +397,31 @@ class Screen(TimeTerms):
     per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
     saved_blocks = self.program.num_blocks * per_layer + blk.saved_invariant + pre.saved + pre.saved_input
     saved_post = post.saved + post.saved_input
-    held = 0.0  # FSDP's weights beyond the stored shards, live in every phase
+    held = 0.0  # FSDP's gathered weights live in every phase
+    copy = 0.0  # the re-gathering blocks' second copy of their stored shards (a temporary)
     at_work = 0.0  # FSDP's layer at work: its gathered weights, then its reduction's output
     if fsdp:
       if regathers(plan):
-        held = sum(st for q, st, _, _ in layout if q == BLOCKS)
+        copy = sum(st for q, st, _, _ in layout if q == BLOCKS)
       if plan.mb > 1:
-        held += sum(g for q, _, g, _ in layout if q in (PRE, POST))
+        held = sum(g for q, _, g, _ in layout if q in (PRE, POST))
       at_work = self.gathered_params(plan, blk, layout)
     post_regather = sum(g for q, _, g, _ in layout if q == POST) if fsdp and plan.mb == 1 else 0
     cands = [
         (f"post backward: largest {post.bwd.largest[1]}",
          dict(grads=acc + g_pre, saved_activations=saved_blocks + saved_post,
-              gathered_params=held + post_regather, temporaries=post.bwd.peak_bytes)),
+              gathered_params=held + post_regather, temporaries=copy + post.bwd.peak_bytes)),
         (f"the layer loop's backward: block {blk.bwd.largest[1]}",
          dict(grads=acc + g_pre + g_post + g_stack, saved_activations=saved_blocks,
-              gathered_params=held + at_work, temporaries=blk.bwd.peak_bytes)),
+              gathered_params=held + at_work, temporaries=copy + blk.bwd.peak_bytes)),
         # a forward's peak includes the residuals it makes (its outputs): the last layer's,
         # then post's
         ("the forward",
          dict(grads=acc, saved_activations=saved_blocks - per_layer, gathered_params=held + at_work,
-              temporaries=max(blk.fwd.peak_bytes, per_layer + post.fwd.peak_bytes, pre.fwd.peak_bytes))),
+              temporaries=copy + max(blk.fwd.peak_bytes, per_layer + post.fwd.peak_bytes, pre.fwd.peak_bytes))),
         (f"pre backward: largest {pre.bwd.largest[1]}",
          dict(grads=acc + g_post + g_stack, saved_activations=pre.saved + pre.saved_input,
-              gathered_params=held, temporaries=pre.bwd.peak_bytes)),
+              gathered_params=held, temporaries=copy + pre.bwd.peak_bytes)),
     ]
     what, terms = max(cands, key=lambda c: sum(c[1].values()))
     return terms, what
