@@ -381,7 +381,9 @@ class Screen(TimeTerms):
     their weights (`passes.regather`) XLA keeps a second copy of the stored block shards in
     the layout the per-layer gather reads (hoisted before the loops); with an accumulation
     loop the gathers of pre's and post's weights, loop-invariant, are hoisted out of it and
-    stay for the step. XLA:CPU's buffer assignment, loop-carried values included
+    stay for the step. Traced on XLA:CPU only (other platforms keep the sum of the terms: their
+    layer backward's working set, which the phases rely on, is not traced against their
+    compiler). XLA:CPU's buffer assignment, loop-carried values included
     (`benchmarks/memory_peak.py`): the small Llama's dp=8 peaks in post's backward (the
     blocks' gradients not yet made), the 100M's FSDP plans in the layer loop.
 
@@ -475,7 +477,7 @@ class Screen(TimeTerms):
     state = self.state(plan)
     layout = self.leaf_layout(plan)
     pre, blk, post, runs_edge, runs_block = self._parts(plan)
-    if plan.pp == 1 and blk is not None:
+    if plan.pp == 1 and blk is not None and self.platform == "cpu":
       steps, what = self.phases(plan, state, pre, blk, post, layout)
       memory = dict(state, **steps, dot_scratch=self.dot_scratch(plan))
     else:
