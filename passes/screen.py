@@ -318,7 +318,7 @@ class Screen(TimeTerms):
     if plan.pp > 1 and blk is not None and plan.schedule == "1f1b":
       return self._1f1b_temporaries(plan, pre, blk, post)
     if plan.pp > 1 and blk is not None:
-      return self._pipeline_temporaries(plan, blk, layout, best, what)
+      return self._pipeline_temporaries(plan, blk, post, layout, best, what)
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
@@ -344,7 +344,7 @@ class Screen(TimeTerms):
                (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
     return max(best[0], 0.0), best[1]
 
-  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str) -> tuple[float, str]:
+  def _pipeline_temporaries(self, plan: Plan, blk, post, layout, edge: float, what: str) -> tuple[float, str]:
     """GPipe's temporaries beside its stash and gradient accumulators (1F1B's: `temporaries`,
     post's working set and a block's add up in the ticks, pre runs outside). GPipe runs post between its forward and backward loops: the peak
     is either post's working set or the loops' (the blocks' per micro-batch, the micro-
@@ -353,7 +353,9 @@ class Screen(TimeTerms):
     (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
     backward loop)."""
     loops = blk.temp_peak
-    loops += 2 * plan.mb * self._hidden_bytes(plan)
+    # post's residuals, which `saved_activations` counts, are freed by post's backward,
+    # before the backward loop
+    loops += 2 * plan.mb * self._hidden_bytes(plan) - post.saved - post.saved_input
     counted = 0.0  # the loops' own terms, counted in saved_activations and grads
     if self._layer_loop(plan):
       per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
