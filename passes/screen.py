@@ -265,13 +265,18 @@ class Screen(TimeTerms):
         # ring the same tick updates in place). XLA:CPU's live ranges: the 100M Llama's 1F1B
         # at tp=4, a ring of 4 x 469 MiB and a 474 MiB copy; its GPipe at tp=4, a stash of
         # 216 MiB and a 72 MiB copy. With one layer a stage XLA removes that loop and reads
-        # the stash in place (measured: no copy).
-        in_flight += 1
+        # the stash in place (measured: no copy). Under 1F1B the tick's forward is a loop
+        # too, whose stacked residuals are its output, live beside the ring until they are
+        # written into it: a third set (the 100M at tp=4, mb 4 and 16: 4 ring slots, the
+        # backward's copy and the forward's stack, each 6 layers x the micro-batch's).
+        in_flight += 2 if plan.schedule == "1f1b" else 1
     else:
       layers, in_flight = L, 1
     edges = pre.saved + pre.saved_input + post.saved + post.saved_input
     if plan.pp > 1 and plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
       edges += 2 * plan.mb * self._hidden_bytes(plan)
+      if self._layer_loop(plan):  # post's residuals: within a tick, in its phase (`_1f1b_temporaries`)
+        edges -= post.saved + post.saved_input
     return in_flight * layers * per_layer + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
@@ -297,37 +302,58 @@ class Screen(TimeTerms):
     FSDP plus one layer's whole gradient before its reduction. In a pipeline see
     `_pipeline_temporaries`."""
     best, what = 0.0, ""
-    # On XLA:CPU post's residuals are freed by its backward (`ProgramProfile._exact`): the
-    # blocks' and pre's backward run without them, which `saved_activations` counts whole.
-    gone = post.saved + post.saved_input if post is not None and self.profile.fusion == "xla:cpu" else 0.0
+    # GPipe runs post once, between its loops: its backward's outputs include its weights'
+    # gradient, which `grads` already counts (every trained parameter's accumulates whole),
+    # so at post's peak that gradient is one buffer, not two.
+    post_grad = self.trainable_bytes(plan, POST, gathered=True) if plan.pp > 1 and plan.schedule == "gpipe" else 0
     for name, c in (("pre", pre), ("block", blk), ("post", post)):
       if c is None or (plan.pp > 1 and c is blk):
         continue
       for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
-        peak = jc.peak_bytes - (gone if phase == "backward" and c is not post else 0.0)
+        peak = jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0)
         if peak > best:
           best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
+    if plan.pp > 1 and blk is not None and plan.schedule == "1f1b":
+      return self._1f1b_temporaries(plan, pre, blk, post)
     if plan.pp > 1 and blk is not None:
-      return self._pipeline_temporaries(plan, blk, layout, best, what, gone)
+      return self._pipeline_temporaries(plan, blk, post, layout, best, what)
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
 
-  def _pipeline_temporaries(self, plan: Plan, blk, layout, edge: float, what: str,
-                            gone: float = 0.0) -> tuple[float, str]:
-    """A pipeline's temporaries beside its stash and gradient accumulators. 1F1B runs pre's
-    and post's parts on every tick, inside the loop: their working set and the blocks' (per
-    micro-batch) add up. GPipe runs post between its forward and backward loops: the peak
+  def _1f1b_temporaries(self, plan: Plan, pre, blk, post) -> tuple[float, str]:
+    """1F1B's working set beside its ring (`saved_activations`); pre runs once, outside the
+    ticks. A tick runs its forward, post (per micro-batch, on the last stage) and its
+    backward. With more than one layer a stage the backward is a loop, which XLA schedules
+    nothing across: the peak is post's phase (its residuals and backward) or the loop's (with
+    the set it copies out of the ring, which post's phase does not hold yet), not their sum
+    (XLA:CPU's buffer assignment, the 100M Llama at pp=4 mb=8: the peak in the stage
+    backward, post's buffers dead). With one layer a stage there is no loop and XLA
+    interleaves post's backward with the block's: their working sets add up (the small
+    Llama at pp=2: the logits' gradient and the attention scores live at once)."""
+    outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
+    if not self._layer_loop(plan):
+      return max(outside, max(post.fwd.peak_bytes, post.bwd.peak_bytes) + blk.temp_peak), \
+          f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
+    copy = self.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
+    post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
+    best = max((post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
+               (blk.temp_peak, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
+               (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
+    return max(best[0], 0.0), best[1]
+
+  def _pipeline_temporaries(self, plan: Plan, blk, post, layout, edge: float, what: str) -> tuple[float, str]:
+    """GPipe's temporaries beside its stash and gradient accumulators (1F1B's: `temporaries`,
+    post's working set and a block's add up in the ticks, pre runs outside). GPipe runs post between its forward and backward loops: the peak
     is either post's working set or the loops' (the blocks' per micro-batch, the micro-
     batches' stage inputs and their gradients, and with a layer loop the copied residual set
     and the tick's gradient stack that `saved_activations` and `grads` count), never both
     (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
-    backward loop). `gone`: post's residuals, freed by its backward before the backward loop
-    (on XLA:CPU; the 100M's GPipe tp=4 full: 56 MiB not live at its peak)."""
+    backward loop)."""
     loops = blk.temp_peak
-    if plan.schedule == "1f1b":
-      return edge + loops, what + f"; per micro-batch in the stages: block {blk.bwd.largest[1]}"
-    loops += 2 * plan.mb * self._hidden_bytes(plan) - gone
+    # post's residuals, which `saved_activations` counts, are freed by post's backward,
+    # before the backward loop
+    loops += 2 * plan.mb * self._hidden_bytes(plan) - post.saved - post.saved_input
     counted = 0.0  # the loops' own terms, counted in saved_activations and grads
     if self._layer_loop(plan):
       per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
@@ -337,17 +363,89 @@ class Screen(TimeTerms):
       return edge - counted, what
     return loops, f"the stage loops: block {blk.bwd.largest[1]} per micro-batch"
 
+  def phases(self, plan: Plan, state: dict, pre, blk, post, layout) -> tuple[dict, str]:
+    """Without pipelining: the step's memory at its largest phase, split into the terms.
+
+    The backward runs post, then the layers (a loop), then pre; what is live differs by
+    phase, and the peak is the largest phase, not the sum of every phase's largest part:
+      post's backward   every residual, post's working set (its gradient among its outputs),
+                        pre's gradient (the embedding's scatter target, zeroed up front);
+      the layer loop    the blocks' and pre's residuals (post's are dead), post's and pre's
+                        gradients, the loop's stacked block gradients, one layer's working set;
+      the forward       the residuals made so far and the layer's or post's forward.
+    Throughout: under gradient accumulation (mb > 1) the accumulator, one whole set. Under
+    FSDP a part's gradient is whole over 'data' until its reduction (XLA combines post's with
+    pre's, after the loop: post's waits through it); the layer at work holds its gathered
+    weights, then, past its last dot, its whole gradient twice (XLA:CPU reduces it with an
+    all-reduce: input and output; the backward's peak counts one); where the blocks re-gather
+    their weights (`passes.regather`) XLA keeps a second copy of the stored block shards in
+    the layout the per-layer gather reads (hoisted before the loops); with an accumulation
+    loop the gathers of pre's and post's weights, loop-invariant, are hoisted out of it and
+    stay for the step. Traced on XLA:CPU only (other platforms keep the sum of the terms: their
+    layer backward's working set, which the phases rely on, is not traced against their
+    compiler). XLA:CPU's buffer assignment, loop-carried values included
+    (`benchmarks/memory_peak.py`): the small Llama's dp=8 peaks in post's backward (the
+    blocks' gradients not yet made), the 100M's FSDP plans in the layer loop.
+
+    Returns:
+      ({grads, saved_activations, gathered_params, temporaries}: bytes, what the peak is).
+    """
+    fsdp = plan.fsdp and plan.shard_degree > 1
+    trained = lambda part=None, g=False: (self.trainable_bytes(plan, part, gathered=g) if self.program.has_frozen
+                                          else sum((gb if g else st) for q, st, gb, _ in layout
+                                                   if part is None or q == part))
+    acc = trained() if plan.mb > 1 else 0
+    g_pre, g_post, g_stack = trained(PRE, True), trained(POST, True), trained(BLOCKS)
+    per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+    saved_blocks = self.program.num_blocks * per_layer + blk.saved_invariant + pre.saved + pre.saved_input
+    saved_post = post.saved + post.saved_input
+    held = 0.0  # FSDP's gathered weights live in every phase
+    copy = 0.0  # the re-gathering blocks' second copy of their stored shards (a temporary)
+    at_work = 0.0  # FSDP's layer at work: its gathered weights, then its reduction's output
+    if fsdp:
+      if regathers(plan):
+        copy = sum(st for q, st, _, _ in layout if q == BLOCKS)
+      if plan.mb > 1:
+        held = sum(g for q, _, g, _ in layout if q in (PRE, POST))
+      at_work = self.gathered_params(plan, blk, layout)
+    post_regather = sum(g for q, _, g, _ in layout if q == POST) if fsdp and plan.mb == 1 else 0
+    cands = [
+        (f"post backward: largest {post.bwd.largest[1]}",
+         dict(grads=acc + g_pre, saved_activations=saved_blocks + saved_post,
+              gathered_params=held + post_regather, temporaries=copy + post.bwd.peak_bytes)),
+        (f"the layer loop's backward: block {blk.bwd.largest[1]}",
+         dict(grads=acc + g_pre + g_post + g_stack, saved_activations=saved_blocks,
+              gathered_params=held + at_work, temporaries=copy + blk.bwd.peak_bytes)),
+        # a forward's peak includes the residuals it makes (its outputs): the last layer's,
+        # then post's
+        ("the forward",
+         dict(grads=acc, saved_activations=saved_blocks - per_layer, gathered_params=held + at_work,
+              temporaries=copy + max(blk.fwd.peak_bytes, per_layer + post.fwd.peak_bytes, pre.fwd.peak_bytes))),
+        (f"pre backward: largest {pre.bwd.largest[1]}",
+         dict(grads=acc + g_post + g_stack, saved_activations=pre.saved + pre.saved_input,
+              gathered_params=held, temporaries=copy + pre.bwd.peak_bytes)),
+    ]
+    what, terms = max(cands, key=lambda c: sum(c[1].values()))
+    return terms, what
+
+  def _scratch(self, plan: Plan, pre, blk, post) -> float:
+    return screen_scratch.eigen_scratch(plan, pre, blk, post, self.program.batch_size)
+
   # ---------------------------------------------------------------- the screen
 
   def __call__(self, plan: Plan, hw: HardwareProfile) -> Screened:
     state = self.state(plan)
     layout = self.leaf_layout(plan)
     pre, blk, post, runs_edge, runs_block = self._parts(plan)
-    temp, what = self.temporaries(plan, pre, blk, post, layout)
-    memory = dict(state, grads=self.grads(plan, state, layout),
-                  saved_activations=self.saved_activations(plan, pre, blk, post),
-                  gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
-                  scratch=screen_scratch.eigen_scratch(plan, pre, blk, post, self.program.batch_size))
+    if plan.pp == 1 and blk is not None and self.platform == "cpu":
+      steps, what = self.phases(plan, state, pre, blk, post, layout)
+      memory = dict(state, **steps, scratch=self._scratch(plan, pre, blk, post))
+    else:
+      temp, what = self.temporaries(plan, pre, blk, post, layout)
+      memory = dict(state, grads=self.grads(plan, state, layout),
+                    saved_activations=self.saved_activations(plan, pre, blk, post),
+                    gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
+                    scratch=self._scratch(plan, pre, blk, post))
     ks = self.kernels(plan, pre, blk, post, runs_edge, runs_block, state, layout, hw)
     att, causal = self.attention_kernels(plan, pre, blk, post, runs_edge, runs_block) if hw.flash_attention \
         else ([], False)

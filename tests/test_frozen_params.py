@@ -106,7 +106,9 @@ def test_plan_trains_only_the_trainable_leaves(name):
 
 def test_memory_excludes_frozen_gradients_and_optimizer_state():
   """XLA's analysis and the screen agree: the training state drops AdamW's mu and nu of the
-  frozen leaves (to the byte), and the screen's gradient term drops their gradients."""
+  frozen leaves (to the byte), and the screen's gradient term drops their gradients as its
+  peak holds them (this plan peaks in the layer loop's backward: pre's and post's whole over
+  'data' before their reduction, the blocks' stacked as stored)."""
   frozen = frozen_program().abstract()
   full = dataclasses_replace(frozen, trainable=None)
   plans = [Plan(dp=4, tp=2, fsdp=True)]  # plain DP with FSDP: tests/test_torch_finetune.py
@@ -116,16 +118,19 @@ def test_memory_excludes_frozen_gradients_and_optimizer_state():
     s = screen.build_screen(prog, jax.devices(), rules, plans)
     for plan in plans:
       c = compile_plan(prog, plan, jax.devices(), build.tp_dims(prog, rules, plan.tp))
-      out[label, plan] = (s(plan, get_profile("cpu")), memory.memory_stats(c), s.trainable_bytes(plan))
+      held = (s.trainable_bytes(plan, "pre", gathered=True) + s.trainable_bytes(plan, "post", gathered=True)
+              + s.trainable_bytes(plan, "blocks"))
+      out[label, plan] = (s(plan, get_profile("cpu")), memory.memory_stats(c), s.trainable_bytes(plan), held)
   for plan in plans:
-    (sf, mf, tf), (sa, ma, ta) = out["frozen", plan], out["full", plan]
+    (sf, mf, tf, hf), (sa, ma, ta, ha) = out["frozen", plan], out["full", plan]
     frozen_bytes = ta - tf
     assert frozen_bytes > 0
     for s, m in ((sf, mf), (sa, ma)):  # the screen's state is XLA's, exactly
       assert s.persistent_bytes == m.argument + m.output - m.alias, plan
     assert sf.memory["params"] == sa.memory["params"]  # held (and sharded) like any parameter
     assert sa.memory["opt_state"] - sf.memory["opt_state"] == 2 * frozen_bytes  # no mu, nu
-    assert sa.memory["grads"] - sf.memory["grads"] == frozen_bytes  # no gradients
+    assert sf.temporaries_detail == sa.temporaries_detail  # the same phase: the layer loop's backward
+    assert sa.memory["grads"] - sf.memory["grads"] == ha - hf > 0  # no gradients
     # no gradient reduction nor optimizer update for the frozen leaves: a shorter screened step
     assert sf.est_time_s < sa.est_time_s, plan
     # XLA's whole footprint shrinks by at least the optimizer state and gradients dropped

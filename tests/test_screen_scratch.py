@@ -1,16 +1,10 @@
 """The screen's 'scratch' term: XLA:CPU's Eigen packing memory for the dots it runs outside
-YNNPACK (`passes.screen_scratch`), against the compiled side's `memory.cpu_dot_scratch`."""
+YNNPACK (`passes.screen_scratch`): which dots a part's jaxpr runs so. Against the compiled
+side's `memory.cpu_dot_scratch` per plan: tests/test_screen_memory.py."""
 import jax
 import jax.numpy as jnp
-import pytest
 
-from ap_xla.models.llama import LlamaConfig, llama_program
-from passes import build, jaxpr_cost, memory, screen
-from passes.evaluate import compile_plan
-from passes.hardware import get_profile
-from passes.plan import Plan
-
-CFG = LlamaConfig(vocab=512, dim=64, layers=2, heads=4, ffn=128, seq=32)
+from passes import jaxpr_cost, memory
 
 
 def test_a_weight_gradient_is_an_eigen_dot_and_a_forward_matmul_is_not():
@@ -27,17 +21,3 @@ def test_a_weight_gradient_is_an_eigen_dot_and_a_forward_matmul_is_not():
   assert jaxpr_cost.analyze(grad_w, [None, None], fusion="xla").eigen_dots == ()  # XLA:CPU's alone
   fwd = jax.make_jaxpr(lambda w, x: jnp.tanh(x @ w))(w, x)
   assert jaxpr_cost.analyze(fwd, [None, None], fusion="xla:cpu").eigen_dots == ()
-
-
-@pytest.mark.parametrize("plan, eigen", [
-    (Plan(dp=2, tp=4, mb=2), True),  # accumulated with replicated weights: 'data' psum after the loop
-    (Plan(dp=2, tp=4, mb=1), False),  # GSPMD all-reduces each gradient at its dot: nothing folds
-], ids=["accumulated", "reduced-at-dot"])
-def test_the_screens_scratch_is_the_compiled_dot_scratch(plan, eigen):
-  prog = llama_program(CFG, 8, abstract=True)
-  rules = build.derive_program_tp(prog)
-  s = screen.build_screen(prog, jax.devices(), rules, [plan])(plan, get_profile("cpu"))
-  compiled = compile_plan(prog, plan, jax.devices(), build.tp_dims(prog, rules, plan.tp))
-  expected = memory.memory_stats(compiled, "cpu").scratch
-  assert (expected > 0) == eigen, expected
-  assert s.memory["scratch"] == expected

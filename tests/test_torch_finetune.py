@@ -232,8 +232,10 @@ def test_frozen_embeddings_leave_the_plans_memory(tmp_path):
   (sf, mf), (sa, ma) = figures[True], figures[False]
   assert sf["params"] == sa["params"]
   assert sa["opt_state"] - sf["opt_state"] == 2 * emb == ma.argument - mf.argument  # no mu, nu
-  assert sa["grads"] - sf["grads"] == emb
-  assert ma.total - mf.total >= 2 * emb
+  # the embeddings' gradient is whole over 'data' until its reduction, after the layer loop
+  # (the peak's phase): XLA's total drops by it and the moments (20560 = 2 x 2048 + 16464 here)
+  assert sa["grads"] - sf["grads"] == 8 * emb, (sa, sf, ma.total - mf.total)
+  assert ma.total - mf.total >= 2 * emb + 8 * emb
 
 
 def _state_dtypes(session):
