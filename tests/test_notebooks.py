@@ -83,6 +83,7 @@ def test_torch_quickstart(kernel_env):
   assert acc and int(acc.group(1)) >= 50, text[-500:]
 
 
+@pytest.mark.slow  # the default run executes the torch quickstart; `-m slow` the other two
 def test_jax_search_api(kernel_env):
   text, _, _ = run("02_jax_search_api.ipynb")
   # the linen MLP's search table, with the chosen plan first
@@ -104,6 +105,7 @@ def test_jax_search_api(kernel_env):
   assert "un-pin tensor_parallel=1" in text
 
 
+@pytest.mark.slow  # the default run executes the torch quickstart; `-m slow` the other two
 def test_candidate_space(kernel_env):
   text, displays, _ = run("03_candidate_space.ipynb")
   assert sum("image/png" in d for d in displays) == 2  # the scatter plot and the schedule

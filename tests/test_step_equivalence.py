@@ -88,9 +88,10 @@ def run_plan(prog, plan, rules, steps=3):
 # Plans another case covers together with more (dp and tp in dp_x_tp, fsdp in fsdp_x_tp, a plain
 # pipeline of either schedule in its tp/fsdp/recompute case, four stages and selective_layer's
 # pipelined runner in the two-stage cases and the flat selective_layer case, 'dots' a
-# jax.checkpoint policy applied as 'full' is, which the 'recompute' case covers): `-m slow` only.
+# jax.checkpoint policy applied as 'full' is, which the 'recompute' case covers, FSDP's gradient
+# accumulation in the HSDP case's and 'recompute_selective_layer''s): `-m slow` only.
 COVERED = ("dp", "fsdp", "tp", "pipeline", "1f1b", "pipeline_4_stages", "pipeline_selective_layer",
-           "recompute_dots")
+           "recompute_dots", "micro_batches")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in COVERED else n for n in CASES])
@@ -140,7 +141,8 @@ def adamw_case(plan):
 
 
 # Micro-batches with replicated weights: accumulated per data shard inside a shard_map over
-# 'data', one reduction per step. CASES['micro_batches'] covers the FSDP accumulation.
+# 'data', one reduction per step. CASES['hsdp_tp_mb_bf16'] and ['recompute_selective_layer'] cover FSDP's
+# accumulation (CASES['micro_batches'] with -m slow).
 ACCUMULATE = Plan(dp=2, tp=2, pp=1, mb=2)
 
 

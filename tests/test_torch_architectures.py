@@ -51,11 +51,11 @@ def run_script(args, through_ap_xla: bool) -> tuple[list, dict]:
   return json.loads(line)["losses"], torch.load(args[args.index("--out") + 1])
 
 
-# In the default run, five architectures with the quirks the bridge must get right (Llama's GQA
+# In the default run, four architectures with the quirks the bridge must get right (Llama's GQA
 # and rotary, GPT-2's Conv1D and tied embeddings, Mixtral's experts, Gemma 2's soft-capping and
-# flat program, BLOOM's ALiBi); the others run with `-m slow` (scripts/bench.sh slow_tests), and
-# all 22 in benchmarks/architectures.py.
-REPEATS = ("mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "falcon", "starcoder2")
+# flat program); BLOOM (ALiBi) and the others run with `-m slow` (scripts/bench.sh slow_tests),
+# and all 22 in benchmarks/architectures.py.
+REPEATS = ("mistral", "qwen2", "qwen3", "gemma", "bloom", "phi", "phi3", "falcon", "starcoder2")
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in REPEATS else a

@@ -169,6 +169,7 @@ def from_pretrained(d):
   return tr.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16).train()
 
 
+@pytest.mark.slow  # the default run trains the same bf16 checkpoint under mixed precision (next test)
 def test_bf16_checkpoint_trains_in_bf16_as_torch_does(bf16_dir):
   """Without mixed precision, bf16 weights train in bf16 (weights, gradients and AdamW state),
   as torch does. Tolerance: losses 1e-3 relative, weights 1e-2 absolute, about one bf16 ulp
