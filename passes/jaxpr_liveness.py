@@ -68,19 +68,8 @@ def fused_kernels(eqns: Sequence[Eqn], kept: set, producer: dict, size: Callable
     if e.name not in FUSIBLE and e.name not in REDUCTIONS:
       continue
     for o in e.outs:
-      if o not in kept:
-        continue
-      seen, stack, read = set(), list(e.ins), 0
-      while stack:
-        a = stack.pop()
-        if a is None or a in seen:
-          continue
-        seen.add(a)
-        if a in kept or a not in producer:
-          read += size(a)
-        else:
-          stack.extend(producer[a].ins)
-      yield e, read + size(o)
+      if o in kept:
+        yield e, sum(size(a) for a in _reads(e, kept, producer)) + size(o)
 
 
 def _reads(e: Eqn, kept: set, producer: dict) -> set:
