@@ -1,0 +1,78 @@
+"""The step's memory phases without pipelining, on XLA:CPU (the screen's memory terms there).
+
+The screen's generic assembly (`passes.screen.Screen`) adds each term's largest value; on
+XLA:CPU the peak is instead the largest of the backward's and forward's phases, each holding
+its own set of residuals, gradients and gathered weights (`phase_peak`).
+"""
+from __future__ import annotations
+
+from passes.plan import Plan
+from passes.program import BLOCKS, POST, PRE
+from passes.regather import regathers
+
+
+def phase_peak(screen, plan: Plan, pre, blk, post, layout) -> tuple[dict, str]:
+  """Without pipelining, on XLA:CPU: the step's memory at its largest phase, split into the
+  terms (`screen`: the `passes.screen.Screen` whose terms these are).
+
+  The backward runs post, then the layers (a loop), then pre; what is live differs by
+  phase, and the peak is the largest phase, not the sum of every phase's largest part:
+    post's backward   every residual, post's working set (its gradient among its outputs),
+                      pre's gradient (the embedding's scatter target, zeroed up front);
+    the layer loop    the blocks' and pre's residuals (post's are dead), post's and pre's
+                      gradients, the loop's stacked block gradients, one layer's working set;
+    the forward       the residuals made so far and the layer's or post's forward.
+  Throughout: under gradient accumulation (mb > 1) the accumulator, one whole set. Under
+  FSDP a part's gradient is whole over 'data' until its reduction (XLA combines post's with
+  pre's, after the loop: post's waits through it); the layer at work holds its gathered
+  weights, then, past its last dot, its whole gradient twice (XLA:CPU reduces it with an
+  all-reduce: input and output; the backward's peak counts one); where the blocks re-gather
+  their weights (`passes.regather`) XLA keeps a second copy of the stored block shards in
+  the layout the per-layer gather reads (hoisted before the loops); with an accumulation
+  loop the gathers of pre's and post's weights, loop-invariant, are hoisted out of it and
+  stay for the step. Traced on XLA:CPU only (other platforms keep the sum of the terms: their
+  layer backward's working set, which the phases rely on, is not traced against their
+  compiler). XLA:CPU's buffer assignment, loop-carried values included
+  (`benchmarks/memory_peak.py`): the small Llama's dp=8 peaks in post's backward (the
+  blocks' gradients not yet made), the 100M's FSDP plans in the layer loop.
+
+  Returns:
+    ({grads, saved_activations, gathered_params, temporaries}: bytes, what the peak is).
+  """
+  fsdp = plan.fsdp and plan.shard_degree > 1
+  trained = lambda part=None, g=False: (screen.trainable_bytes(plan, part, gathered=g) if screen.program.has_frozen
+                                        else sum((gb if g else st) for q, st, gb, _ in layout
+                                                 if part is None or q == part))
+  acc = trained() if plan.mb > 1 else 0
+  g_pre, g_post, g_stack = trained(PRE, True), trained(POST, True), trained(BLOCKS)
+  per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+  saved_blocks = screen.program.num_blocks * per_layer + blk.saved_invariant + pre.saved + pre.saved_input
+  saved_post = post.saved + post.saved_input
+  held = 0.0  # FSDP's gathered weights live in every phase
+  copy = 0.0  # the re-gathering blocks' second copy of their stored shards (a temporary)
+  at_work = 0.0  # FSDP's layer at work: its gathered weights, then its reduction's output
+  if fsdp:
+    if regathers(plan):
+      copy = sum(st for q, st, _, _ in layout if q == BLOCKS)
+    if plan.mb > 1:
+      held = sum(g for q, _, g, _ in layout if q in (PRE, POST))
+    at_work = screen.gathered_params(plan, blk, layout)
+  post_regather = sum(g for q, _, g, _ in layout if q == POST) if fsdp and plan.mb == 1 else 0
+  cands = [
+      (f"post backward: largest {post.bwd.largest[1]}",
+       dict(grads=acc + g_pre, saved_activations=saved_blocks + saved_post,
+            gathered_params=held + post_regather, temporaries=copy + post.bwd.peak_bytes)),
+      (f"the layer loop's backward: block {blk.bwd.largest[1]}",
+       dict(grads=acc + g_pre + g_post + g_stack, saved_activations=saved_blocks,
+            gathered_params=held + at_work, temporaries=copy + blk.bwd.peak_bytes)),
+      # a forward's peak includes the residuals it makes (its outputs): the last layer's,
+      # then post's
+      ("the forward",
+       dict(grads=acc, saved_activations=saved_blocks - per_layer, gathered_params=held + at_work,
+            temporaries=copy + max(blk.fwd.peak_bytes, per_layer + post.fwd.peak_bytes, pre.fwd.peak_bytes))),
+      (f"pre backward: largest {pre.bwd.largest[1]}",
+       dict(grads=acc + g_post + g_stack, saved_activations=pre.saved + pre.saved_input,
+            gathered_params=held, temporaries=copy + pre.bwd.peak_bytes)),
+  ]
+  what, terms = max(cands, key=lambda c: sum(c[1].values()))
+  return terms, what
