@@ -175,6 +175,7 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
   gradient written twice, once per dot, and not a third time in its own layout)."""
   copies: dict[tuple, list] = {}
   in_place: set = set()  # operands some dot reads in place
+  made_at = {o: j for j, x in enumerate(eqns) for o in x.outs}
   for i, e in enumerate(eqns):
     if e.name != "dot_general":
       continue
@@ -197,8 +198,7 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
       if key in copies:
         copies[key][2] = i
       else:
-        made = next((j for j, x in enumerate(eqns) if a in x.outs), -1)
-        copies[key] = [a, made, i]
+        copies[key] = [a, made_at.get(a, -1), i]
   # A value a fusible op makes for dots alone, none reading it in place, is written by its
   # producing kernel in the first layout they need: that one is no extra buffer. A shape op's
   # (pad, concatenate) is not fused into the copy: where a dot also reads it in place, the copy
