@@ -7,7 +7,7 @@ candidate of both models in seconds. Printed per model: the worst raw error over
 candidates within 2x of the budget (screen_accuracy's goal: 5%), how many are within 5%, the
 mean |error|, the error per kind of plan, and the worst rows with their terms.
 
-Run: .venv/bin/python benchmarks/screen_replay.py ROWS.json [--models small,100m] [--worst 15]
+Run: .venv/bin/python benchmarks/screen_replay.py ROWS.json [--models small,100m,gqa] [--worst 15]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def replay(name: str, rows: list[dict]) -> dict:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("rows", help="a JSON file written by screen_accuracy.py --rows")
-  ap.add_argument("--models", default="small,100m")
+  ap.add_argument("--models", default=",".join(MODELS), help="those in ROWS.json are replayed")
   ap.add_argument("--worst", type=int, default=15)
   args = ap.parse_args()
   with open(args.rows) as f:
