@@ -14,15 +14,17 @@ memory (per device)
                              nor optimizer state
   saved_activations          the residuals each block keeps for its backward under the plan's
                              recomputation policy (read from the block's jaxpr), times the
-                             layers a device runs, times the micro-batches in flight (all
-                             M + S - 1 ticks of the GPipe schedule), plus pre and post's
+                             layers a device runs, plus pre and post's
   gathered_params            under FSDP, the layer at work's gathered block weights (the
-                             backward gathers them again, `passes.regather`), or a
-                             pipeline stage's gathered weights
+                             backward gathers them again, `passes.regather`)
   temporaries                the largest working set of any part's forward or backward (the
                              attention scores, the logits), `temporaries_detail` says which
   scratch                    on XLA:CPU, the packing memory of the largest dot it runs as an
                              Eigen contraction outside YNNPACK (`passes.screen_scratch`)
+
+A pipelined plan's grads, saved_activations, gathered_params and temporaries (its stash of
+micro-batches in flight, the stage's accumulators) are `passes.screen_pipeline`'s; without
+pipelining on XLA:CPU they are the largest of the step's phases (`passes.screen_phases`).
 
 time: the step's kernels (matmuls with their FLOPs, fused elementwise kernels with the bytes
 they move) and collectives per mesh axis, costed by the same roofline and collective model
@@ -39,7 +41,7 @@ from typing import Any, Callable
 
 import jax
 
-from passes import cost_model, screen_phases, screen_scratch, shardings as sh
+from passes import cost_model, screen_phases, screen_pipeline, screen_scratch, shardings as sh
 from passes.hardware import HardwareProfile
 from passes.hlo_stats import HloStats
 from passes.plan import DATA, Plan
@@ -182,17 +184,7 @@ class Screen(TimeTerms):
 
   # ---------------------------------------------------------------- parts
 
-  @staticmethod
-  def pipeline_shape(plan: Plan) -> tuple[int, int]:
-    """(ticks, micro-batches whose residuals a stage keeps at once) of a pipelined plan:
-    GPipe in SPMD runs M + S - 1 ticks and keeps every tick's residuals; 1F1B runs
-    M + 2S - 1 ticks, each with a forward and a backward, and keeps its ring of 2S residual
-    sets (`passes.pipeline_1f1b.ring_slots`; `saved_activations` adds the set a tick's
-    backward reads out of it)."""
-    S, M = plan.pp, plan.mb
-    if plan.schedule == "1f1b":
-      return M + 2 * S - 1, 2 * S
-    return M + S - 1, M + S - 1
+  pipeline_shape = staticmethod(screen_pipeline.pipeline_shape)
 
   def micro_batch(self, plan: Plan) -> int:
     return self.program.batch_size // (plan.dp * plan.mb)
@@ -222,75 +214,34 @@ class Screen(TimeTerms):
     return pre, blk, post, plan.mb, plan.mb * L
 
   # ---------------------------------------------------------------- memory terms
+  # Without pipelining; a pipelined plan's are `passes.screen_pipeline`'s, and on XLA:CPU
+  # these are split into phases (`passes.screen_phases`).
 
-  def grads(self, plan: Plan, state: dict, layout) -> float:
+  def grads(self, plan: Plan, state: dict) -> float:
     """Gradient buffers of the trainable parameters: one set sharded like them; two under
-    gradient accumulation (the accumulator and the micro-batch's); a pipeline's below."""
+    gradient accumulation (the accumulator and the micro-batch's)."""
     trained = self.trainable_bytes(plan) if self.program.has_frozen else state["params"]
-    if plan.pp > 1:
-      # Every trained parameter's gradient accumulates through the loops whole (as gathered
-      # over 'data' under FSDP: reduce-scattered once, after them; the embedding's too).
-      # When a stage's backward is a loop over its layers, each tick's block gradients are
-      # that loop's stacked output, beside the accumulator they are added to: a second
-      # whole set of the stage's. XLA:CPU's buffer assignment, loop-carried values included
-      # (`benchmarks/memory_peak.py`): GPipe and 1F1B, with and without FSDP, 1-6 layers a
-      # stage, on three Llamas. With one layer a stage XLA removes that loop.
-      if self.program.has_frozen:
-        whole, stage = (self.trainable_bytes(plan, gathered=True),
-                        self.trainable_bytes(plan, BLOCKS, gathered=True))
-      else:
-        whole = sum(g for _, _, g, _ in layout)
-        stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
-      return whole + (stage if self._layer_loop(plan) else 0)
     return (2 if plan.mb > 1 else 1) * trained
 
-  def _layer_loop(self, plan: Plan) -> bool:
-    """Whether a pipeline stage runs its blocks as a loop (more than one layer a stage)."""
-    return plan.pp > 1 and self.program.num_blocks // plan.pp > 1
-
   def saved_activations(self, plan: Plan, pre, blk, post) -> float:
-    """Residuals kept for the backward: per layer x layers x micro-batches in flight."""
+    """Residuals kept for the backward: per layer x layers, plus pre's and post's."""
     if blk is None:
       return pre.saved + pre.saved_input
     per_layer = blk.saved + blk.saved_input
     if regathers(plan):  # the weights' casts are redone with the re-gather, not kept
       per_layer -= blk.saved_weights
-    L = self.program.num_blocks
-    if plan.pp > 1:
-      layers = L // plan.pp
-      in_flight = self.pipeline_shape(plan)[1]
-      if self._layer_loop(plan):
-        # The set a tick's backward reads out of the stash is copied: the stage's backward is
-        # a loop over its layers, whose operand is a dynamic slice of the stash (1F1B: of the
-        # ring the same tick updates in place). XLA:CPU's live ranges: the 100M Llama's 1F1B
-        # at tp=4, a ring of 4 x 469 MiB and a 474 MiB copy; its GPipe at tp=4, a stash of
-        # 216 MiB and a 72 MiB copy. With one layer a stage XLA removes that loop and reads
-        # the stash in place (measured: no copy). Under 1F1B the tick's forward is a loop
-        # too, whose stacked residuals are its output, live beside the ring until they are
-        # written into it: a third set (the 100M at tp=4, mb 4 and 16: 4 ring slots, the
-        # backward's copy and the forward's stack, each 6 layers x the micro-batch's).
-        in_flight += 2 if plan.schedule == "1f1b" else 1
-    else:
-      layers, in_flight = L, 1
     edges = pre.saved + pre.saved_input + post.saved + post.saved_input
-    if plan.pp > 1 and plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
-      edges += 2 * plan.mb * self._hidden_bytes(plan)
-      if self._layer_loop(plan):  # post's residuals: within a tick, in its phase (`_1f1b_temporaries`)
-        edges -= post.saved + post.saved_input
-    return in_flight * layers * per_layer + blk.saved_invariant + edges
+    return self.program.num_blocks * per_layer + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
     """Gathered weights held beyond the stored shards: under FSDP the layer at work's (the
     backward gathers each layer's again: the block re-gathers, `passes.regather`, or is
-    recomputed); a pipeline stage's block weights as its loops use them (gathered once per
-    step)."""
+    recomputed)."""
     blocks = [(s, g, n) for part, s, g, n in layout if part == BLOCKS]
     if blk is None:
       return 0.0
     if not plan.fsdp or plan.shard_degree == 1:
       return 0.0
-    if plan.pp > 1:  # and post's, which runs on every tick (1F1B) or between the loops (GPipe)
-      return sum(g for _, g, _ in blocks) + sum(g for part, _, g, _ in layout if part == POST)
     # 'selective_layer' runs a group of blocks per loop step and gathers the group's weights
     # together (XLA:GPU, deviceless H100, FSDP-8 Llamas of 8 and 16 layers: the compiled
     # memory grows as the mean of 'none' and 'full' per layer, and stands a constant above it)
@@ -299,69 +250,17 @@ class Screen(TimeTerms):
 
   def temporaries(self, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
     """The largest working set of one part (its forward or backward), and what it is; under
-    FSDP plus one layer's whole gradient before its reduction. In a pipeline see
-    `_pipeline_temporaries`."""
+    FSDP plus one layer's whole gradient before its reduction."""
     best, what = 0.0, ""
-    # GPipe runs post once, between its loops: its backward's outputs include its weights'
-    # gradient, which `grads` already counts (every trained parameter's accumulates whole),
-    # so at post's peak that gradient is one buffer, not two.
-    post_grad = self.trainable_bytes(plan, POST, gathered=True) if plan.pp > 1 and plan.schedule == "gpipe" else 0
     for name, c in (("pre", pre), ("block", blk), ("post", post)):
-      if c is None or (plan.pp > 1 and c is blk):
+      if c is None:
         continue
       for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
-        peak = jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0)
-        if peak > best:
-          best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
-    if plan.pp > 1 and blk is not None and plan.schedule == "1f1b":
-      return self._1f1b_temporaries(plan, pre, blk, post)
-    if plan.pp > 1 and blk is not None:
-      return self._pipeline_temporaries(plan, blk, post, layout, best, what)
+        if jc.peak_bytes > best:
+          best, what = jc.peak_bytes, f"{name} {phase}: largest {jc.largest[1]}"
     if plan.fsdp and plan.shard_degree > 1 and blk is not None:
       best += sum(g / n for part, _, g, n in layout if part == BLOCKS)
     return best, what
-
-  def _1f1b_temporaries(self, plan: Plan, pre, blk, post) -> tuple[float, str]:
-    """1F1B's working set beside its ring (`saved_activations`); pre runs once, outside the
-    ticks. A tick runs its forward, post (per micro-batch, on the last stage) and its
-    backward. With more than one layer a stage the backward is a loop, which XLA schedules
-    nothing across: the peak is post's phase (its residuals and backward) or the loop's (with
-    the set it copies out of the ring, which post's phase does not hold yet), not their sum
-    (XLA:CPU's buffer assignment, the 100M Llama at pp=4 mb=8: the peak in the stage
-    backward, post's buffers dead). With one layer a stage there is no loop and XLA
-    interleaves post's backward with the block's: their working sets add up (the small
-    Llama at pp=2: the logits' gradient and the attention scores live at once)."""
-    outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
-    if not self._layer_loop(plan):
-      return max(outside, max(post.fwd.peak_bytes, post.bwd.peak_bytes) + blk.temp_peak), \
-          f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
-    copy = self.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
-    post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
-    best = max((post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
-               (blk.temp_peak, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
-               (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
-    return max(best[0], 0.0), best[1]
-
-  def _pipeline_temporaries(self, plan: Plan, blk, post, layout, edge: float, what: str) -> tuple[float, str]:
-    """GPipe's temporaries beside its stash and gradient accumulators (1F1B's: `temporaries`,
-    post's working set and a block's add up in the ticks, pre runs outside). GPipe runs post between its forward and backward loops: the peak
-    is either post's working set or the loops' (the blocks' per micro-batch, the micro-
-    batches' stage inputs and their gradients, and with a layer loop the copied residual set
-    and the tick's gradient stack that `saved_activations` and `grads` count), never both
-    (XLA:CPU's buffer assignment: the small Llama's GPipe peaks in post, the 100M's in the
-    backward loop)."""
-    loops = blk.temp_peak
-    # post's residuals, which `saved_activations` counts, are freed by post's backward,
-    # before the backward loop
-    loops += 2 * plan.mb * self._hidden_bytes(plan) - post.saved - post.saved_input
-    counted = 0.0  # the loops' own terms, counted in saved_activations and grads
-    if self._layer_loop(plan):
-      per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
-      counted = (self.program.num_blocks // plan.pp * per_layer
-                 + sum(g for part, _, g, _ in layout if part == BLOCKS))
-    if edge - counted >= loops:
-      return edge - counted, what
-    return loops, f"the stage loops: block {blk.bwd.largest[1]} per micro-batch"
 
   def _scratch(self, plan: Plan, pre, blk, post) -> float:
     return screen_scratch.eigen_scratch(plan, pre, blk, post, self.program.batch_size)
@@ -372,12 +271,15 @@ class Screen(TimeTerms):
     state = self.state(plan)
     layout = self.leaf_layout(plan)
     pre, blk, post, runs_edge, runs_block = self._parts(plan)
-    if plan.pp == 1 and blk is not None and self.platform == "cpu":
+    if plan.pp > 1:
+      steps, what = screen_pipeline.pipeline_memory(self, plan, pre, blk, post, state, layout)
+      memory = dict(state, **steps, scratch=self._scratch(plan, pre, blk, post))
+    elif blk is not None and self.platform == "cpu":
       steps, what = screen_phases.phase_peak(self, plan, pre, blk, post, layout)
       memory = dict(state, **steps, scratch=self._scratch(plan, pre, blk, post))
     else:
       temp, what = self.temporaries(plan, pre, blk, post, layout)
-      memory = dict(state, grads=self.grads(plan, state, layout),
+      memory = dict(state, grads=self.grads(plan, state),
                     saved_activations=self.saved_activations(plan, pre, blk, post),
                     gathered_params=self.gathered_params(plan, blk, layout), temporaries=temp,
                     scratch=self._scratch(plan, pre, blk, post))

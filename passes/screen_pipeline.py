@@ -1,0 +1,164 @@
+"""A pipelined step's memory terms (GPipe and 1F1B): what the screen charges a stage.
+
+The screen (`passes.screen.Screen`) hands a pipelined plan's memory here (`pipeline_memory`):
+the stage's gradient accumulators (`grads`), its stash of residuals (`saved_activations`), its
+gathered weights under FSDP (`gathered_params`) and the working set beside them
+(`temporaries`), each read from the plan, the parts' traced profiles and the parameter layout.
+Every platform gets this assembly (GPU targets included: `passes.gpu_target`); the rules were
+traced on XLA:CPU's buffer assignment (`benchmarks/memory_peak.py`).
+"""
+from __future__ import annotations
+
+from passes.plan import Plan
+from passes.program import BLOCKS, POST
+from passes.regather import regathers
+
+
+def pipeline_shape(plan: Plan) -> tuple[int, int]:
+  """(ticks, micro-batches whose residuals a stage keeps at once) of a pipelined plan:
+  GPipe in SPMD runs M + S - 1 ticks and keeps every tick's residuals; 1F1B runs
+  M + 2S - 1 ticks, each with a forward and a backward, and keeps its ring of 2S residual
+  sets (`passes.pipeline_1f1b.ring_slots`; `saved_activations` adds the set a tick's
+  backward reads out of it)."""
+  S, M = plan.pp, plan.mb
+  if plan.schedule == "1f1b":
+    return M + 2 * S - 1, 2 * S
+  return M + S - 1, M + S - 1
+
+
+def layer_loop(screen, plan: Plan) -> bool:
+  """Whether a pipeline stage runs its blocks as a loop (more than one layer a stage)."""
+  return plan.pp > 1 and screen.program.num_blocks // plan.pp > 1
+
+
+def pipeline_memory(screen, plan: Plan, pre, blk, post, state: dict, layout) -> tuple[dict, str]:
+  """A pipelined plan's memory terms beyond the training state (`screen`: the
+  `passes.screen.Screen` whose terms these are).
+
+  Returns:
+    ({grads, saved_activations, gathered_params, temporaries}: bytes, what the largest
+    temporary is).
+
+  Raises:
+    ValueError: the program has no layers to stage.
+  """
+  if blk is None:
+    raise ValueError(f"screen_pipeline: {plan!r} pipelines a program without layers "
+                     "(Program.layers is None); only a layered program has stages")
+  temp, what = temporaries(screen, plan, pre, blk, post, layout)
+  return dict(grads=grads(screen, plan, state, layout), saved_activations=saved_activations(screen, plan, pre, blk, post),
+              gathered_params=gathered_params(plan, layout), temporaries=temp), what
+
+
+def grads(screen, plan: Plan, state: dict, layout) -> float:
+  """Every trained parameter's gradient accumulates through the loops whole (as gathered
+  over 'data' under FSDP: reduce-scattered once, after them; the embedding's too).
+  When a stage's backward is a loop over its layers, each tick's block gradients are
+  that loop's stacked output, beside the accumulator they are added to: a second
+  whole set of the stage's. XLA:CPU's buffer assignment, loop-carried values included
+  (`benchmarks/memory_peak.py`): GPipe and 1F1B, with and without FSDP, 1-6 layers a
+  stage, on three Llamas. With one layer a stage XLA removes that loop."""
+  if screen.program.has_frozen:
+    whole, stage = (screen.trainable_bytes(plan, gathered=True),
+                    screen.trainable_bytes(plan, BLOCKS, gathered=True))
+  else:
+    whole = sum(g for _, _, g, _ in layout)
+    stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
+  return whole + (stage if layer_loop(screen, plan) else 0)
+
+
+def saved_activations(screen, plan: Plan, pre, blk, post) -> float:
+  """Residuals kept for the backward: per layer x a stage's layers x micro-batches in flight,
+  plus the edges' (pre's and post's; under 1F1B the micro-batches' stage inputs and their
+  gradients)."""
+  per_layer = blk.saved + blk.saved_input
+  if regathers(plan):  # the weights' casts are redone with the re-gather, not kept
+    per_layer -= blk.saved_weights
+  layers = screen.program.num_blocks // plan.pp
+  in_flight = pipeline_shape(plan)[1]
+  if layer_loop(screen, plan):
+    # The set a tick's backward reads out of the stash is copied: the stage's backward is
+    # a loop over its layers, whose operand is a dynamic slice of the stash (1F1B: of the
+    # ring the same tick updates in place). XLA:CPU's live ranges: the 100M Llama's 1F1B
+    # at tp=4, a ring of 4 x 469 MiB and a 474 MiB copy; its GPipe at tp=4, a stash of
+    # 216 MiB and a 72 MiB copy. With one layer a stage XLA removes that loop and reads
+    # the stash in place (measured: no copy). Under 1F1B the tick's forward is a loop
+    # too, whose stacked residuals are its output, live beside the ring until they are
+    # written into it: a third set (the 100M at tp=4, mb 4 and 16: 4 ring slots, the
+    # backward's copy and the forward's stack, each 6 layers x the micro-batch's).
+    in_flight += 2 if plan.schedule == "1f1b" else 1
+  edges = pre.saved + pre.saved_input + post.saved + post.saved_input
+  if plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
+    edges += 2 * plan.mb * screen._hidden_bytes(plan)
+    if layer_loop(screen, plan):  # post's residuals: within a tick, in its phase (`_1f1b_temporaries`)
+      edges -= post.saved + post.saved_input
+  return in_flight * layers * per_layer + blk.saved_invariant + edges
+
+
+def gathered_params(plan: Plan, layout) -> float:
+  """Under FSDP, a pipeline stage's block weights as its loops use them (gathered once per
+  step), and post's, which runs on every tick (1F1B) or between the loops (GPipe)."""
+  if not plan.fsdp or plan.shard_degree == 1:
+    return 0.0
+  return sum(g for part, _, g, _ in layout if part in (BLOCKS, POST))
+
+
+def temporaries(screen, plan: Plan, pre, blk, post, layout) -> tuple[float, str]:
+  """The working set beside the stash and the gradient accumulators, and what it is: per
+  schedule, `_1f1b_temporaries` or `_gpipe_temporaries`."""
+  if plan.schedule == "1f1b":
+    return _1f1b_temporaries(screen, plan, pre, blk, post)
+  # GPipe runs post once, between its loops: its backward's outputs include its weights'
+  # gradient, which `grads` already counts (every trained parameter's accumulates whole),
+  # so at post's peak that gradient is one buffer, not two.
+  post_grad = screen.trainable_bytes(plan, POST, gathered=True)
+  best, what = 0.0, ""
+  for name, c in (("pre", pre), ("post", post)):
+    for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
+      peak = jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0)
+      if peak > best:
+        best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
+  return _gpipe_temporaries(screen, plan, blk, post, layout, best, what)
+
+
+def _1f1b_temporaries(screen, plan: Plan, pre, blk, post) -> tuple[float, str]:
+  """1F1B's working set beside its ring (`saved_activations`); pre runs once, outside the
+  ticks. A tick runs its forward, post (per micro-batch, on the last stage) and its
+  backward. With more than one layer a stage the backward is a loop, which XLA schedules
+  nothing across: the peak is post's phase (its residuals and backward) or the loop's (with
+  the set it copies out of the ring, which post's phase does not hold yet), not their sum
+  (XLA:CPU's buffer assignment, the 100M Llama at pp=4 mb=8: the peak in the stage
+  backward, post's buffers dead). With one layer a stage there is no loop and XLA
+  interleaves post's backward with the block's: their working sets add up (the small
+  Llama at pp=2: the logits' gradient and the attention scores live at once)."""
+  outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
+  if not layer_loop(screen, plan):
+    return max(outside, max(post.fwd.peak_bytes, post.bwd.peak_bytes) + blk.temp_peak), \
+        f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
+  copy = screen.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
+  post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
+  best = max((post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
+             (blk.temp_peak, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
+             (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
+  return max(best[0], 0.0), best[1]
+
+
+def _gpipe_temporaries(screen, plan: Plan, blk, post, layout, edge: float, what: str) -> tuple[float, str]:
+  """GPipe's temporaries beside its stash and gradient accumulators. GPipe runs post
+  between its forward and backward loops: the peak is either post's working set (`edge`,
+  what it is: `what`) or the loops' (the blocks' per micro-batch, the micro-batches' stage
+  inputs and their gradients, and with a layer loop the copied residual set and the tick's
+  gradient stack that `saved_activations` and `grads` count), never both (XLA:CPU's buffer
+  assignment: the small Llama's GPipe peaks in post, the 100M's in the backward loop)."""
+  loops = blk.temp_peak
+  # post's residuals, which `saved_activations` counts, are freed by post's backward,
+  # before the backward loop
+  loops += 2 * plan.mb * screen._hidden_bytes(plan) - post.saved - post.saved_input
+  counted = 0.0  # the loops' own terms, counted in saved_activations and grads
+  if layer_loop(screen, plan):
+    per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+    counted = (screen.program.num_blocks // plan.pp * per_layer
+               + sum(g for part, _, g, _ in layout if part == BLOCKS))
+  if edge - counted >= loops:
+    return edge - counted, what
+  return loops, f"the stage loops: block {blk.bwd.largest[1]} per micro-batch"
