@@ -130,6 +130,24 @@ def temporaries(screen, plan: Plan, pre, blk, post, layout) -> tuple[float, str]
   return _gpipe_temporaries(screen, plan, blk, post, layout, best, what)
 
 
+def _post_in_tick(screen, post) -> float:
+  """Post's working set in a 1F1B tick without a layer loop, beyond what `saved_activations`
+  counts (its residuals among it).
+
+  On XLA:CPU post's backward peaks holding the logits' gradient three times (as made and
+  padded, and transposed for the head's weight-gradient dot; each the largest value of its
+  backward), its residuals dead (read once, where the gradient is made); its forward's peak
+  holds the residuals it makes, which `saved_activations` counts. XLA:CPU's buffer
+  assignment of the small Llama, 1F1B at pp=2: dp=2 tp=2 mb=4 'full' (three f32[128,2048],
+  the logits' f32[1,128,2048] residual dead) and dp=1 tp=4 mb=4 'none' (three f32[2,128,1024]
+  beside the ring). The jaxpr's own backward peak (`post.bwd.peak_bytes`) holds the gradient
+  twice and the head's weight gradient, which XLA makes after the copies are freed. Other
+  platforms: the jaxpr's peaks."""
+  if screen.platform != "cpu":
+    return max(post.fwd.peak_bytes, post.bwd.peak_bytes)
+  return max(post.fwd.peak_bytes, 3 * post.bwd.largest[0]) - post.saved
+
+
 def _1f1b_temporaries(screen, plan: Plan, pre, blk, post) -> tuple[float, str]:
   """1F1B's working set beside its ring (`saved_activations`); pre runs once, outside the
   ticks. A tick runs its forward, post (per micro-batch, on the last stage) and its
@@ -142,7 +160,7 @@ def _1f1b_temporaries(screen, plan: Plan, pre, blk, post) -> tuple[float, str]:
   Llama at pp=2: the logits' gradient and the attention scores live at once)."""
   outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
   if not layer_loop(screen, plan):
-    return max(outside, max(post.fwd.peak_bytes, post.bwd.peak_bytes) + blk.temp_peak), \
+    return max(outside, _post_in_tick(screen, post) + blk.temp_peak), \
         f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
   copy = screen.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
   post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
