@@ -119,15 +119,43 @@ def temporaries(screen, plan: Plan, pre, blk, post, layout) -> tuple[float, str]
     return _1f1b_temporaries(screen, plan, pre, blk, post)
   # GPipe runs post once, between its loops: its backward's outputs include its weights'
   # gradient, which `grads` already counts (every trained parameter's accumulates whole),
-  # so at post's peak that gradient is one buffer, not two.
+  # so at post's peak that gradient is one buffer, not two (XLA:CPU: `_gpipe_edges`).
   post_grad = screen.trainable_bytes(plan, POST, gathered=True)
   best, what = 0.0, ""
-  for name, c in (("pre", pre), ("post", post)):
-    for phase, jc in (("forward", c.fwd), ("backward", c.bwd)):
-      peak = jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0)
-      if peak > best:
-        best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
+  edges = _gpipe_edges(screen, plan, pre, post, post_grad) if screen.platform == "cpu" else \
+      [(name, phase, jc, jc.peak_bytes - (post_grad if c is post and jc is c.bwd else 0))
+       for name, c in (("pre", pre), ("post", post)) for phase, jc in (("forward", c.fwd), ("backward", c.bwd))]
+  for name, phase, jc, peak in edges:
+    if peak > best:
+      best, what = peak, f"{name} {phase}: largest {jc.largest[1]}"
   return _gpipe_temporaries(screen, plan, blk, post, layout, best, what)
+
+
+def _gpipe_edges(screen, plan: Plan, pre, post, post_grad: float) -> list:
+  """GPipe's pre and post phases on XLA:CPU: [(part, phase, its jaxpr cost, bytes beyond the
+  whole terms)]; the whole terms count every gradient, the stash and every part's residuals.
+
+  Post runs once, between the loops, and its weights' gradient is made only by its
+  backward (not live before). Its forward's peak holds the residuals it makes (counted
+  whole). Its backward peaks holding the logits' gradient three times (made and padded,
+  transposed for the head's weight-gradient dot; each its backward's largest value, as
+  `_post_in_tick`), its logits residual dead (as large as that gradient), the gradient of its
+  input twice (the head's and the norm's backward) and its weight gradient not made yet.
+  Through both the loops' [M, micro-batch, ...] buffer, zeroed before the forward loop and
+  carried into the backward one, is live. Pre's backward (after the backward loop) makes its
+  gradient, which the whole terms count, and post's residuals are dead by then. XLA:CPU's
+  buffer assignment: the small Llama at dp=4 pp=2 mb=2 (post's backward: three f32[1,128,4096],
+  the embedding's and the block's gradients, f32[2,1,128,128]) and the 100M at dp=1 tp=4
+  pp=2 mb=16 (three f32[16,256,2048], four f32[16,256,768] with the normed input, a 24 MiB
+  f32[16,2,256,768])."""
+  h = plan.mb * screen._hidden_bytes(plan)
+  largest = post.bwd.largest[0]
+  g_pre = screen.trainable_bytes(plan, PRE, gathered=True)
+  return [("pre", "forward", pre.fwd, pre.fwd.peak_bytes - post_grad),
+          ("pre", "backward", pre.bwd, pre.bwd.peak_bytes - g_pre - post.saved - post.saved_input),
+          ("post", "forward", post.fwd, post.fwd.peak_bytes - post.saved - post_grad + h),
+          ("post", "backward", post.bwd,
+           3 * largest - min(post.saved, largest) + 2 * post.saved_input - post_grad + h)]
 
 
 def _post_in_tick(screen, post) -> float:
