@@ -183,7 +183,8 @@ def _1f1b_temporaries(screen, plan: Plan, pre, blk, post) -> tuple[float, str]:
   nothing across: the peak is post's phase (its residuals and backward) or the loop's (with
   the set it copies out of the ring, which post's phase does not hold yet), not their sum
   (XLA:CPU's buffer assignment, the 100M Llama at pp=4 mb=8: the peak in the stage
-  backward, post's buffers dead). With one layer a stage there is no loop and XLA
+  backward, post's buffers dead but its logits: the head's dot runs before the loop, the rest
+  of post after it). With one layer a stage there is no loop and XLA
   interleaves post's backward with the block's: their working sets add up (the small
   Llama at pp=2: the logits' gradient and the attention scores live at once)."""
   outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
@@ -192,8 +193,13 @@ def _1f1b_temporaries(screen, plan: Plan, pre, blk, post) -> tuple[float, str]:
         f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
   copy = screen.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
   post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
+  # XLA:CPU schedules the head's logits dot (post's forward's largest value) before the stage
+  # backward loop and the rest of post after it: the logits live across the loop (the 100M
+  # at dp=2 tp=1 and dp=1 tp=2, pp=4 mb=8: a 16 MiB f32[512,8192] / f32[1024,4096] at the
+  # peak inside the stage backward)
+  logits = post.fwd.largest[0] if screen.platform == "cpu" else 0.0
   best = max((post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
-             (blk.temp_peak, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
+             (blk.temp_peak + logits, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
              (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
   return max(best[0], 0.0), best[1]
 
