@@ -215,6 +215,13 @@ def _gpipe_temporaries(screen, plan: Plan, blk, post, layout, edge: float, what:
   # post's residuals, which `saved_activations` counts, are freed by post's backward,
   # before the backward loop
   loops += 2 * plan.mb * screen._hidden_bytes(plan) - post.saved - post.saved_input
+  if screen.platform == "cpu" and plan.fsdp and plan.shard_degree > 1:
+    # Under FSDP post's gathered weights are freed after its backward and its gradient is
+    # reduce-scattered there, before the backward loop: a shard of it stays, not the whole
+    # (XLA:CPU's buffer assignment, the 100M's GPipe at dp=2 tp=1 pp=4 mb=8 and dp=2 tp=2 pp=2
+    # mb=16: in the backward loop only pre's gradient of the edges' buffers is live)
+    stored, gathered = (sum(x[i] for q, *x in layout if q == POST) for i in (0, 1))
+    loops -= gathered + screen.trainable_bytes(plan, POST, gathered=True) - stored
   counted = 0.0  # the loops' own terms, counted in saved_activations and grads
   if layer_loop(screen, plan):
     per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
