@@ -4,8 +4,15 @@ The screen (`passes.screen.Screen`) hands a pipelined plan's memory here (`pipel
 the stage's gradient accumulators (`grads`), its stash of residuals (`saved_activations`), its
 gathered weights under FSDP (`gathered_params`) and the working set beside them
 (`temporaries`), each read from the plan, the parts' traced profiles and the parameter layout.
-Every platform gets this assembly (GPU targets included: `passes.gpu_target`); the rules were
-traced on XLA:CPU's buffer assignment (`benchmarks/memory_peak.py`).
+The peak is the largest of the step's phases, as XLA schedules them:
+  GPipe   its entry (before the forward loop: the stash and gradient accumulators made, the
+          stage's gathers; `_gpipe_entry`), pre's and post's phases between and after the
+          loops (`_gpipe_edges`), the loops' (`_gpipe_temporaries`);
+  1F1B    a tick: post's phase or the stage backward's with a layer loop, both interleaved
+          without one (`_1f1b_temporaries`), pre outside the ticks.
+Every platform gets the generic terms (GPU targets included: `passes.gpu_target`); the phase
+rules marked XLA:CPU were traced on its buffer assignment with `benchmarks/memory_peak.py`
+and apply only where the screen's devices are CPUs.
 """
 from __future__ import annotations
 
