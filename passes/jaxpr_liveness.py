@@ -162,6 +162,51 @@ def _reads_as_rhs(shape, batch, contracting) -> bool:
   return dims in (b + c + f, b + f + c)
 
 
+def _dot_copies(e: Eqn, shape: Callable) -> list[tuple]:
+  """(operand, side, batch dims, contracting dims) of each operand of the dot `e` that XLA:CPU
+  copies into the layout its dot kernel reads (`dot_layout_copies`)."""
+  (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+  lhs, rhs = e.ins
+  ls, rs = shape(lhs), shape(rhs)
+  if ((_reads_as_lhs(ls, lb, lc) and _reads_as_rhs(rs, rb, rc))
+      or (_reads_as_lhs(rs, rb, rc) and _reads_as_rhs(ls, lb, lc))):
+    return []
+  need = [(lhs, "lhs", tuple(lb), tuple(lc))]
+  if not _reads_as_rhs(rs, rb, rc):
+    need.append((rhs, "rhs", tuple(rb), tuple(rc)))
+  return need
+
+
+# Shape ops XLA lowers to a bitcast (no kernel, the same buffer).
+BITCASTS = {"reshape", "squeeze", "expand_dims"}
+
+
+def slice_copies(eqns: Sequence[Eqn], sliced: set, producer: dict, shape: Callable) -> list[tuple[int, int, int]]:
+  """(input id, -1, index of the last dot reading it) of each input of a loop's body that the
+  loop reads as a slice of a stacked operand (`sliced`: the layer's weights, its residuals)
+  and a dot reads in place: XLA:CPU's dot kernels do not fuse the dynamic slice, which is
+  written to a buffer of its own (`dynamic-slice_bitcast_fusion` in its dumps), made at the
+  body's start (BFS depth one: it reads only the loop's operand, `bfs_order`) and live to the
+  last dot reading it. A dot copying the operand into its layout fuses the slice into that
+  copy (`dot_layout_copies`: one buffer), an elementwise kernel into itself (no buffer).
+  Traced on the 100M Llama's layer loops at TP 4 (XLA:CPU's live ranges,
+  `benchmarks/memory_peak.py`): the backward slices its residuals of [batch, seq, dim] and the
+  layer's weights, the forward its weights."""
+  last: dict[int, int] = {}
+  for i, e in enumerate(eqns):
+    if e.name != "dot_general" or None in e.ins:
+      continue
+    copied = {n[1] for n in _dot_copies(e, shape)}
+    for a, side in zip(e.ins, ("lhs", "rhs")):
+      if side in copied:
+        continue
+      while a in producer and producer[a].name in BITCASTS:
+        a = producer[a].ins[0]
+      if a in sliced:
+        last[a] = i
+  return [(a, -1, i) for a, i in last.items()]
+
+
 def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers: dict,
                       shape: Callable) -> list[tuple[int, int, int]]:
   """(operand id, index of the equation that makes it or -1, index of its last dot) of each
@@ -177,22 +222,10 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
   in_place: set = set()  # operands some dot reads in place
   made_at = {o: j for j, x in enumerate(eqns) for o in x.outs}
   for i, e in enumerate(eqns):
-    if e.name != "dot_general":
+    if e.name != "dot_general" or None in e.ins:
       continue
-    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
-    lhs, rhs = e.ins
-    if lhs is None or rhs is None:
-      continue
-    ls, rs = shape(lhs), shape(rhs)
-    if ((_reads_as_lhs(ls, lb, lc) and _reads_as_rhs(rs, rb, rc))
-        or (_reads_as_lhs(rs, rb, rc) and _reads_as_rhs(ls, lb, lc))):
-      in_place.update((lhs, rhs))
-      continue
-    need = [(lhs, "lhs", tuple(lb), tuple(lc))]
-    if _reads_as_rhs(rs, rb, rc):
-      in_place.add(rhs)
-    else:
-      need.append((rhs, "rhs", tuple(rb), tuple(rc)))
+    need = _dot_copies(e, shape)
+    in_place.update(a for a, side in zip(e.ins, ("lhs", "rhs")) if side not in {n[1] for n in need})
     for a, side, b, c in need:
       key = (a, side, b, c)
       if key in copies:
@@ -244,10 +277,33 @@ def eigen_dots(eqns: Sequence[Eqn], consumers: dict, shape: Callable) -> list[tu
   return out
 
 
+def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict) -> list[int]:
+  """The order XLA:CPU runs the equations' kernels in: its default scheduler
+  (`xla_cpu_enable_concurrency_optimized_scheduler`, on by default) is the BFS scheduler of
+  xla/service/hlo_memory_scheduler.cc, a first-in-first-out topological sort, which runs the
+  kernels by their depth (the longest chain of kernels from the inputs), not in program order.
+  A kernel's depth is one more than the deepest kernel it reads (through its fused chain); a
+  fused equation takes the depth of what it reads and comes before its kernel. Ties keep the
+  program order. Traced on XLA:CPU's schedules (`benchmarks/memory_peak.py`, the live-range
+  dump's instruction sequence): the 100M Llama's layer backward at TP 4 computes every value
+  its residuals alone give (the slices of the stacked residuals, rmsnorm's statistics, the
+  attention's probabilities) before the FFN's gradient, which the program order runs first."""
+  depth: dict[int, int] = {}
+  key = []
+  for i, e in enumerate(eqns):
+    base = max((depth.get(a, 0) for a in e.ins if a is not None), default=0)
+    kernel = e.name not in FUSIBLE or any(o in kept for o in e.outs)
+    d = base + 1 if kernel else base
+    for o in e.outs:
+      depth[o] = d
+    key.append((d, i))
+  return [i for _, i in sorted(key)]
+
+
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
          size: Callable, describe: Callable, last_reads: dict | None = None,
          copies: Sequence[tuple[int, int, int]] = (),
-         freed: Sequence[int] = ()) -> tuple[int, tuple[int, str]]:
+         freed: Sequence[int] = (), order: Sequence[int] | None = None) -> tuple[int, tuple[int, str]]:
   """(the most bytes of materialized values created here live at once, (bytes, description)
   of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body).
 
@@ -258,7 +314,11 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
       the equation after the one that makes the value.
     freed: inputs whose buffers are reclaimed after their last read (a part's own residuals,
       which the caller counts whole): the peak is then the most bytes above all of them, and
-      can be negative where the function's peak comes after their last reads."""
+      can be negative where the function's peak comes after their last reads.
+    order: the order the equations run in (`bfs_order`); the other arguments' indices are
+      into that order."""
+  if order is not None:
+    eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]
   last_use: dict[int, int] = {}
   for i, e in enumerate(eqns):
     for a in e.ins:
@@ -297,11 +357,20 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
 
 
 def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
-                 size: Callable, shape: Callable, freed: Sequence[int] = ()) -> tuple[set, Callable, dict]:
+                 size: Callable, shape: Callable, freed: Sequence[int] = (),
+                 bfs: bool = False, sliced: Sequence[int] = ()) -> tuple[set, Callable, dict]:
   """(materialized set, size function, `peak` keyword arguments) of XLA:CPU's liveness (module
-  doc) over the fusion model's `kept` set; `freed`: inputs freed after their last read."""
+  doc) over the fusion model's `kept` set; `freed`: inputs freed after their last read; `bfs`:
+  the equations run in XLA:CPU's BFS order (`bfs_order`: a loop's body, a computation of its
+  own), else in program order (a part of the step's entry computation, whose BFS depths count
+  from the whole step's graph, which the part's trace does not see); `sliced`: inputs the loop
+  reads as slices of stacked operands (`slice_copies`)."""
   wide = shared_values(eqns, args, kept, producer, consumers, size)
   live = kept | set(wide)
+  order = bfs_order(eqns, live, producer) if bfs else None
+  if order is not None:
+    eqns = [eqns[i] for i in order]
   return live, (lambda i: size(wide.get(i, i))), dict(
       last_reads=kernel_last_reads(eqns, live, producer),
-      copies=dot_layout_copies(eqns, live, producer, consumers, shape), freed=list(freed))
+      copies=(dot_layout_copies(eqns, live, producer, consumers, shape)
+              + slice_copies(eqns, set(sliced), producer, shape)), freed=list(freed), order=order)
