@@ -184,7 +184,8 @@ class _Walker:
       freed = [a for a, f in zip(args, self.free_inputs) if f] if top else []
       sliced = [a for a, f in zip(args, self.sliced_inputs) if f] if top and self.loop_body else []
       live_kept, live_size, cpu = jaxpr_liveness.cpu_liveness(eqns, args, kept, producer, consumers, size,
-                                                              self.shape, freed, bfs=top and self.loop_body,
+                                                              lambda i: self.device_shape(i, dims), freed,
+                                                              bfs=top and self.loop_body,
                                                               sliced=sliced)
       self.eigen_dots.update(
           (m, n, k, max(self.prog.avals[o].dtype.itemsize, 4))  # XLA:CPU runs non-library dots in f32
