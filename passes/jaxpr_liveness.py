@@ -72,9 +72,9 @@ def fused_kernels(eqns: Sequence[Eqn], kept: set, producer: dict, size: Callable
         yield e, sum(size(a) for a in _reads(e, kept, producer)) + size(o)
 
 
-def _reads(e: Eqn, kept: set, producer: dict) -> set:
-  """The materialized values (and inputs) the kernel of `e` reads, through the fusible ops
-  fused into it."""
+def _chain(e: Eqn, kept: set, producer: dict) -> tuple[set, set]:
+  """(the materialized values and inputs the kernel of `e` reads, the values of the fusible
+  ops fused into it): one walk of its fused chain."""
   seen, stack, read = set(), list(e.ins), set()
   while stack:
     a = stack.pop()
@@ -85,7 +85,18 @@ def _reads(e: Eqn, kept: set, producer: dict) -> set:
       read.add(a)
     else:
       stack.extend(producer[a].ins)
-  return read
+  return read, seen - read
+
+
+def _reads(e: Eqn, kept: set, producer: dict) -> set:
+  """The materialized values (and inputs) the kernel of `e` reads, through the fusible ops
+  fused into it."""
+  return _chain(e, kept, producer)[0]
+
+
+def _is_kernel(e: Eqn, kept: set) -> bool:
+  """Whether `e` is a kernel of its own: not fusible, or making a materialized value."""
+  return e.name not in FUSIBLE or any(o in kept for o in e.outs)
 
 
 def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[int, int]:
@@ -93,10 +104,9 @@ def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[in
   materialized value) that reads it, through the fusible ops fused into that kernel."""
   last: dict[int, int] = {}
   for i, e in enumerate(eqns):
-    if e.name in FUSIBLE and not any(o in kept for o in e.outs):
-      continue
-    for a in _reads(e, kept, producer):
-      last[a] = i
+    if _is_kernel(e, kept):
+      for a in _reads(e, kept, producer):
+        last[a] = i
   return last
 
 
@@ -116,17 +126,9 @@ def shared_values(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer:
       const.update(e.outs)
   readers: dict[int, list] = {}
   for e in eqns:
-    if e.name in FUSIBLE and not any(o in kept for o in e.outs):
-      continue
-    seen, stack = set(), [a for a in e.ins if a is not None]
-    while stack:
-      a = stack.pop()
-      if a in seen or a in kept or a not in producer:
-        continue
-      seen.add(a)
-      stack.extend(x for x in producer[a].ins if x is not None)
-    for a in seen:
-      readers.setdefault(a, []).append(e.name in REDUCTIONS)
+    if _is_kernel(e, kept):
+      for a in _chain(e, kept, producer)[1]:
+        readers.setdefault(a, []).append(e.name in REDUCTIONS)
   out = {}
   for a, red in readers.items():
     e = producer[a]
@@ -292,8 +294,7 @@ def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict) -> list[int]:
   key = []
   for i, e in enumerate(eqns):
     base = max((depth.get(a, 0) for a in e.ins if a is not None), default=0)
-    kernel = e.name not in FUSIBLE or any(o in kept for o in e.outs)
-    d = base + 1 if kernel else base
+    d = base + 1 if _is_kernel(e, kept) else base
     for o in e.outs:
       depth[o] = d
     key.append((d, i))
