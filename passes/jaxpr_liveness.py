@@ -24,6 +24,12 @@ shape it is broadcast to where that is an expensive op's result or an input's br
 Inputs a caller counts whole (a part's residuals) can be freed after their last read: the
 peak is then taken above them. Traced on XLA:CPU's buffer assignments and live ranges
 (`benchmarks/memory_peak.py`) of three Llamas, full recomputation at TP 2-8.
+
+A loop's body (a layer of the stack) is a computation of its own, which XLA:CPU's default
+scheduler runs in BFS order (`bfs_order`): every value the layer's inputs alone give is made
+first, beside what the program order would have freed by then. Its backward reads its residuals
+as slices of their stacks, which a dot reading them in place gets as buffers of their own
+(`slice_copies`). Traced on the 100M Llama's layer loops at TP 1 and 4, no recomputation.
 """
 from __future__ import annotations
 
