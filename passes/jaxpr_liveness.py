@@ -25,11 +25,13 @@ Inputs a caller counts whole (a part's residuals) can be freed after their last 
 peak is then taken above them. Traced on XLA:CPU's buffer assignments and live ranges
 (`benchmarks/memory_peak.py`) of three Llamas, full recomputation at TP 2-8.
 
-A loop's body (a layer of the stack) is a computation of its own, which XLA:CPU's default
-scheduler runs in BFS order (`bfs_order`): every value the layer's inputs alone give is made
-first, beside what the program order would have freed by then. Its backward reads its residuals
-as slices of their stacks, which a dot reading them in place gets as buffers of their own
-(`slice_copies`). Traced on the 100M Llama's layer loops at TP 1 and 4, no recomputation.
+XLA:CPU's default scheduler runs each computation's kernels in BFS order (`bfs_order`), not in
+program order: in a layer's backward every value its residuals alone give is made first, beside
+what the program order would have freed by then; in the head's backward the input gradient's
+dot runs before the weight gradient's, which reads a transposed copy. A layer loop's backward
+reads its residuals as slices of their stacks, which a dot reading them in place gets as
+buffers of their own (`slice_copies`). Traced on the 100M Llama's layer loops at TP 1 and 4
+(no recomputation) and the small Llama's head backward at dp=4 tp=2.
 """
 from __future__ import annotations
 
@@ -285,21 +287,29 @@ def eigen_dots(eqns: Sequence[Eqn], consumers: dict, shape: Callable) -> list[tu
   return out
 
 
-def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict) -> list[int]:
+def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict, shape: Callable,
+              sliced: set = frozenset()) -> list[int]:
   """The order XLA:CPU runs the equations' kernels in: its default scheduler
   (`xla_cpu_enable_concurrency_optimized_scheduler`, on by default) is the BFS scheduler of
-  xla/service/hlo_memory_scheduler.cc, a first-in-first-out topological sort, which runs the
-  kernels by their depth (the longest chain of kernels from the inputs), not in program order.
-  A kernel's depth is one more than the deepest kernel it reads (through its fused chain); a
-  fused equation takes the depth of what it reads and comes before its kernel. Ties keep the
-  program order. Traced on XLA:CPU's schedules (`benchmarks/memory_peak.py`, the live-range
-  dump's instruction sequence): the 100M Llama's layer backward at TP 4 computes every value
-  its residuals alone give (the slices of the stacked residuals, rmsnorm's statistics, the
-  attention's probabilities) before the FFN's gradient, which the program order runs first."""
+  xla/service/hlo_memory_scheduler.cc, a first-in-first-out topological sort of each
+  computation, which runs the kernels by their depth (the longest chain of kernels from the
+  computation's parameters), not in program order. A kernel's depth is one more than the
+  deepest kernel it reads (through its fused chain); an operand a dot reads through a copy
+  (`dot_layout_copies`, `slice_copies`: kernels of their own) counts one level deeper; a fused
+  equation takes the depth of what it reads and comes before its kernel. Ties keep the program
+  order. Traced on XLA:CPU's schedules (`benchmarks/memory_peak.py`, the live-range dump's
+  instruction sequence): the 100M Llama's layer backward at TP 4 computes every value its
+  residuals alone give (the slices of the stacked residuals, rmsnorm's statistics, the
+  attention's probabilities) before the FFN's gradient, which the program order runs first;
+  the small Llama's head backward runs the input-gradient dot, which reads the padded logits'
+  gradient in place, before the weight gradient's, which reads its transposed copy."""
   depth: dict[int, int] = {}
   key = []
   for i, e in enumerate(eqns):
-    base = max((depth.get(a, 0) for a in e.ins if a is not None), default=0)
+    copied = set()
+    if e.name == "dot_general" and None not in e.ins:
+      copied = {n[0] for n in _dot_copies(e, shape)} | (set(e.ins) & sliced)
+    base = max((depth.get(a, 0) + (a in copied) for a in e.ins if a is not None), default=0)
     d = base + 1 if _is_kernel(e, kept) else base
     for o in e.outs:
       depth[o] = d
@@ -365,18 +375,15 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
 
 def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
                  size: Callable, shape: Callable, freed: Sequence[int] = (),
-                 bfs: bool = False, sliced: Sequence[int] = ()) -> tuple[set, Callable, dict]:
+                 sliced: Sequence[int] = ()) -> tuple[set, Callable, dict]:
   """(materialized set, size function, `peak` keyword arguments) of XLA:CPU's liveness (module
-  doc) over the fusion model's `kept` set; `freed`: inputs freed after their last read; `bfs`:
-  the equations run in XLA:CPU's BFS order (`bfs_order`: a loop's body, a computation of its
-  own), else in program order (a part of the step's entry computation, whose BFS depths count
-  from the whole step's graph, which the part's trace does not see); `sliced`: inputs the loop
-  reads as slices of stacked operands (`slice_copies`)."""
+  doc) over the fusion model's `kept` set, its equations in XLA:CPU's order (`bfs_order`);
+  `shape`: per-device shapes; `freed`: inputs freed after their last read; `sliced`: inputs a
+  loop's body reads as slices of stacked operands (`slice_copies`)."""
   wide = shared_values(eqns, args, kept, producer, consumers, size)
   live = kept | set(wide)
-  order = bfs_order(eqns, live, producer) if bfs else None
-  if order is not None:
-    eqns = [eqns[i] for i in order]
+  order = bfs_order(eqns, live, producer, shape, set(sliced))
+  eqns = [eqns[i] for i in order]
   return live, (lambda i: size(wide.get(i, i))), dict(
       last_reads=kernel_last_reads(eqns, live, producer),
       copies=(dot_layout_copies(eqns, live, producer, consumers, shape)

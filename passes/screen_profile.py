@@ -290,8 +290,7 @@ class ProgramProfile:
   def _exact(self, part: str, recompute: str, bf16: bool, b: int, tp: int) -> PartCost:
     fwd, bwd, groups, n_out, names, args = self._trace(part, recompute, bf16, b)
     in_dims = self._in_dims(part, names, args, tp)
-    body = part == BLOCKS and self.layered  # a layer of the stack: the body of XLA's layer loop
-    cf = jaxpr_cost.analyze(fwd, in_dims, tp, groups, fusion=self.fusion, loop_body=body)
+    cf = jaxpr_cost.analyze(fwd, in_dims, tp, groups, fusion=self.fusion)
     res = list(range(n_out, len(cf.out_bytes)))
     ct_dims = list(cf.out_dims[:n_out])
     n_params = len(jax.tree.leaves(args[0]))  # the cotangents of the parameters come first
@@ -334,7 +333,7 @@ class ProgramProfile:
     free = counted if part != BLOCKS else []
     cb = jaxpr_cost.analyze(bwd, [cf.out_dims[i] for i in res] + ct_dims, tp,  # sharded like them
                             out_hints=in_dims[:n_params], fusion=self.fusion, free_inputs=free,
-                            loop_body=body, sliced_inputs=stacked)
+                            sliced_inputs=stacked if part == BLOCKS and self.layered else ())
     return PartCost(cf, cb, saved, saved_params, saved_input, saved_invariant, saved_weights)
 
   def part(self, part: str, recompute: str, bf16: bool, b: int, tp: int) -> PartCost:
