@@ -193,8 +193,8 @@ BITCASTS = {"reshape", "squeeze", "expand_dims"}
 
 def slice_copies(eqns: Sequence[Eqn], sliced: set, producer: dict, shape: Callable) -> list[tuple[int, int, int]]:
   """(input id, -1, index of the last dot reading it) of each input of a loop's body that the
-  loop reads as a slice of a stacked operand (`sliced`: the layer's weights, its residuals)
-  and a dot reads in place: XLA:CPU's dot kernels do not fuse the dynamic slice, which is
+  loop reads as a slice of a stacked operand (`sliced`: the layer's residuals; its weights are
+  sliced alike, which `passes.screen_profile` leaves to FSDP's term) and a dot reads in place: XLA:CPU's dot kernels do not fuse the dynamic slice, which is
   written to a buffer of its own (`dynamic-slice_bitcast_fusion` in its dumps), made at the
   body's start (BFS depth one: it reads only the loop's operand, `bfs_order`) and live to the
   last dot reading it. A dot copying the operand into its layout fuses the slice into that
