@@ -100,6 +100,7 @@ class _Walker:
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
     self.out_hints: list = []  # dims the caller shards the top-level outputs on
     self.free_inputs: list = []  # XLA:CPU: top-level inputs reclaimed after their last read
+    self.sliced_inputs: list = []  # XLA:CPU: top-level inputs the loop slices out of stacked operands
     self.eigen_dots: set = set()  # XLA:CPU: (m, n, k, bytes) of its Eigen dots (jaxpr_liveness.eigen_dots)
     self.reduced: set = set()  # dots whose result is reduced over 'tensor' (nothing folds across it)
 
@@ -180,8 +181,10 @@ class _Walker:
     live_kept, live_size, cpu = kept, size, {}
     if self.fusion == "xla:cpu":  # the buffers XLA:CPU adds (passes.jaxpr_liveness module doc)
       freed = [a for a, f in zip(args, self.free_inputs) if f] if top else []
+      sliced = [a for a, f in zip(args, self.sliced_inputs) if f] if top else []
       live_kept, live_size, cpu = jaxpr_liveness.cpu_liveness(eqns, args, kept, producer, consumers, size,
-                                                              self.shape, freed)
+                                                              lambda i: self.device_shape(i, dims), freed,
+                                                              sliced)
       self.eigen_dots.update(
           (m, n, k, max(self.prog.avals[o].dtype.itemsize, 4))  # XLA:CPU runs non-library dots in f32
           for m, n, k, o in jaxpr_liveness.eigen_dots(eqns, consumers, lambda i: self.device_shape(i, dims))
@@ -280,7 +283,7 @@ class _Walker:
 
 def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequence[int] | None = None,
             out_hints: Sequence | None = None, fusion: str = "xla",
-            free_inputs: Sequence[bool] = ()) -> JaxprCost:
+            free_inputs: Sequence[bool] = (), sliced_inputs: Sequence[bool] = ()) -> JaxprCost:
   """Per-device costs of one call of `closed` (module doc).
 
   Args:
@@ -298,6 +301,8 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     free_inputs ('xla:cpu' only): per input, whether its buffer is freed after its last read
       (the caller counts it whole: `peak_bytes` is then the peak above it, and can be
       negative; `jaxpr_liveness.peak`).
+    sliced_inputs ('xla:cpu' only): per input, whether the function is a loop's body that reads
+      it as a slice of a stacked operand (a layer's residuals; `jaxpr_liveness.slice_copies`).
 
   Example:
     >>> c = analyze(jax.make_jaxpr(f)(x, w), [None, 1], tp=4)
@@ -316,6 +321,7 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
     w.deps[a] = 1 << g
   w.out_hints = list(out_hints or [])
   w.free_inputs = list(free_inputs) + [False] * (len(args) - len(free_inputs))
+  w.sliced_inputs = list(sliced_inputs) + [False] * (len(args) - len(sliced_inputs))
   outs, out_dims, peak = w.walk(jaxpr, list(in_dims), 1, args)
   arg_set = set(args)
   out_b = []

@@ -24,6 +24,14 @@ shape it is broadcast to where that is an expensive op's result or an input's br
 Inputs a caller counts whole (a part's residuals) can be freed after their last read: the
 peak is then taken above them. Traced on XLA:CPU's buffer assignments and live ranges
 (`benchmarks/memory_peak.py`) of three Llamas, full recomputation at TP 2-8.
+
+XLA:CPU's default scheduler runs each computation's kernels in BFS order (`bfs_order`), not in
+program order: in a layer's backward every value its residuals alone give is made first, beside
+what the program order would have freed by then; in the head's backward the input gradient's
+dot runs before the weight gradient's, which reads a transposed copy. A layer loop's backward
+reads its residuals as slices of their stacks, which a dot reading them in place gets as
+buffers of their own (`slice_copies`). Traced on the 100M Llama's layer loops at TP 1 and 4
+(no recomputation) and the small Llama's head backward at dp=4 tp=2.
 """
 from __future__ import annotations
 
@@ -72,9 +80,9 @@ def fused_kernels(eqns: Sequence[Eqn], kept: set, producer: dict, size: Callable
         yield e, sum(size(a) for a in _reads(e, kept, producer)) + size(o)
 
 
-def _reads(e: Eqn, kept: set, producer: dict) -> set:
-  """The materialized values (and inputs) the kernel of `e` reads, through the fusible ops
-  fused into it."""
+def _chain(e: Eqn, kept: set, producer: dict) -> tuple[set, set]:
+  """(the materialized values and inputs the kernel of `e` reads, the values of the fusible
+  ops fused into it): one walk of its fused chain."""
   seen, stack, read = set(), list(e.ins), set()
   while stack:
     a = stack.pop()
@@ -85,7 +93,18 @@ def _reads(e: Eqn, kept: set, producer: dict) -> set:
       read.add(a)
     else:
       stack.extend(producer[a].ins)
-  return read
+  return read, seen - read
+
+
+def _reads(e: Eqn, kept: set, producer: dict) -> set:
+  """The materialized values (and inputs) the kernel of `e` reads, through the fusible ops
+  fused into it."""
+  return _chain(e, kept, producer)[0]
+
+
+def _is_kernel(e: Eqn, kept: set) -> bool:
+  """Whether `e` is a kernel of its own: not fusible, or making a materialized value."""
+  return e.name not in FUSIBLE or any(o in kept for o in e.outs)
 
 
 def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[int, int]:
@@ -93,10 +112,9 @@ def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[in
   materialized value) that reads it, through the fusible ops fused into that kernel."""
   last: dict[int, int] = {}
   for i, e in enumerate(eqns):
-    if e.name in FUSIBLE and not any(o in kept for o in e.outs):
-      continue
-    for a in _reads(e, kept, producer):
-      last[a] = i
+    if _is_kernel(e, kept):
+      for a in _reads(e, kept, producer):
+        last[a] = i
   return last
 
 
@@ -116,17 +134,9 @@ def shared_values(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer:
       const.update(e.outs)
   readers: dict[int, list] = {}
   for e in eqns:
-    if e.name in FUSIBLE and not any(o in kept for o in e.outs):
-      continue
-    seen, stack = set(), [a for a in e.ins if a is not None]
-    while stack:
-      a = stack.pop()
-      if a in seen or a in kept or a not in producer:
-        continue
-      seen.add(a)
-      stack.extend(x for x in producer[a].ins if x is not None)
-    for a in seen:
-      readers.setdefault(a, []).append(e.name in REDUCTIONS)
+    if _is_kernel(e, kept):
+      for a in _chain(e, kept, producer)[1]:
+        readers.setdefault(a, []).append(e.name in REDUCTIONS)
   out = {}
   for a, red in readers.items():
     e = producer[a]
@@ -162,6 +172,51 @@ def _reads_as_rhs(shape, batch, contracting) -> bool:
   return dims in (b + c + f, b + f + c)
 
 
+def _dot_copies(e: Eqn, shape: Callable) -> list[tuple]:
+  """(operand, side, batch dims, contracting dims) of each operand of the dot `e` that XLA:CPU
+  copies into the layout its dot kernel reads (`dot_layout_copies`)."""
+  (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+  lhs, rhs = e.ins
+  ls, rs = shape(lhs), shape(rhs)
+  if ((_reads_as_lhs(ls, lb, lc) and _reads_as_rhs(rs, rb, rc))
+      or (_reads_as_lhs(rs, rb, rc) and _reads_as_rhs(ls, lb, lc))):
+    return []
+  need = [(lhs, "lhs", tuple(lb), tuple(lc))]
+  if not _reads_as_rhs(rs, rb, rc):
+    need.append((rhs, "rhs", tuple(rb), tuple(rc)))
+  return need
+
+
+# Shape ops XLA lowers to a bitcast (no kernel, the same buffer).
+BITCASTS = {"reshape", "squeeze", "expand_dims"}
+
+
+def slice_copies(eqns: Sequence[Eqn], sliced: set, producer: dict, shape: Callable) -> list[tuple[int, int, int]]:
+  """(input id, -1, index of the last dot reading it) of each input of a loop's body that the
+  loop reads as a slice of a stacked operand (`sliced`: the layer's residuals; its weights are
+  sliced alike, which `passes.screen_profile` leaves to FSDP's term) and a dot reads in place: XLA:CPU's dot kernels do not fuse the dynamic slice, which is
+  written to a buffer of its own (`dynamic-slice_bitcast_fusion` in its dumps), made at the
+  body's start (BFS depth one: it reads only the loop's operand, `bfs_order`) and live to the
+  last dot reading it. A dot copying the operand into its layout fuses the slice into that
+  copy (`dot_layout_copies`: one buffer), an elementwise kernel into itself (no buffer).
+  Traced on the 100M Llama's layer loops at TP 4 (XLA:CPU's live ranges,
+  `benchmarks/memory_peak.py`): the backward slices its residuals of [batch, seq, dim] and the
+  layer's weights, the forward its weights."""
+  last: dict[int, int] = {}
+  for i, e in enumerate(eqns):
+    if e.name != "dot_general" or None in e.ins:
+      continue
+    copied = {n[1] for n in _dot_copies(e, shape)}
+    for a, side in zip(e.ins, ("lhs", "rhs")):
+      if side in copied:
+        continue
+      while a in producer and producer[a].name in BITCASTS:
+        a = producer[a].ins[0]
+      if a in sliced:
+        last[a] = i
+  return [(a, -1, i) for a, i in last.items()]
+
+
 def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers: dict,
                       shape: Callable) -> list[tuple[int, int, int]]:
   """(operand id, index of the equation that makes it or -1, index of its last dot) of each
@@ -177,22 +232,10 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
   in_place: set = set()  # operands some dot reads in place
   made_at = {o: j for j, x in enumerate(eqns) for o in x.outs}
   for i, e in enumerate(eqns):
-    if e.name != "dot_general":
+    if e.name != "dot_general" or None in e.ins:
       continue
-    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
-    lhs, rhs = e.ins
-    if lhs is None or rhs is None:
-      continue
-    ls, rs = shape(lhs), shape(rhs)
-    if ((_reads_as_lhs(ls, lb, lc) and _reads_as_rhs(rs, rb, rc))
-        or (_reads_as_lhs(rs, rb, rc) and _reads_as_rhs(ls, lb, lc))):
-      in_place.update((lhs, rhs))
-      continue
-    need = [(lhs, "lhs", tuple(lb), tuple(lc))]
-    if _reads_as_rhs(rs, rb, rc):
-      in_place.add(rhs)
-    else:
-      need.append((rhs, "rhs", tuple(rb), tuple(rc)))
+    need = _dot_copies(e, shape)
+    in_place.update(a for a, side in zip(e.ins, ("lhs", "rhs")) if side not in {n[1] for n in need})
     for a, side, b, c in need:
       key = (a, side, b, c)
       if key in copies:
@@ -244,10 +287,40 @@ def eigen_dots(eqns: Sequence[Eqn], consumers: dict, shape: Callable) -> list[tu
   return out
 
 
+def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict, shape: Callable,
+              sliced: set = frozenset()) -> list[int]:
+  """The order XLA:CPU runs the equations' kernels in: its default scheduler
+  (`xla_cpu_enable_concurrency_optimized_scheduler`, on by default) is the BFS scheduler of
+  xla/service/hlo_memory_scheduler.cc, a first-in-first-out topological sort of each
+  computation, which runs the kernels by their depth (the longest chain of kernels from the
+  computation's parameters), not in program order. A kernel's depth is one more than the
+  deepest kernel it reads (through its fused chain); an operand a dot reads through a copy
+  (`dot_layout_copies`, `slice_copies`: kernels of their own) counts one level deeper; a fused
+  equation takes the depth of what it reads and comes before its kernel. Ties keep the program
+  order. Traced on XLA:CPU's schedules (`benchmarks/memory_peak.py`, the live-range dump's
+  instruction sequence): the 100M Llama's layer backward at TP 4 computes every value its
+  residuals alone give (the slices of the stacked residuals, rmsnorm's statistics, the
+  attention's probabilities) before the FFN's gradient, which the program order runs first;
+  the small Llama's head backward runs the input-gradient dot, which reads the padded logits'
+  gradient in place, before the weight gradient's, which reads its transposed copy."""
+  depth: dict[int, int] = {}
+  key = []
+  for i, e in enumerate(eqns):
+    copied = set()
+    if e.name == "dot_general" and None not in e.ins:
+      copied = {n[0] for n in _dot_copies(e, shape)} | (set(e.ins) & sliced)
+    base = max((depth.get(a, 0) + (a in copied) for a in e.ins if a is not None), default=0)
+    d = base + 1 if _is_kernel(e, kept) else base
+    for o in e.outs:
+      depth[o] = d
+    key.append((d, i))
+  return [i for _, i in sorted(key)]
+
+
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
          size: Callable, describe: Callable, last_reads: dict | None = None,
          copies: Sequence[tuple[int, int, int]] = (),
-         freed: Sequence[int] = ()) -> tuple[int, tuple[int, str]]:
+         freed: Sequence[int] = (), order: Sequence[int] | None = None) -> tuple[int, tuple[int, str]]:
   """(the most bytes of materialized values created here live at once, (bytes, description)
   of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body).
 
@@ -258,7 +331,11 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
       the equation after the one that makes the value.
     freed: inputs whose buffers are reclaimed after their last read (a part's own residuals,
       which the caller counts whole): the peak is then the most bytes above all of them, and
-      can be negative where the function's peak comes after their last reads."""
+      can be negative where the function's peak comes after their last reads.
+    order: the order the equations run in (`bfs_order`); the other arguments' indices are
+      into that order."""
+  if order is not None:
+    eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]
   last_use: dict[int, int] = {}
   for i, e in enumerate(eqns):
     for a in e.ins:
@@ -297,11 +374,17 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
 
 
 def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
-                 size: Callable, shape: Callable, freed: Sequence[int] = ()) -> tuple[set, Callable, dict]:
+                 size: Callable, shape: Callable, freed: Sequence[int] = (),
+                 sliced: Sequence[int] = ()) -> tuple[set, Callable, dict]:
   """(materialized set, size function, `peak` keyword arguments) of XLA:CPU's liveness (module
-  doc) over the fusion model's `kept` set; `freed`: inputs freed after their last read."""
+  doc) over the fusion model's `kept` set, its equations in XLA:CPU's order (`bfs_order`);
+  `shape`: per-device shapes; `freed`: inputs freed after their last read; `sliced`: inputs a
+  loop's body reads as slices of stacked operands (`slice_copies`)."""
   wide = shared_values(eqns, args, kept, producer, consumers, size)
   live = kept | set(wide)
+  order = bfs_order(eqns, live, producer, shape, set(sliced))
+  eqns = [eqns[i] for i in order]
   return live, (lambda i: size(wide.get(i, i))), dict(
       last_reads=kernel_last_reads(eqns, live, producer),
-      copies=dot_layout_copies(eqns, live, producer, consumers, shape), freed=list(freed))
+      copies=(dot_layout_copies(eqns, live, producer, consumers, shape)
+              + slice_copies(eqns, set(sliced), producer, shape)), freed=list(freed), order=order)
