@@ -14,7 +14,9 @@ the last kernel that reads it, fused chains included (XLA does not recompute it 
 made of); and its dot kernels read each operand in one layout (batch dims leading, the left
 operand's contracting dims last, the right one's contracting dims next to its batch or last):
 an operand in another order is copied into that layout first, a buffer of its own beside the
-operand whenever the operand is kept anyway (a dot's result, an input, a value read elsewhere).
+operand whenever the operand is kept anyway (a dot's result, an input, a value read elsewhere);
+a dot reading the copy does not read the operand, whose buffer is freed once its copies are made
+and its other readers are done.
 The weight gradients of a backward, `dot_general(x, dy)` contracting the leading (token) dims
 of both, are such dots: XLA:CPU copies `x` transposed (`copy_bitcast_fusion` in its dumps).
 Nor does it fuse an elementwise op into several kernels when the op is expensive (exp, rsqrt,
@@ -107,14 +109,16 @@ def _is_kernel(e: Eqn, kept: set) -> bool:
   return e.name not in FUSIBLE or any(o in kept for o in e.outs)
 
 
-def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict) -> dict[int, int]:
+def kernel_last_reads(eqns: Sequence[Eqn], kept: set, producer: dict, via: set = frozenset()) -> dict[int, int]:
   """value id -> index of the last kernel (an equation that is not fusible, or makes a
-  materialized value) that reads it, through the fusible ops fused into that kernel."""
+  materialized value) that reads it, through the fusible ops fused into that kernel; `via`:
+  (index, value) of dots reading the value through a copy (`dot_layout_copies`), not counted."""
   last: dict[int, int] = {}
   for i, e in enumerate(eqns):
     if _is_kernel(e, kept):
       for a in _reads(e, kept, producer):
-        last[a] = i
+        if (i, a) not in via:
+          last[a] = i
   return last
 
 
@@ -218,7 +222,7 @@ def slice_copies(eqns: Sequence[Eqn], sliced: set, producer: dict, shape: Callab
 
 
 def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers: dict,
-                      shape: Callable) -> list[tuple[int, int, int]]:
+                      shape: Callable, via: set | None = None) -> list[tuple[int, int, int]]:
   """(operand id, index of the equation that makes it or -1, index of its last dot) of each
   copy XLA:CPU makes of a dot operand into the layout its dot kernel reads (module doc).
 
@@ -227,8 +231,14 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
   it does not read in place as the right operand. A copy is its own buffer beside the operand,
   but for an operand a fusible op makes for dots alone, none of which reads it in place: its
   producing kernel writes the first layout they need (XLA:CPU's dumps: the attention's score
-  gradient written twice, once per dot, and not a third time in its own layout)."""
+  gradient written twice, once per dot, and not a third time in its own layout).
+
+  `via`, if given, gets (equation index, operand id) of each dot that reads the operand
+  through a copy of its own: that dot does not read the operand's buffer, which is freed once
+  its copies are made and its other readers are done (XLA:CPU's dumps: the grouped-query
+  attention's probabilities at TP 8, freed after their transposed copy is written)."""
   copies: dict[tuple, list] = {}
+  readers: dict[tuple, list] = {}  # copy key -> the dots reading through it
   in_place: set = set()  # operands some dot reads in place
   made_at = {o: j for j, x in enumerate(eqns) for o in x.outs}
   for i, e in enumerate(eqns):
@@ -238,6 +248,7 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
     in_place.update(a for a, side in zip(e.ins, ("lhs", "rhs")) if side not in {n[1] for n in need})
     for a, side, b, c in need:
       key = (a, side, b, c)
+      readers.setdefault(key, []).append(i)
       if key in copies:
         copies[key][2] = i
       else:
@@ -248,7 +259,7 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
   # reads a materialization of its own (post's backward: the logits' gradient, padded, three
   # times in XLA:CPU's dumps: in place, for the copy, the copy).
   out, written = [], set()
-  for a, made, last in copies.values():
+  for key, (a, made, last) in copies.items():
     shape_op = a in producer and producer[a].name in FUSIBLE and producer[a].name not in ELEMENTWISE
     if shape_op and a in in_place:
       out.append((a, made, made + 1))
@@ -257,6 +268,8 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
       written.add(a)
       continue
     out.append((a, made, last))
+    if via is not None:
+      via.update((i, a) for i in readers[key])
   return out
 
 
@@ -320,7 +333,8 @@ def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict, shape: Callable,
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
          size: Callable, describe: Callable, last_reads: dict | None = None,
          copies: Sequence[tuple[int, int, int]] = (),
-         freed: Sequence[int] = (), order: Sequence[int] | None = None) -> tuple[int, tuple[int, str]]:
+         freed: Sequence[int] = (), order: Sequence[int] | None = None,
+         via: set = frozenset()) -> tuple[int, tuple[int, str]]:
   """(the most bytes of materialized values created here live at once, (bytes, description)
   of the largest such value); `inner_peak[i]`: equation i's own peak (a loop's body).
 
@@ -333,17 +347,22 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
       which the caller counts whole): the peak is then the most bytes above all of them, and
       can be negative where the function's peak comes after their last reads.
     order: the order the equations run in (`bfs_order`); the other arguments' indices are
-      into that order."""
+      into that order.
+    via: (index, value) of dots that read the value through one of `copies`, not the value's
+      own buffer, which then lives until its copies are made and its other readers are done."""
   if order is not None:
     eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]
   last_use: dict[int, int] = {}
   for i, e in enumerate(eqns):
     for a in e.ins:
-      if a is not None:
+      if a is not None and (i, a) not in via:
         last_use[a] = i
   for a, i in (last_reads or {}).items():
     if a in last_use and i > last_use[a]:
       last_use[a] = i
+  for a, start, _ in copies:  # a copy reads its operand when it is made
+    if any(x == a for _, x in via) and last_use.get(a, -1) < start + 1:
+      last_use[a] = start + 1
   frees: dict[int, list] = {}
   for a, i in last_use.items():
     if a in producer and a in kept and a not in out_set:
@@ -384,7 +403,9 @@ def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: 
   live = kept | set(wide)
   order = bfs_order(eqns, live, producer, shape, set(sliced))
   eqns = [eqns[i] for i in order]
+  via: set = set()
+  copies = dot_layout_copies(eqns, live, producer, consumers, shape, via)
   return live, (lambda i: size(wide.get(i, i))), dict(
-      last_reads=kernel_last_reads(eqns, live, producer),
-      copies=(dot_layout_copies(eqns, live, producer, consumers, shape)
-              + slice_copies(eqns, set(sliced), producer, shape)), freed=list(freed), order=order)
+      last_reads=kernel_last_reads(eqns, live, producer, via),
+      copies=copies + slice_copies(eqns, set(sliced), producer, shape), freed=list(freed), order=order,
+      via=via)
