@@ -86,6 +86,7 @@ def main():
   ap.add_argument("--config", default="LlamaConfig(vocab=4096, dim=128, layers=2, heads=8, ffn=512, seq=128)")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--top", type=int, default=15)
+  ap.add_argument("--keep", action="store_true", help="keep XLA's dumps (their folder is printed)")
   args = ap.parse_args()
   plan = eval(args.plan, {"Plan": Plan})  # noqa: S307 (a developer's command line)
   cfg = eval(args.config, {"LlamaConfig": LlamaConfig})  # noqa: S307
@@ -95,7 +96,10 @@ def main():
   compiled = compile_plan(prog, plan, jax.devices(), build.tp_dims(prog, rules, plan.tp))
   mem = memory.memory_stats(compiled, "cpu", hlo_stats.analyze_hlo(compiled.as_text()))
   temp, peak, rows = live_at_peak(DUMP)
-  shutil.rmtree(DUMP, ignore_errors=True)
+  if args.keep:
+    print(f"  XLA's dumps kept under {DUMP}")
+  else:
+    shutil.rmtree(DUMP, ignore_errors=True)
   print(f"{plan!r} of {cfg}, batch {args.batch}")
   print(f"  compiled   {mem.total / MiB:10.2f} MiB  (buffer assignment {(mem.total - mem.scratch) / MiB:.2f}, "
         f"dot scratch {mem.scratch / MiB:.2f})")

@@ -22,7 +22,13 @@ def phase_peak(screen, plan: Plan, pre, blk, post, layout) -> tuple[dict, str]:
     the layer loop    the blocks' and pre's residuals (post's are dead), post's and pre's
                       gradients, the loop's stacked block gradients, one layer's working set;
     the forward       the residuals made so far and the layer's or post's forward.
-  Throughout: under gradient accumulation (mb > 1) the accumulator, one whole set. Under
+  Throughout: under gradient accumulation (mb > 1) the accumulator, one whole set. Without
+  FSDP a micro-batch's gradient has the accumulator's shape and XLA accumulates pre's and
+  post's in place: the embedding's scatter-add writes into the accumulator (no zeroed
+  target), post's weight gradient is added to it right after post's backward, before the
+  layer loop; only the loop's stacked block gradients stand beside it (XLA:CPU's buffer
+  assignment, the small Llama at dp=1 tp=8 mb=8 and dp=2 tp=4 mb=4: the accumulation loop's
+  carry and the layer loop's stack, no [vocab, dim] gradient of the micro-batch). Under
   FSDP a part's gradient is whole over 'data' until its reduction (XLA combines post's with
   pre's, after the loop: post's waits through it); the layer at work holds its gathered
   weights, then, past its last dot, its whole gradient twice (XLA:CPU reduces it with an
@@ -45,6 +51,8 @@ def phase_peak(screen, plan: Plan, pre, blk, post, layout) -> tuple[dict, str]:
                                                  if part is None or q == part))
   acc = trained() if plan.mb > 1 else 0
   g_pre, g_post, g_stack = trained(PRE, True), trained(POST, True), trained(BLOCKS)
+  if plan.mb > 1 and not fsdp:  # accumulated in place (docstring)
+    g_pre = g_post = 0
   per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
   saved_blocks = screen.program.num_blocks * per_layer + blk.saved_invariant + pre.saved + pre.saved_input
   saved_post = post.saved + post.saved_input
