@@ -15,40 +15,49 @@ def phase_peak(screen, plan: Plan, pre, blk, post, layout) -> tuple[dict, str]:
   """Without pipelining, on XLA:CPU: the step's memory at its largest phase, split into the
   terms (`screen`: the `passes.screen.Screen` whose terms these are).
 
-  The backward runs post, then the layers (a loop), then pre; what is live differs by
-  phase, and the peak is the largest phase, not the sum of every phase's largest part:
-    post's backward   every residual, post's working set (its gradient among its outputs),
-                      pre's gradient (the embedding's scatter target, zeroed up front);
-    the layer loop    the blocks' and pre's residuals (post's are dead), post's and pre's
-                      gradients, the loop's stacked block gradients, one layer's working set;
-    the forward       the residuals made so far and the layer's or post's forward; the
-                      layer loop's stacked block gradients and pre's, zeroed up front.
-  Throughout: under gradient accumulation (mb > 1) the accumulator, one whole set. Without
-  FSDP a micro-batch's gradient has the accumulator's shape and XLA accumulates pre's and
-  post's in place: the embedding's scatter-add writes into the accumulator (no zeroed
-  target), post's weight gradient is added to it right after post's backward, before the
-  layer loop; only the loop's stacked block gradients stand beside it (XLA:CPU's buffer
-  assignment, the small Llama at dp=1 tp=8 mb=8 and dp=2 tp=4 mb=4: the accumulation loop's
-  carry and the layer loop's stack, no [vocab, dim] gradient of the micro-batch). Under
-  FSDP a part's gradient is whole over 'data' until its reduction (XLA combines post's with
-  pre's, after the loop: post's waits through it); the layer at work holds its gathered
-  weights, then, past its last dot, its whole gradient twice (XLA:CPU reduces it with an
-  all-reduce: input and output; the backward's peak counts one); where the blocks re-gather
-  their weights (`passes.regather`) XLA keeps a second copy of the stored block shards in
-  the layout the per-layer gather reads (hoisted before the loops); with an accumulation
-  loop the gathers of pre's and post's weights, loop-invariant, are hoisted out of it and
-  stay for the step. XLA zeroes the backward layer loop's stacked gradients (its carry) and
-  the embedding's scatter target before the forward: both are live through it. Under FSDP
-  the forward's layer loop reads a copy of the stored block shards in the gather's layout
-  (made before it, freed after it, whatever the recomputation), and without accumulation
-  post's weights are gathered before it and held until post's backward (XLA:CPU's live
-  ranges: the 100M Llama at dp=2 tp=4 mb=16 'full' peaks in the forward's layer loop, with
-  the accumulator, the zeroed stack and the shard copy, 40.5 MiB each, -7.9% without the
-  last two; the small Llama's dp=8 FSDP the same, at its scale). Traced on XLA:CPU only (other platforms keep the sum of the terms: their
-  layer backward's working set, which the phases rely on, is not traced against their
-  compiler). XLA:CPU's buffer assignment, loop-carried values included
-  (`benchmarks/memory_peak.py`): the small Llama's dp=8 peaks in post's backward (the
-  blocks' gradients not yet made), the 100M's FSDP plans in the layer loop.
+  The step runs pre, the layers (a loop), post, then the backward: post's, the layers' (a
+  loop), pre's. What is live differs by phase, and the peak is the largest phase, not the
+  sum of every phase's largest part:
+    the forward       the residuals made so far and the layer's or post's forward;
+    post's backward   every residual and post's working set;
+    the layer loop    the blocks' and pre's residuals (post's are dead), post's gradient,
+                      one layer's working set;
+    pre's backward    pre's residuals, post's and the blocks' gradients.
+  Gradients (XLA:CPU's buffer assignment and live ranges, `benchmarks/memory_peak.py`):
+  - XLA zeroes the backward layer loop's stacked block gradients (its carry) and the
+    embedding's scatter target (pre's gradient) before the forward: both are live in every
+    phase up to the layer loop's end (the small Llama at dp=8, with and without FSDP: made
+    before the forward's loop, freed when the backward's loop takes them; the 100M at dp=2
+    tp=4 'none': 81 MiB of zeroed stack in post's backward).
+  - Under gradient accumulation (mb > 1) the accumulator, one whole set, throughout. Without
+    FSDP a micro-batch's gradient has the accumulator's shape and XLA accumulates pre's and
+    post's in place: the embedding's scatter-add writes into the accumulator (no zeroed
+    target), post's weight gradient is added to it right after post's backward, before the
+    layer loop (the small Llama at dp=1 tp=8 mb=8 and dp=2 tp=4 mb=4: the accumulation
+    loop's carry and the layer loop's stack, no [vocab, dim] gradient of the micro-batch).
+  - Under FSDP a part's gradient is whole over 'data' until its reduction (XLA combines
+    post's with pre's, after the loop: post's waits through it); the layer at work holds
+    its gathered weights, then, past its last dot, its whole gradient twice (XLA:CPU
+    reduces it with an all-reduce: input and output; the backward's peak counts one).
+  - Post's backward runs its input gradient's dot before its weight gradient's: at its
+    peak the logits' gradient is held three times (in place, and in the layouts of both
+    dots) and the head's weight gradient is not made yet; when it is, only its transposed
+    operand is left beside it. The jaxpr walk (`passes.jaxpr_liveness`) follows JAX's
+    order, the weight gradient's dot first, and peaks there with all four, so the phase
+    takes post's backward peak less that gradient (the small Llama's dp=8 FSDP: +13.0%
+    charging it, -0.6% without; the held-out GQA Llama's dp=8 FSDP +5.6..+9.4% -> -0.9..
+    -0.5%). Should the walk schedule those dots as XLA does, this correction goes.
+  Gathered weights under FSDP: where the blocks re-gather their weights (`passes.regather`)
+  XLA keeps a second copy of the stored block shards in the layout the per-layer gather
+  reads (hoisted before the loops); without re-gathering the forward's layer loop reads
+  such a copy too, made before it and freed after it (the 100M at dp=2 tp=4 mb=16 'full'
+  peaks in the forward's layer loop beside the accumulator, the zeroed stack and that copy,
+  40.5 MiB each: -7.9% without the last two, -1.0% with them). With an accumulation loop
+  the gathers of pre's and post's weights, loop-invariant, are hoisted out of it and stay
+  for the step; without one post's weights are gathered before the forward's layer loop
+  and held until post's backward. Traced on XLA:CPU only (other platforms keep the sum of
+  the terms: their layer backward's working set, which the phases rely on, is not traced
+  against their compiler).
 
   Returns:
     ({grads, saved_activations, gathered_params, temporaries}: bytes, what the peak is).
@@ -76,10 +85,14 @@ def phase_peak(screen, plan: Plan, pre, blk, post, layout) -> tuple[dict, str]:
       held = sum(g for q, _, g, _ in layout if q in (PRE, POST))
     at_work = screen.gathered_params(plan, blk, layout)
   post_regather = sum(g for q, _, g, _ in layout if q == POST) if fsdp and plan.mb == 1 else 0
+  # XLA runs post's input-gradient dot before its weight-gradient dot (docstring): its
+  # backward's peak, which the jaxpr walk takes at the weight gradient's dot, is less that
+  # gradient (the dot's output, whole over 'data')
+  post_bwd = post.bwd.peak_bytes - min(trained(POST, True), max(post.bwd.peak_bytes, 0))
   cands = [
       (f"post backward: largest {post.bwd.largest[1]}",
-       dict(grads=acc + g_pre, saved_activations=saved_blocks + saved_post,
-            gathered_params=held + post_regather, temporaries=copy + post.bwd.peak_bytes)),
+       dict(grads=acc + g_pre + g_stack, saved_activations=saved_blocks + saved_post,
+            gathered_params=held + post_regather, temporaries=copy + post_bwd)),
       (f"the layer loop's backward: block {blk.bwd.largest[1]}",
        dict(grads=acc + g_pre + g_post + g_stack, saved_activations=saved_blocks,
             gathered_params=held + at_work, temporaries=copy + blk.bwd.peak_bytes)),
