@@ -87,17 +87,7 @@ class Screened:
     return self.cost.total_s
 
 
-
 _nbytes = nbytes
-
-
-def _shards(spec, mesh: dict) -> int:
-  n = 1
-  for a in tuple(spec):
-    for ax in (a if isinstance(a, tuple) else (a,)):
-      if ax is not None:
-        n *= mesh[ax]
-  return n
 
 
 class Screen(TimeTerms):
@@ -144,8 +134,8 @@ class Screen(TimeTerms):
     pspecs, ospecs = self._specs(plan)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
     pleaves, specs = jax.tree.leaves(self.program.params), jax.tree.leaves(pspecs, is_leaf=is_spec)
-    params = sum(_nbytes(x) // _shards(s, mesh) for x, s in zip(pleaves, specs))
-    opt = sum(_nbytes(x) // _shards(s, mesh) for x, s in
+    params = sum(_nbytes(x) // sh.num_shards(s, mesh) for x, s in zip(pleaves, specs))
+    opt = sum(_nbytes(x) // sh.num_shards(s, mesh) for x, s in
               zip(jax.tree.leaves(self.opt_shapes), jax.tree.leaves(ospecs, is_leaf=is_spec)))
     batch = sum(_nbytes(x) // plan.dp for x in jax.tree.leaves(self.program.batch))
     # The step's outputs that do not alias a donated input: the loss, and the output tuple's
@@ -164,7 +154,7 @@ class Screen(TimeTerms):
     for (path, x), s, t in zip(flat, jax.tree.leaves(pspecs, is_leaf=is_spec), flags):
       where = str(getattr(path[0], "key", "")) if self.program.layers is not None else PRE
       if t and (part is None or where == part):
-        total += _nbytes(x) // _shards(sh.without_axis(s, DATA) if gathered else s, mesh)
+        total += _nbytes(x) // sh.num_shards(sh.without_axis(s, DATA) if gathered else s, mesh)
     return total
 
   def leaf_layout(self, plan: Plan) -> list[tuple[str, int, int, int]]:
@@ -177,8 +167,8 @@ class Screen(TimeTerms):
     flat = jax.tree_util.tree_leaves_with_path(self.program.params)
     for (path, x), s in zip(flat, jax.tree.leaves(pspecs, is_leaf=is_spec)):
       part = str(getattr(path[0], "key", "")) if self.program.layers is not None else PRE
-      stored = _nbytes(x) // _shards(s, mesh)
-      gathered = _nbytes(x) // _shards(sh.without_axis(s, DATA), mesh)
+      stored = _nbytes(x) // sh.num_shards(s, mesh)
+      gathered = _nbytes(x) // sh.num_shards(sh.without_axis(s, DATA), mesh)
       out.append((part, stored, gathered, x.shape[0] if part == BLOCKS else 1))
     return out
 

@@ -267,9 +267,9 @@ def _gpipe_entry(screen, plan: Plan, pre, blk, grads_bytes: float, layout) -> di
   whole = first_slice = 0.0
   for x, spec in zip(jax.tree.leaves(screen.program.params[BLOCKS]), jax.tree.leaves(pspecs[BLOCKS], is_leaf=is_spec)):
     gathered = sh.without_axis(spec, DATA)
-    n = nbytes(x) // _shards(gathered, mesh)
+    n = nbytes(x) // sh.num_shards(gathered, mesh)
     if gathered != spec and sh.without_axis(gathered, TENSOR) != gathered:
-      whole += nbytes(x) // _shards(sh.without_axis(gathered, TENSOR), mesh)
+      whole += nbytes(x) // sh.num_shards(sh.without_axis(gathered, TENSOR), mesh)
       first_slice = max(first_slice, n)
     else:
       whole += n
@@ -281,12 +281,3 @@ def _gpipe_entry(screen, plan: Plan, pre, blk, grads_bytes: float, layout) -> di
   return dict(grads=grads_bytes - g_post, saved_activations=stash + blk.saved_invariant + pre.saved + pre.saved_input,
               gathered_params=whole + first_slice + edge_weights, temporaries=2 * plan.mb * h + 2 * h)
 
-
-def _shards(spec, mesh: dict) -> int:
-  """How many shards `spec` cuts a value into on `mesh` (as `passes.screen`'s)."""
-  n = 1
-  for a in tuple(spec):
-    for ax in (a if isinstance(a, tuple) else (a,)):
-      if ax is not None:
-        n *= mesh[ax]
-  return n

@@ -150,3 +150,13 @@ def without_axis(spec: P, axis: str) -> P:
 def drop_leading(spec: P) -> P:
   """The spec of one block's slice of a stacked leaf."""
   return P(*tuple(spec)[1:])
+
+
+def num_shards(spec: P, mesh: dict) -> int:
+  """How many shards `spec` cuts a value into on a mesh of {axis: size}."""
+  n = 1
+  for a in tuple(spec):
+    for ax in (a if isinstance(a, tuple) else (a,)):
+      if ax is not None:
+        n *= mesh[ax]
+  return n
