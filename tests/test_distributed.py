@@ -156,7 +156,7 @@ def test_local_rows_and_global_batch_on_one_process():
     distributed.initialize("127.0.0.1:1", 2, 2)
 
 
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])  # the coordinator's death: -m slow
 def test_killing_one_process_stops_the_other_within_60s(tmp_path, victim):
   procs = _launch(tmp_path, "--plan", '{"dp": 8}', "--forever", "--heartbeat", "10")
   try:

@@ -30,6 +30,7 @@ def dry_run(tmp_path_factory):
   return out, run, doc
 
 
+@pytest.mark.slow  # ~90 s: the whole check on CPU (scripts/bench.sh slow_tests)
 def test_dry_run_runs_every_step(dry_run):
   out, run, doc = dry_run
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -42,6 +43,7 @@ def test_dry_run_runs_every_step(dry_run):
     assert part in run.stdout
 
 
+@pytest.mark.slow  # ~90 s: the whole check on CPU (scripts/bench.sh slow_tests)
 def test_dry_run_figures(dry_run):
   _, _, doc = dry_run
   cal = doc["calibration"]["compare"]
@@ -72,6 +74,7 @@ def test_dry_run_figures(dry_run):
   assert o["first_loss"]["rel_diff"] < 0.02, o["first_loss"]
 
 
+@pytest.mark.slow  # ~90 s: the whole check on CPU (scripts/bench.sh slow_tests)
 def test_dry_run_output_fits_the_device_tool(dry_run):
   """At most 8 files come back from $OUT, at most 2 folders down, named in [A-Za-z0-9._-]."""
   out, _, _ = dry_run

@@ -210,6 +210,7 @@ def test_bf16_checkpoint_with_mixed_precision_keeps_fp32_master_weights(bf16_dir
   _check_bf16_model(model, ref, got, want, rtol=2e-3)
 
 
+@pytest.mark.slow  # the bridged twin of test_frozen_params.test_memory_excludes_frozen_gradients_and_optimizer_state
 def test_frozen_embeddings_leave_the_plans_memory(tmp_path):
   """The bridged HF model with frozen embeddings: XLA's memory analysis of the FSDP step and
   the analytic screen both drop the embeddings' AdamW moments (to the byte) and the screen
