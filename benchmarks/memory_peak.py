@@ -14,10 +14,8 @@ Run: .venv/bin/python benchmarks/memory_peak.py --plan "Plan(dp=1, tp=4, pp=2, m
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,14 +34,9 @@ from passes.evaluate import compile_plan  # noqa: E402
 from passes.hardware import get_profile  # noqa: E402
 from passes.plan import Plan  # noqa: E402
 
+from benchmarks import heap_gap  # noqa: E402
+
 MiB = 2**20
-
-
-def _one(dump: str, suffix: str) -> str:
-  files = sorted(glob.glob(f"{dump}/*jit_step*cpu_after_optimizations-{suffix}"))
-  if not files:
-    raise FileNotFoundError(f"memory_peak: XLA wrote no {suffix} under {dump}.")
-  return open(files[-1]).read()
 
 
 def live_at_peak(dump: str) -> tuple[int, int, list[tuple[int, str]]]:
@@ -53,27 +46,12 @@ def live_at_peak(dump: str) -> tuple[int, int, list[tuple[int, str]]]:
   Over the buffer assignment's values with their live ranges, loop-carried ones (XLA's phi
   values of a while loop's tuple) included: the live-range report's own "(peak)" leaves
   those out, which made pipelines look like the heap packed badly around their loops (it
-  does not: the temp allocation is within 1% of this peak on the plans traced)."""
-  ba, lr = _one(dump, "buffer-assignment.txt"), _one(dump, "live-range.txt")
-  ranges = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in re.finditer(
-      r"^\s+(\S+?\{[\d,]*\}):(\d+)-(\d+)$", lr[lr.index("BufferLiveRange"):lr.index("Live ranges at")], re.M)}
-  at = ba.index("preallocated-temp")
-  start = ba.rindex("\nallocation", 0, at) + 1
-  end = ba.find("\nallocation", at)
-  block = ba[start:end if end >= 0 else len(ba)]
-  total = int(re.search(r"size (\d+)", block).group(1))
-  values = []
-  for m in re.finditer(r"value: <\d+ (\S+?)(\{[\d,]*\})?(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (\S+)", block):
-    key = m.group(1) + (m.group(2) or "{}")
-    if key in ranges:
-      values.append((int(m.group(4)), int(m.group(3)), ranges[key], f"{key} {m.group(5)}"))
+  does not: the temp allocation is within 1% of this peak on the plans traced; where it is
+  not, `benchmarks/heap_gap.py` shows why)."""
+  total, values = heap_gap.temp_values(dump)
   best, when = -1, 0
   for t in sorted({r[0] for _, _, r, _ in values}):  # the union of the intervals live at t
-    live, top = 0, -1
-    for off, size in sorted((o, s) for o, s, (a, b), _ in values if a <= t <= b):
-      if off + size > top:
-        live += off + size - max(off, top)
-        top = off + size
+    live, _ = heap_gap._live(values, t)
     if live > best:
       best, when = live, t
   rows = sorted(((s, what) for _, s, (a, b), what in values if a <= when <= b), reverse=True)
