@@ -157,6 +157,18 @@ class Screen(TimeTerms):
         total += _nbytes(x) // sh.num_shards(sh.without_axis(s, DATA) if gathered else s, mesh)
     return total
 
+  def trained_bytes(self, plan: Plan, layout, part: str | None = None, gathered: bool = False) -> float:
+    """`trainable_bytes`, read from the plan's `leaf_layout` where every parameter trains."""
+    if self.program.has_frozen:
+      return self.trainable_bytes(plan, part, gathered=gathered)
+    return sum((g if gathered else s) for q, s, g, _ in layout if part is None or q == part)
+
+  @staticmethod
+  def layer_residuals(plan: Plan, blk) -> float:
+    """The residuals one layer keeps for its backward; the re-gathering blocks redo their
+    weights' casts with the re-gather instead of keeping them (`passes.regather`)."""
+    return blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+
   def leaf_layout(self, plan: Plan) -> list[tuple[str, int, int, int]]:
     """Per parameter leaf: (part, per-device bytes as stored, bytes gathered over 'data',
     bytes per layer for a block leaf)."""
@@ -217,11 +229,8 @@ class Screen(TimeTerms):
     """Residuals kept for the backward: per layer x layers, plus pre's and post's."""
     if blk is None:
       return pre.saved + pre.saved_input
-    per_layer = blk.saved + blk.saved_input
-    if regathers(plan):  # the weights' casts are redone with the re-gather, not kept
-      per_layer -= blk.saved_weights
     edges = pre.saved + pre.saved_input + post.saved + post.saved_input
-    return self.program.num_blocks * per_layer + blk.saved_invariant + edges
+    return self.program.num_blocks * self.layer_residuals(plan, blk) + blk.saved_invariant + edges
 
   def gathered_params(self, plan: Plan, blk, layout) -> float:
     """Gathered weights held beyond the stored shards: under FSDP the layer at work's (the

@@ -61,14 +61,12 @@ def phase_peak(screen, plan: Plan, pre, blk, post, layout) -> tuple[dict, str]:
     ({grads, saved_activations, gathered_params, temporaries}: bytes, what the peak is).
   """
   fsdp = plan.fsdp and plan.shard_degree > 1
-  trained = lambda part=None, g=False: (screen.trainable_bytes(plan, part, gathered=g) if screen.program.has_frozen
-                                        else sum((gb if g else st) for q, st, gb, _ in layout
-                                                 if part is None or q == part))
+  trained = lambda part=None, g=False: screen.trained_bytes(plan, layout, part, gathered=g)
   acc = trained() if plan.mb > 1 else 0
   g_pre, g_post, g_stack = trained(PRE, True), trained(POST, True), trained(BLOCKS)
   if plan.mb > 1 and not fsdp:  # accumulated in place (docstring)
     g_pre = g_post = 0
-  per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+  per_layer = screen.layer_residuals(plan, blk)
   saved_blocks = screen.program.num_blocks * per_layer + blk.saved_invariant + pre.saved + pre.saved_input
   saved_post = post.saved + post.saved_input
   held = 0.0  # FSDP's gathered weights live in every phase

@@ -21,7 +21,6 @@ import jax
 from passes import shardings as sh
 from passes.plan import DATA, TENSOR, Plan
 from passes.program import BLOCKS, POST, PRE
-from passes.regather import regathers
 from passes.screen_time import nbytes
 
 
@@ -74,22 +73,15 @@ def grads(screen, plan: Plan, state: dict, layout) -> float:
   whole set of the stage's. XLA:CPU's buffer assignment, loop-carried values included
   (`benchmarks/memory_peak.py`): GPipe and 1F1B, with and without FSDP, 1-6 layers a
   stage, on three Llamas. With one layer a stage XLA removes that loop."""
-  if screen.program.has_frozen:
-    whole, stage = (screen.trainable_bytes(plan, gathered=True),
-                    screen.trainable_bytes(plan, BLOCKS, gathered=True))
-  else:
-    whole = sum(g for _, _, g, _ in layout)
-    stage = sum(g for part, _, g, _ in layout if part == BLOCKS)
-  return whole + (stage if layer_loop(screen, plan) else 0)
+  whole = screen.trained_bytes(plan, layout, gathered=True)
+  return whole + (screen.trained_bytes(plan, layout, BLOCKS, gathered=True) if layer_loop(screen, plan) else 0)
 
 
 def saved_activations(screen, plan: Plan, pre, blk, post) -> float:
   """Residuals kept for the backward: per layer x a stage's layers x micro-batches in flight,
   plus the edges' (pre's and post's; under 1F1B the micro-batches' stage inputs and their
   gradients)."""
-  per_layer = blk.saved + blk.saved_input
-  if regathers(plan):  # the weights' casts are redone with the re-gather, not kept
-    per_layer -= blk.saved_weights
+  per_layer = screen.layer_residuals(plan, blk)
   layers = screen.program.num_blocks // plan.pp
   in_flight = pipeline_shape(plan)[1]
   if layer_loop(screen, plan):
@@ -231,7 +223,7 @@ def _gpipe_temporaries(screen, plan: Plan, blk, post, layout, edge: float, what:
     loops -= gathered + screen.trainable_bytes(plan, POST, gathered=True) - stored
   counted = 0.0  # the loops' own terms, counted in saved_activations and grads
   if layer_loop(screen, plan):
-    per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+    per_layer = screen.layer_residuals(plan, blk)
     counted = (screen.program.num_blocks // plan.pp * per_layer
                + sum(g for part, _, g, _ in layout if part == BLOCKS))
   if edge - counted >= loops:
@@ -273,7 +265,7 @@ def _gpipe_entry(screen, plan: Plan, pre, blk, grads_bytes: float, layout) -> di
       first_slice = max(first_slice, n)
     else:
       whole += n
-  per_layer = blk.saved + blk.saved_input - (blk.saved_weights if regathers(plan) else 0)
+  per_layer = screen.layer_residuals(plan, blk)
   stash = pipeline_shape(plan)[1] * screen.program.num_blocks // plan.pp * per_layer
   g_post = screen.trainable_bytes(plan, POST, gathered=True)
   h = screen._hidden_bytes(plan)
