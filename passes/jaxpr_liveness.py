@@ -245,7 +245,8 @@ def dot_layout_copies(eqns: Sequence[Eqn], kept: set, producer: dict, consumers:
     if e.name != "dot_general" or None in e.ins:
       continue
     need = _dot_copies(e, shape)
-    in_place.update(a for a, side in zip(e.ins, ("lhs", "rhs")) if side not in {n[1] for n in need})
+    copied = {n[1] for n in need}
+    in_place.update(a for a, side in zip(e.ins, ("lhs", "rhs")) if side not in copied)
     for a, side, b, c in need:
       key = (a, side, b, c)
       readers.setdefault(key, []).append(i)
@@ -360,8 +361,9 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
   for a, i in (last_reads or {}).items():
     if a in last_use and i > last_use[a]:
       last_use[a] = i
+  read_via = {a for _, a in via}
   for a, start, _ in copies:  # a copy reads its operand when it is made
-    if any(x == a for _, x in via) and last_use.get(a, -1) < start + 1:
+    if a in read_via and last_use.get(a, -1) < start + 1:
       last_use[a] = start + 1
   frees: dict[int, list] = {}
   for a, i in last_use.items():
