@@ -16,6 +16,12 @@ order, whichever allocation is smaller):
 Its result can exceed the most bytes live at once: a few equal-sized values, each placed
 where the values placed before it left a gap, can need one slot more than are ever live.
 
+The durations are compared on the intervals' own clock. XLA's is its heap algorithm's: one
+tick per allocation or free event (a schedule step's definitions, then its frees); on that
+clock the dumped live ranges give XLA's allocation to the byte on six of seven traced plans,
+and shifting the events by one tick can open or close a whole slot (benchmarks/RESULTS.md,
+"Heap packing, simulated"), so intervals coarser than XLA's buffers do not predict the gap.
+
 `pack` reproduces that on given intervals; `benchmarks/heap_gap.py --simulate` checks it on
 XLA's own live ranges (the dumps `benchmarks/memory_peak.py --keep` leaves).
 """
