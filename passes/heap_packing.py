@@ -18,8 +18,8 @@ where the values placed before it left a gap, can need one slot more than are ev
 
 The durations are compared on the intervals' own clock. XLA's is its heap algorithm's: one
 tick per allocation or free event (a schedule step's definitions, then its frees); on that
-clock the dumped live ranges give XLA's allocation to the byte on six of seven traced plans,
-and shifting the events by one tick can open or close a whole slot (benchmarks/RESULTS.md,
+clock the dumped live ranges give XLA's allocation within a KiB on five of seven traced plans
+(the other two within 1.3%), and shifting the events by one tick can open or close a whole slot (benchmarks/RESULTS.md,
 "Heap packing, simulated"), so intervals coarser than XLA's buffers do not predict the gap.
 
 `pack` reproduces that on given intervals; `benchmarks/heap_gap.py --simulate` checks it on
