@@ -12,14 +12,26 @@ xla/service/heap_simulator/heap_simulator.cc), so a long-lived value (a while lo
 stack, colocated with its aliases over both layer loops) sits above whatever larger values
 used its range at any time of its life: a hole at another phase's peak.
 
-Run: .venv/bin/python benchmarks/heap_gap.py /tmp/ap_xla_memory_peak_XXXX [--min-mib 1]
+With --simulate it also replays the temp allocation's values through `passes.heap_packing`
+(XLA's best fit, re-implemented) on their dumped live ranges, timed twice: by schedule step, and
+by XLA's heap algorithm's own clock (one tick per allocation or free event, which sets the
+duration its spatial order sorts equal-sized buffers by): whether the simulation reproduces the
+allocation from the values' sizes and live ranges alone.
+
+Run: .venv/bin/python benchmarks/heap_gap.py /tmp/ap_xla_memory_peak_XXXX [--min-mib 1] [--simulate]
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import json
+import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from passes import heap_packing  # noqa: E402
 
 MiB = 2**20
 
@@ -31,8 +43,9 @@ def _one(dump: str, suffix: str) -> str:
   return open(files[-1]).read()
 
 
-def temp_values(dump: str) -> tuple[int, list[tuple[int, int, tuple[int, int], str]]]:
-  """(bytes of the temp allocation, [(offset, size, (first, last) time, value)] in it)."""
+def temp_values(dump: str, ids: bool = False) -> tuple[int, list[tuple]]:
+  """(bytes of the temp allocation, [(offset, size, (first, last) time, value)] in it); with
+  `ids`, each value's HLO value id appended (XLA's heap orders break ties by it)."""
   ba, lr = _one(dump, "buffer-assignment.txt"), _one(dump, "live-range.txt")
   ranges = {m.group(1): (int(m.group(2)), int(m.group(3))) for m in re.finditer(
       r"^\s+(\S+?\{[\d,]*\}):(\d+)-(\d+)$", lr[lr.index("BufferLiveRange"):lr.index("Live ranges at")], re.M)}
@@ -41,10 +54,11 @@ def temp_values(dump: str) -> tuple[int, list[tuple[int, int, tuple[int, int], s
   end = ba.find("\nallocation", at)
   block = ba[start:end if end >= 0 else len(ba)]
   values = []
-  for m in re.finditer(r"value: <\d+ (\S+?)(\{[\d,]*\})?(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (\S+)", block):
-    key = m.group(1) + (m.group(2) or "{}")
+  for m in re.finditer(r"value: <(\d+) (\S+?)(\{[\d,]*\})?(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (\S+)", block):
+    key = m.group(2) + (m.group(3) or "{}")
     if key in ranges:
-      values.append((int(m.group(4)), int(m.group(3)), ranges[key], f"{key} {m.group(5)}"))
+      values.append((int(m.group(5)), int(m.group(4)), ranges[key], f"{key} {m.group(6)}")
+                    + ((int(m.group(1)),) if ids else ()))
   return int(re.search(r"size (\d+)", block).group(1)), values
 
 
@@ -78,12 +92,74 @@ def heap_gap(dump: str, min_bytes: int = MiB) -> dict:
   return dict(temp=total, live_peak=best, at=when, top_at_peak=top, holes=holes)
 
 
+def _event_clock(values) -> list[tuple]:
+  """The values re-timed by XLA's heap algorithm's clock (`GlobalDecreasingSizeBestFitHeap`'s
+  `current_time_`): `HeapSimulator::RunComputation` replays each schedule step's definitions
+  (ordered by (start, end, id)), then its frees, and each Alloc, ShareWith and Free ticks."""
+  order = sorted(range(len(values)), key=lambda i: (values[i][2][0], values[i][2][1], values[i][4]))
+  steps = max(v[2][1] for v in values) + 1
+  defined, freed = [[] for _ in range(steps)], [[] for _ in range(steps)]
+  for i in order:
+    defined[values[i][2][0]].append(i)
+    freed[values[i][2][1]].append(i)
+  t, start, end = 0, {}, {}
+  for step in range(steps):
+    for i in defined[step]:
+      start[i], t = t, t + 1
+    for i in freed[step]:
+      end[i], t = t, t + 1
+  return [(o, s, (start[i], end[i]), w, k) for i, (o, s, _, w, k) in enumerate(values)]
+
+
+def buffers(values) -> list[heap_packing.Interval]:
+  """The values as XLA's heap buffers: values at one offset whose live ranges overlap are one
+  buffer (aliases: a loop's carried tuple, its body's parameter and root; in-place outputs),
+  its first value's range first, the others' as its `spans`, the largest value's size."""
+  group = list(range(len(values)))
+
+  def root(i):
+    while group[i] != i:
+      group[i] = group[group[i]]
+      i = group[i]
+    return i
+  at: dict[int, list] = {}
+  for i, v in enumerate(values):
+    at.setdefault(v[0], []).append(i)
+  for same in at.values():
+    for a in same:
+      for b in same:
+        if a < b and values[a][2][0] <= values[b][2][1] and values[b][2][0] <= values[a][2][1]:
+          group[root(a)] = root(b)
+  members: dict[int, list] = {}
+  for i in range(len(values)):
+    members.setdefault(root(i), []).append(values[i])
+  out = []
+  for g in members.values():
+    g.sort(key=lambda v: (v[2][0], v[4]))
+    out.append(heap_packing.Interval(max(v[1] for v in g), g[0][2][0], g[0][2][1], g[0][4],
+                                     tuple(v[2] for v in g[1:])))
+  return out
+
+
+def simulate(dump: str) -> dict:
+  """XLA's temp allocation beside `passes.heap_packing`'s on the dumped live ranges (module doc)."""
+  total, values = temp_values(dump, ids=True)
+  out = {"temp": total}
+  for clock, vals in (("schedule", values), ("events", _event_clock(values))):
+    bufs = buffers(vals)
+    out[clock] = {s: heap_packing.place(bufs, s, 64)[0] for s in ("spatial", "temporal")}
+  out["live_peak"] = heap_packing.live_peak(buffers(values))
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("dump", help="the XLA dump folder memory_peak.py --keep printed")
   ap.add_argument("--min-mib", type=float, default=1.0, help="smallest hole to show")
+  ap.add_argument("--simulate", action="store_true", help="replay the values through passes.heap_packing")
   args = ap.parse_args()
   r = heap_gap(args.dump, int(args.min_mib * MiB))
+  sim = simulate(args.dump) if args.simulate else None
   print(f"temp allocation {r['temp'] / MiB:9.2f} MiB")
   print(f"live at once    {r['live_peak'] / MiB:9.2f} MiB  (at time {r['at']})")
   print(f"packing gap     {(r['temp'] - r['live_peak']) / MiB:9.2f} MiB")
@@ -92,9 +168,16 @@ def main():
           f"{h['above']} (live {h['above_live'][0]}-{h['above_live'][1]}); its addresses held at other times by:")
     for w, o, s, (a, b) in h["used_by"]:
       print(f"      {w} at {o / MiB:.2f} MiB, {s / MiB:.2f} MiB, live {a}-{b}")
+  if sim:
+    print("simulated (passes.heap_packing on the dumped live ranges; XLA keeps the smaller order):")
+    for clock in ("schedule", "events"):
+      print(f"  timed by {clock:8}  spatial {sim[clock]['spatial'] / MiB:9.2f} MiB  "
+            f"temporal {sim[clock]['temporal'] / MiB:9.2f} MiB  (XLA {r['temp'] / MiB:.2f})")
   print(json.dumps({"benchmark": "heap_gap", "dump": args.dump, "temp_bytes": r["temp"],
                     "live_peak_bytes": r["live_peak"], "gap_bytes": r["temp"] - r["live_peak"],
-                    "holes_bytes": sum(h["hi"] - h["lo"] for h in r["holes"])}))
+                    "holes_bytes": sum(h["hi"] - h["lo"] for h in r["holes"]),
+                    **({"simulated_bytes": {c: min(sim[c]["spatial"], sim[c]["temporal"])
+                                            for c in ("schedule", "events")}} if sim else {})}))
 
 
 if __name__ == "__main__":

@@ -394,6 +394,49 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
   return (top or 0) if freed else max(top or 0, 0), largest
 
 
+def live_intervals(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
+                   size: Callable, last_reads: dict | None = None, copies: Sequence[tuple[int, int, int]] = (),
+                   freed: Sequence[int] = (), order: Sequence[int] | None = None,
+                   via: set = frozenset()) -> tuple[list[tuple[int, int, int]], int]:
+  """([(bytes, first step, last step)] of each buffer `peak` counts, the bytes of `freed`
+  among them): the same walk as `peak` (same arguments), as intervals over the equations'
+  steps instead of a running sum. A value is live from the step that makes it to its last
+  read (outputs to one past the last step), a copy from the step after its operand's to its
+  last dot, an equation's inner peak at its own step, a freed input from before the first
+  step to its last read; `passes.heap_packing.live_peak` of them less the freed bytes is
+  `peak`'s first result. For `passes.heap_packing.pack`: where XLA's best fit would place them
+  (`benchmarks/heap_packing_replay.py`)."""
+  if order is not None:
+    eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]
+  last_use: dict[int, int] = {}
+  for i, e in enumerate(eqns):
+    for a in e.ins:
+      if a is not None and (i, a) not in via:
+        last_use[a] = i
+  for a, i in (last_reads or {}).items():
+    if a in last_use and i > last_use[a]:
+      last_use[a] = i
+  read_via = {a for _, a in via}
+  for a, start, _ in copies:
+    if a in read_via and last_use.get(a, -1) < start + 1:
+      last_use[a] = start + 1
+  out = []
+  for i, e in enumerate(eqns):
+    for o in e.outs:
+      if o in kept and (o in last_use or o in out_set):
+        out.append((size(o), i, len(eqns) if o in out_set else max(i, last_use[o])))
+    if inner_peak[i]:
+      out.append((inner_peak[i], i, i))
+  for a, start, end in copies:
+    out.append((size(a), start + 1, max(start + 1, end)))
+  base = 0
+  for a in freed:
+    if a in last_use:
+      out.append((size(a), -1, last_use[a]))
+      base += size(a)
+  return out, base
+
+
 def cpu_liveness(eqns: Sequence[Eqn], args: Sequence[int], kept: set, producer: dict, consumers: dict,
                  size: Callable, shape: Callable, freed: Sequence[int] = (),
                  sliced: Sequence[int] = ()) -> tuple[set, Callable, dict]:
