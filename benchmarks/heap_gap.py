@@ -12,7 +12,7 @@ xla/service/heap_simulator/heap_simulator.cc), so a long-lived value (a while lo
 stack, colocated with its aliases over both layer loops) sits above whatever larger values
 used its range at any time of its life: a hole at another phase's peak.
 
-With --simulate it also replays the temp allocation's values through `passes.heap_packing`
+With --simulate it also replays the temp allocation's values through `benchmarks.heap_packing`
 (XLA's best fit, re-implemented) on their dumped live ranges, timed twice: by schedule step, and
 by XLA's heap algorithm's own clock (one tick per allocation or free event, which sets the
 duration its spatial order sorts equal-sized buffers by): whether the simulation reproduces the
@@ -31,7 +31,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passes import heap_packing  # noqa: E402
+from benchmarks import heap_packing  # noqa: E402
 
 MiB = 2**20
 
@@ -142,7 +142,7 @@ def buffers(values) -> list[heap_packing.Interval]:
 
 
 def simulate(dump: str) -> dict:
-  """XLA's temp allocation beside `passes.heap_packing`'s on the dumped live ranges (module doc)."""
+  """XLA's temp allocation beside `benchmarks.heap_packing`'s on the dumped live ranges (module doc)."""
   total, values = temp_values(dump, ids=True)
   out = {"temp": total}
   for clock, vals in (("schedule", values), ("events", _event_clock(values))):
@@ -156,7 +156,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("dump", help="the XLA dump folder memory_peak.py --keep printed")
   ap.add_argument("--min-mib", type=float, default=1.0, help="smallest hole to show")
-  ap.add_argument("--simulate", action="store_true", help="replay the values through passes.heap_packing")
+  ap.add_argument("--simulate", action="store_true", help="replay the values through benchmarks.heap_packing")
   args = ap.parse_args()
   r = heap_gap(args.dump, int(args.min_mib * MiB))
   sim = simulate(args.dump) if args.simulate else None
@@ -169,7 +169,7 @@ def main():
     for w, o, s, (a, b) in h["used_by"]:
       print(f"      {w} at {o / MiB:.2f} MiB, {s / MiB:.2f} MiB, live {a}-{b}")
   if sim:
-    print("simulated (passes.heap_packing on the dumped live ranges; XLA keeps the smaller order):")
+    print("simulated (benchmarks.heap_packing on the dumped live ranges; XLA keeps the smaller order):")
     for clock in ("schedule", "events"):
       print(f"  timed by {clock:8}  spatial {sim[clock]['spatial'] / MiB:9.2f} MiB  "
             f"temporal {sim[clock]['temporal'] / MiB:9.2f} MiB  (XLA {r['temp'] / MiB:.2f})")

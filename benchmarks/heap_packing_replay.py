@@ -2,7 +2,7 @@
 
 The screen takes each part's temporaries (a layer's forward or backward, pre's, post's) as the
 most bytes live at once over `passes.jaxpr_liveness`'s walk. XLA's buffer assignment packs
-them by best fit (`passes.heap_packing`), which can need more. This replays the saved
+them by best fit (`benchmarks.heap_packing`), which can need more. This replays the saved
 compiled rows twice, as `benchmarks/screen_replay.py` does: once as the screen is, once with
 every walk's peak replaced by `heap_packing.pack` of the same buffers
 (`jaxpr_liveness.live_intervals`, timed by XLA's heap clock: one tick per allocation or free),
@@ -24,8 +24,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import screen_replay  # noqa: E402
-from passes import heap_packing, jaxpr_liveness  # noqa: E402
-from passes.heap_packing import Interval  # noqa: E402
+from benchmarks import heap_packing  # noqa: E402
+from passes import jaxpr_liveness  # noqa: E402
+from benchmarks.heap_packing import Interval  # noqa: E402
 
 _PEAK = jaxpr_liveness.peak
 

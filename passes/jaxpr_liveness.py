@@ -403,8 +403,8 @@ def live_intervals(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inne
   steps instead of a running sum. A value is live from the step that makes it to its last
   read (outputs to one past the last step), a copy from the step after its operand's to its
   last dot, an equation's inner peak at its own step, a freed input from before the first
-  step to its last read; `passes.heap_packing.live_peak` of them less the freed bytes is
-  `peak`'s first result. For `passes.heap_packing.pack`: where XLA's best fit would place them
+  step to its last read; `benchmarks.heap_packing.live_peak` of them less the freed bytes is
+  `peak`'s first result. For `benchmarks.heap_packing.pack`: where XLA's best fit would place them
   (`benchmarks/heap_packing_replay.py`)."""
   if order is not None:
     eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]

@@ -1,9 +1,9 @@
-"""passes.heap_packing: XLA's best-fit heap packing on hand-made live ranges (no compile)."""
+"""benchmarks.heap_packing: XLA's best-fit heap packing on hand-made live ranges (no compile)."""
 from __future__ import annotations
 
 import pytest
 
-from passes.heap_packing import Interval, live_peak, pack, place
+from benchmarks.heap_packing import Interval, live_peak, pack, place
 
 
 def _chain(durations):
