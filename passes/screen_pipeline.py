@@ -106,8 +106,9 @@ def saved_activations(screen, plan: Plan, pre, blk, post) -> float:
     # within 3.3% but not gqa's: there XLA:CPU's BFS scheduler (`BFScheduler`, the default
     # on CPU) places the loss's shifted-logits slice (logits-sized) before the stage
     # backward loop in some plans and after it in others (the order of two ready
-    # instructions), which the plan does not tell (with `--xla_cpu_enable_concurrency_optimized_scheduler=false`,
-    # DFS, gqa's dp=1 tp=4 pp=2 mb=4 'none' compiles to 702 MiB instead of 728).
+    # instructions), which the plan does not tell (under the DFS scheduler instead,
+    # `--xla_cpu_enable_concurrency_optimized_scheduler=false`, gqa's dp=1 tp=4 pp=2 mb=4
+    # 'none' compiles to 702 MiB instead of 728).
     in_flight += 2 if plan.schedule == "1f1b" else 1
   edges = pre.saved + pre.saved_input + post.saved + post.saved_input
   if plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
