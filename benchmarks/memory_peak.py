@@ -5,7 +5,8 @@ reads the step's buffer assignment and live ranges (`*-buffer-assignment.txt`,
 `*-live-range.txt`) and prints: the compiled figures (`passes.memory.memory_stats`: buffer
 assignment, the CPU dot scratch), the temporaries' allocation beside the most of its bytes
 live at once (loop-carried values included, `live_at_peak`), the screen's terms
-(`passes.screen`) and the largest buffers live at that peak. This is how the screen's
+(`passes.screen`) and the largest buffers live at that peak, each with the JAX name stack
+it was made under (`origins`: which loop and op of the step). This is how the screen's
 pipeline terms were traced (benchmarks/RESULTS.md, "Screen accuracy").
 
 Run: .venv/bin/python benchmarks/memory_peak.py --plan "Plan(dp=1, tp=4, pp=2, mb=4, schedule='1f1b')"
@@ -14,8 +15,10 @@ Run: .venv/bin/python benchmarks/memory_peak.py --plan "Plan(dp=1, tp=4, pp=2, m
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -58,6 +61,19 @@ def live_at_peak(dump: str) -> tuple[int, int, list[tuple[int, str]]]:
   return total, best, rows
 
 
+def origins(dump: str) -> dict[str, str]:
+  """{instruction: the JAX name stack it was made under} of the step's optimised HLO: where a
+  buffer at the peak comes from (`shard_map/while/body/...` is the pipeline's tick loop,
+  `.../transpose(jvp())/while/body/...` the stage backward's layer loop inside it,
+  `.../jvp()/while/body/...` the stage forward's); empty for parameters and copies."""
+  files = sorted(glob.glob(f"{dump}/*jit_step*cpu_after_optimizations.txt"))
+  if not files:
+    return {}
+  text = open(files[-1]).read()
+  return {m.group(1): m.group(2).removeprefix("jit(step)/") for m in re.finditer(
+      r'^\s+(?:ROOT )?%(\S+) = [^\n]*?op_name="([^"]*)"', text, re.M)}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--plan", required=True, help="a Plan(...) expression")
@@ -74,6 +90,7 @@ def main():
   compiled = compile_plan(prog, plan, jax.devices(), build.tp_dims(prog, rules, plan.tp))
   mem = memory.memory_stats(compiled, "cpu", hlo_stats.analyze_hlo(compiled.as_text()))
   temp, peak, rows = live_at_peak(DUMP)
+  made = origins(DUMP)
   if args.keep:
     print(f"  XLA's dumps: {DUMP}")
   else:
@@ -87,7 +104,9 @@ def main():
         + ", ".join(f"{k} {v / MiB:.2f}" for k, v in screened.memory.items()))
   print(f"  largest buffers live at the peak:")
   for b, what in rows[:args.top]:
-    print(f"    {b / MiB:9.2f} MiB  {what[:110]}")
+    stack = made.get(what.split("{")[0], "")
+    stack = stack if len(stack) <= 96 else f"{stack[:44]}...{stack[-49:]}"  # the loop it is in ... the op
+    print(f"    {b / MiB:9.2f} MiB  {what[:76]:76}  {stack}")
   print(json.dumps({"benchmark": "memory_peak", "plan": repr(plan), "config": repr(cfg), "batch": args.batch,
                     "compiled_bytes": mem.total, "scratch_bytes": mem.scratch, "temp_bytes": temp,
                     "live_peak_temp_bytes": peak,

@@ -94,6 +94,21 @@ def saved_activations(screen, plan: Plan, pre, blk, post) -> float:
     # too, whose stacked residuals are its output, live beside the ring until they are
     # written into it: a third set (the 100M at tp=4, mb 4 and 16: 4 ring slots, the
     # backward's copy and the forward's stack, each 6 layers x the micro-batch's).
+    # Traced again since (the 100M at dp=1 tp=4 pp=2 mb=4, all three recomputations, and
+    # gqa's at the same plan, `benchmarks/memory_peak.py` with the values' name stacks):
+    # no phase holds all three. The stage forward's phase holds 2S + 2 sets (the ring, the
+    # forward's stack and the ring slot it replaces, read before the loop for the masked
+    # write `jnp.where(f_ok, new, old)`); the stage backward's 2S + 1 (the ring and the
+    # copy) beside post's residuals (its forward's head dot runs before the loop) and four
+    # more hidden-sized tick values. The count here is the forward phase's; where the peak
+    # is the backward's (the 100M at 'selective_op', +5.7% at mb=4) it is one set too
+    # many and its working set too small. A two-phase rule fits the 100M's 1F1B rows
+    # within 3.3% but not gqa's: there XLA:CPU's BFS scheduler (`BFScheduler`, the default
+    # on CPU) places the loss's shifted-logits slice (logits-sized) before the stage
+    # backward loop in some plans and after it in others (the order of two ready
+    # instructions), which the plan does not tell (under the DFS scheduler instead,
+    # `--xla_cpu_enable_concurrency_optimized_scheduler=false`, gqa's dp=1 tp=4 pp=2 mb=4
+    # 'none' compiles to 702 MiB instead of 728).
     in_flight += 2 if plan.schedule == "1f1b" else 1
   edges = pre.saved + pre.saved_input + post.saved + post.saved_input
   if plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
