@@ -55,8 +55,12 @@ def pipeline_memory(screen, plan: Plan, pre, blk, post, state: dict, layout) -> 
   if blk is None:
     raise ValueError(f"screen_pipeline: {plan!r} pipelines a program without layers "
                      "(Program.layers is None); only a layered program has stages")
-  temp, what = temporaries(screen, plan, pre, blk, post, layout)
-  terms = dict(grads=grads(screen, plan, state, layout), saved_activations=saved_activations(screen, plan, pre, blk, post),
+  if plan.schedule == "1f1b" and screen.platform == "cpu" and layer_loop(screen, plan):
+    saved, temp, what = _1f1b_tick_phases(screen, plan, pre, blk, post)
+  else:
+    temp, what = temporaries(screen, plan, pre, blk, post, layout)
+    saved = saved_activations(screen, plan, pre, blk, post)
+  terms = dict(grads=grads(screen, plan, state, layout), saved_activations=saved,
                gathered_params=gathered_params(plan, layout), temporaries=temp)
   if plan.schedule == "gpipe" and screen.platform == "cpu":
     entry = _gpipe_entry(screen, plan, pre, blk, terms["grads"], layout)
@@ -92,23 +96,8 @@ def saved_activations(screen, plan: Plan, pre, blk, post) -> float:
     # 216 MiB and a 72 MiB copy. With one layer a stage XLA removes that loop and reads
     # the stash in place (measured: no copy). Under 1F1B the tick's forward is a loop
     # too, whose stacked residuals are its output, live beside the ring until they are
-    # written into it: a third set (the 100M at tp=4, mb 4 and 16: 4 ring slots, the
-    # backward's copy and the forward's stack, each 6 layers x the micro-batch's).
-    # Traced again since (the 100M at dp=1 tp=4 pp=2 mb=4, all three recomputations, and
-    # gqa's at the same plan, `benchmarks/memory_peak.py` with the values' name stacks):
-    # no phase holds all three. The stage forward's phase holds 2S + 2 sets (the ring, the
-    # forward's stack and the ring slot it replaces, read before the loop for the masked
-    # write `jnp.where(f_ok, new, old)`); the stage backward's 2S + 1 (the ring and the
-    # copy) beside post's residuals (its forward's head dot runs before the loop) and four
-    # more hidden-sized tick values. The count here is the forward phase's; where the peak
-    # is the backward's (the 100M at 'selective_op', +5.7% at mb=4) it is one set too
-    # many and its working set too small. A two-phase rule fits the 100M's 1F1B rows
-    # within 3.3% but not gqa's: there XLA:CPU's BFS scheduler (`BFScheduler`, the default
-    # on CPU) places the loss's shifted-logits slice (logits-sized) before the stage
-    # backward loop in some plans and after it in others (the order of two ready
-    # instructions), which the plan does not tell (under the DFS scheduler instead,
-    # `--xla_cpu_enable_concurrency_optimized_scheduler=false`, gqa's dp=1 tp=4 pp=2 mb=4
-    # 'none' compiles to 702 MiB instead of 728).
+    # written into it: a third set where nothing tells the phases apart (other platforms).
+    # On XLA:CPU the tick's phases are read one by one (`_1f1b_tick_phases`).
     in_flight += 2 if plan.schedule == "1f1b" else 1
   edges = pre.saved + pre.saved_input + post.saved + post.saved_input
   if plan.schedule == "1f1b":  # the micro-batches' inputs and their gradients
@@ -200,22 +189,67 @@ def _1f1b_temporaries(screen, plan: Plan, pre, blk, post) -> tuple[float, str]:
   backward, post's buffers dead but its logits: the head's dot runs before the loop, the rest
   of post after it). With one layer a stage there is no loop and XLA
   interleaves post's backward with the block's: their working sets add up (the small
-  Llama at pp=2: the logits' gradient and the attention scores live at once)."""
+  Llama at pp=2: the logits' gradient and the attention scores live at once). On XLA:CPU
+  the layer loop's phases are `_1f1b_tick_phases`."""
   outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
   if not layer_loop(screen, plan):
     return max(outside, _post_in_tick(screen, post) + blk.temp_peak), \
         f"post and the block, interleaved in the ticks: block {blk.bwd.largest[1]}"
   copy = screen.program.num_blocks // plan.pp * (blk.saved + blk.saved_input)
   post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input) - copy
-  # XLA:CPU schedules the head's logits dot (post's forward's largest value) before the stage
-  # backward loop and the rest of post after it: the logits live across the loop (the 100M
-  # at dp=2 tp=1 and dp=1 tp=2, pp=4 mb=8: a 16 MiB f32[512,8192] / f32[1024,4096] at the
-  # peak inside the stage backward)
-  logits = post.fwd.largest[0] if screen.platform == "cpu" else 0.0
   best = max((post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
-             (blk.temp_peak + logits, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
+             (blk.temp_peak, f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
              (outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}"))
   return max(best[0], 0.0), best[1]
+
+
+def _1f1b_tick_phases(screen, plan: Plan, pre, blk, post) -> tuple[float, float, str]:
+  """1F1B's peak on XLA:CPU with a layer loop a stage: (the residuals and stage inputs kept,
+  the working set beside them, what it is) in the phase that holds the most.
+
+  A tick's forward and backward are each a loop over the stage's layers, which XLA
+  schedules nothing across. Beside the ring of 2S residual sets (`ring_slots`) and the
+  micro-batches' stage inputs and their gradients ([M, micro-batch, ...] each), the phases
+  hold (XLA:CPU's buffer assignment and the values' name stacks, `benchmarks/memory_peak.py`:
+  the 100M Llama at dp=1 tp=4 pp=2 mb=4, 'none', 'selective_op' and 'full', and the GQA
+  Llama at the same plan, 'selective_op', and at dp=2 tp=2 pp=2 mb=8 'full' with FSDP):
+    forward   the forward's stack of the micro-batch's residuals (the layer loop's output,
+              [layers, ...]), written into its ring slot in place after the loop (an idle
+              tick's write is dropped, `passes.pipeline_1f1b`): one set beyond the ring;
+              the layer loop's working set, and three hidden-sized tick values: the stage's
+              input (selected between the batch and what the previous stage sent), the
+              carried cotangent (copied: the tick overwrites it) and the slot of the input
+              gradients the tick's backward updates.
+    backward  the set the backward reads out of the ring (copied: one set beyond the ring;
+              the forward's stack is in the ring by then); the block backward's working
+              set; post's residuals (the head's dot and the norm before it run before the
+              stage backward loop and the rest of post after it, so its logits, its normed
+              input and its input live across the loop) and four hidden-sized values: post's
+              normed input a second time (XLA fuses its multiply into the head's dot operand
+              and into the residual separately), the stage output sent to the next stage,
+              the carried cotangent's copy and the input gradients' slot. The 100M 'none'
+              (4 ring slots and the copy of 252 MiB each), 'selective_op' and 'full', and
+              GQA's 'selective_op', peak here.
+    post      between the loops, its residuals and backward beside the ring and one set.
+    outside   pre, before the ticks (the ring made) and after them (the ring dead).
+  Replayed on every 1F1B candidate of four Llamas (`benchmarks/screen_replay.py`): the 100M's
+  within 3.3% (up to +5.7% before), the small's within 4.2%, the held-out six-head model's
+  within 4.2%. The loss's logits-sized slice (`ap_xla.models.decoder.next_token_loss`'s
+  `logits[:, :-1]`) is live across the stage backward loop in some plans and not in others
+  (XLA:CPU's BFS scheduler orders two ready instructions), which the plan does not tell:
+  not counted (GQA's dp=2 tp=2 pp=2 mb=8 'full' FSDP, -7.2%)."""
+  h = screen._hidden_bytes(plan)
+  one_set = screen.program.num_blocks // plan.pp * screen.layer_residuals(plan, blk)
+  ring = pipeline_shape(plan)[1] * one_set + blk.saved_invariant + pre.saved + pre.saved_input \
+      + 2 * plan.mb * h  # the micro-batches' stage inputs and their gradients
+  post_phase = max(post.fwd.peak_bytes, post.bwd.peak_bytes + post.saved + post.saved_input)
+  outside = max(pre.fwd.peak_bytes, pre.bwd.peak_bytes)
+  phases = [(ring + one_set, blk.fwd.peak_bytes + 3 * h, f"the stage forward in the ticks: block {blk.fwd.largest[1]}"),
+            (ring + one_set, blk.bwd.peak_bytes + post.saved + post.saved_input + 4 * h,
+             f"the stage backward in the ticks: block {blk.bwd.largest[1]}"),
+            (ring + one_set, post_phase, f"post in the ticks: largest {post.bwd.largest[1]}"),
+            (ring, outside, f"pre, outside the ticks: largest {pre.bwd.largest[1]}")]
+  return max(phases, key=lambda x: x[0] + x[1])
 
 
 def _gpipe_temporaries(screen, plan: Plan, blk, post, layout, edge: float, what: str) -> tuple[float, str]:
