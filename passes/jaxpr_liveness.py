@@ -331,6 +331,25 @@ def bfs_order(eqns: Sequence[Eqn], kept: set, producer: dict, shape: Callable,
   return [i for _, i in sorted(key)]
 
 
+def _last_uses(eqns: Sequence[Eqn], last_reads: dict | None, copies: Sequence[tuple[int, int, int]],
+               via: set) -> dict[int, int]:
+  """Value id -> the step of its last read (`peak`'s arguments): its direct uses but those
+  through a copy (`via`), its kernel's later reads, and the copies made of it."""
+  last_use: dict[int, int] = {}
+  for i, e in enumerate(eqns):
+    for a in e.ins:
+      if a is not None and (i, a) not in via:
+        last_use[a] = i
+  for a, i in (last_reads or {}).items():
+    if a in last_use and i > last_use[a]:
+      last_use[a] = i
+  read_via = {a for _, a in via}
+  for a, start, _ in copies:  # a copy reads its operand when it is made
+    if a in read_via and last_use.get(a, -1) < start + 1:
+      last_use[a] = start + 1
+  return last_use
+
+
 def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Sequence[int],
          size: Callable, describe: Callable, last_reads: dict | None = None,
          copies: Sequence[tuple[int, int, int]] = (),
@@ -353,18 +372,7 @@ def peak(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inner_peak: Se
       own buffer, which then lives until its copies are made and its other readers are done."""
   if order is not None:
     eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]
-  last_use: dict[int, int] = {}
-  for i, e in enumerate(eqns):
-    for a in e.ins:
-      if a is not None and (i, a) not in via:
-        last_use[a] = i
-  for a, i in (last_reads or {}).items():
-    if a in last_use and i > last_use[a]:
-      last_use[a] = i
-  read_via = {a for _, a in via}
-  for a, start, _ in copies:  # a copy reads its operand when it is made
-    if a in read_via and last_use.get(a, -1) < start + 1:
-      last_use[a] = start + 1
+  last_use = _last_uses(eqns, last_reads, copies, via)
   frees: dict[int, list] = {}
   for a, i in last_use.items():
     if a in producer and a in kept and a not in out_set:
@@ -408,18 +416,7 @@ def live_intervals(eqns: Sequence[Eqn], kept: set, producer: dict, out_set, inne
   (`benchmarks/heap_packing_replay.py`)."""
   if order is not None:
     eqns, inner_peak = [eqns[i] for i in order], [inner_peak[i] for i in order]
-  last_use: dict[int, int] = {}
-  for i, e in enumerate(eqns):
-    for a in e.ins:
-      if a is not None and (i, a) not in via:
-        last_use[a] = i
-  for a, i in (last_reads or {}).items():
-    if a in last_use and i > last_use[a]:
-      last_use[a] = i
-  read_via = {a for _, a in via}
-  for a, start, _ in copies:
-    if a in read_via and last_use.get(a, -1) < start + 1:
-      last_use[a] = start + 1
+  last_use = _last_uses(eqns, last_reads, copies, via)
   out = []
   for i, e in enumerate(eqns):
     for o in e.outs:
