@@ -57,6 +57,25 @@ def _softmax(x, dim, half_to_float=False):
   return jnp.where(ok, e / jnp.where(ok, total, 1), jnp.nan)
 
 
+def _gather(x, dim, index, *, sparse_grad=False):
+  """aten.gather as `jnp.take_along_axis` where the index spans the input on every other axis
+  (a loss picking each token's label logit: `nll_loss`, `cross_entropy`).
+
+  That gather names the other axes as batch dimensions, so GSPMD keeps a batch-sharded gather,
+  and its gradient's scatter-add, on each device's own rows. torchax's lowering indexes with
+  full index arrays: under data parallelism GSPMD then all-gathers the scatter-add's indices
+  and updates over 'data' on every step (tests/test_bridge_lowering.py counts them). An index
+  smaller than the input on another axis (torch allows it) takes torchax's lowering.
+  """
+  del sparse_grad  # a layout hint for torch's backward; the values are the same
+  if dim < 0:
+    dim += max(x.ndim, 1)
+  if x.ndim and index.ndim == x.ndim and all(index.shape) and all(
+      i == n for d, (i, n) in enumerate(zip(index.shape, x.shape)) if d != dim):
+    return jnp.take_along_axis(x, index, axis=dim, mode="clip")
+  return torchax_compat.aten_lowerings()[torch.ops.aten.gather].func(x, dim, index)
+
+
 def _grouped_mm(input, weight, offs):
   """transformers::grouped_mm_fallback (mixture-of-experts layers): rows [offs[i-1], offs[i]) of
   `input` times `weight[i]`, rows past offs[-1] zero; `jax.lax.ragged_dot` computes exactly that."""
@@ -76,6 +95,7 @@ NAMED_LOWERINGS: dict[str, Callable] = {
 EXTRA_LOWERINGS: dict[Any, Callable] = {
     torch.ops.aten._to_copy.default: _to_copy,
     torch.ops.aten._softmax.default: _softmax,
+    torch.ops.aten.gather.default: _gather,
     torch.ops.aten.scaled_dot_product_attention.default: attention.sdpa,
     rewrites.batched_matmul: rewrites.batched_matmul,
 }
