@@ -9,7 +9,10 @@ The walk lowers the jaxpr to its own IR (`passes.jaxpr_ir`: calls inlined, CSE, 
 the dims sharded over 'tensor' through it (`passes.jaxpr_tp`: the caller says which dim of each
 input is sharded, `in_dims`, from the plan's TP rules; a value's per-device bytes are its
 bytes / tp when it carries a sharded dim) and charges the collectives those rules need
-(`Comm`). Kernels, for the roofline of `passes.cost_model`: every matmul is one kernel (its
+(`Comm`), combined as XLA's all-reduce and all-gather combiners do: collectives of one kind
+that depend on none of each other (the same number of collectives on their longest path from
+the function's inputs: a block backward's q, k and v input gradients) run as one, of their
+summed bytes. Kernels, for the roofline of `passes.cost_model`: every matmul is one kernel (its
 FLOPs; operands and result moved); other ops fuse as `passes.jaxpr_liveness` says. This is
 the screen's model of fusion; the screen's calibration against compiled candidates
 (`passes.screen_calibration`) absorbs the difference.
@@ -21,6 +24,7 @@ adds its body's own peak), per device; `largest` is the largest single such valu
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Sequence
 
@@ -37,6 +41,19 @@ class Comm:
   kind: str
   bytes: int
   count: int = 1
+
+
+_SCOPES = itertools.count()  # one per walk of a (sub-)jaxpr: collectives combine within one
+
+
+def combined(pending) -> list[Comm]:
+  """`Comm`s of `(kind, bytes, count, scope, level)` records, those of one kind, run count, walk
+  and level merged into one of their summed bytes (module doc), in first-seen order."""
+  out: dict[tuple, int] = {}
+  for kind, size, count, scope, level in pending:
+    key = (kind, count, scope, level)
+    out[key] = out.get(key, 0) + size
+  return [Comm(kind, size, count) for (kind, count, _, _), size in out.items()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +112,10 @@ class _Walker:
     self.kernels: list[tuple] = []  # (flops, bytes, count), in walk order
     self.attention: list[tuple] = []  # (index, causal) of the kernels under ATTENTION_SCOPE
     self.att = False  # walking a sub-jaxpr under ATTENTION_SCOPE: 'causal' or 'full'; else False
-    self.comms: list[Comm] = []
+    self.comms: list[tuple] = []  # (kind, bytes, count, scope, level): `combined` makes the Comms
+    self.level: dict[int, int] = {}  # value id -> collectives on its longest path from the inputs
+    self.scope = 0  # the walk being walked
+    self.eqn_level = 1  # the level of the collectives of the equation being charged
     self.largest = (0, "")
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
     self.out_hints: list = []  # dims the caller shards the top-level outputs on
@@ -120,9 +140,10 @@ class _Walker:
       s[d] //= self.tp
     return tuple(s)
 
-  def comm(self, kind, size, count):
+  def comm(self, kind, size, count, level: int = 0):
+    """Charges a collective at `level` (collectives on the longest path to its operand, + 1)."""
     if self.tp > 1 and size:
-      self.comms.append(Comm(kind, int(size), count))
+      self.comms.append((kind, int(size), count, self.scope, level))
 
   def kernel(self, flops, size, count, att=False):
     if att:
@@ -133,6 +154,13 @@ class _Walker:
     """Walks `jaxpr` run `count` times; returns (output ids, their dims, its own peak bytes)."""
     top = args is not None  # the caller's function (nested loops and calls get fresh ids)
     args = args if args is not None else [self.prog.new(v.aval) for v in jaxpr.invars]
+    outer, self.scope = self.scope, next(_SCOPES)
+    try:
+      return self._walk(jaxpr, in_dims, count, args, top)
+    finally:
+      self.scope = outer
+
+  def _walk(self, jaxpr: Jaxpr, in_dims: Sequence, count: float, args, top: bool):
     eqns, outs = self.prog.lower(jaxpr, args, self.att)
     eqns = dce(eqns, outs)
     dims: dict = dict(zip(args, in_dims))
@@ -144,20 +172,25 @@ class _Walker:
     out_set = {o for o in outs if o is not None}
     producer: dict[int, Eqn] = {o: e for e in eqns for o in e.outs}
     inner_peak = []
+    level = self.level
     for e in eqns:
       ins = [dims.get(a) if a is not None else None for a in e.ins]
-      if PARTIAL in ins:
-        if jaxpr_tp.keeps_partial(e, ins):
-          out_dims, peak = [PARTIAL] * len(e.outs), 0
-        else:
-          for a, d in zip(e.ins, ins):
-            if d == PARTIAL:
-              self.comm("all-reduce", nbytes(self.prog.avals[a]), count)
-              dims[a] = None
-          ins = [dims.get(a) if a is not None else None for a in e.ins]
-          out_dims, peak = self.eqn(e, ins, count, dims)
+      if PARTIAL in ins and not jaxpr_tp.keeps_partial(e, ins):
+        for a, d in zip(e.ins, ins):
+          if d == PARTIAL:
+            level[a] = level.get(a, 0) + 1
+            self.comm("all-reduce", nbytes(self.prog.avals[a]), count, level[a])
+            dims[a] = None
+        ins = [dims.get(a) if a is not None else None for a in e.ins]
+      lv = max((level.get(a, 0) for a in e.ins if a is not None), default=0)
+      charged = len(self.comms)
+      if PARTIAL in ins:  # kept partial: reduced where it is consumed
+        out_dims, peak = [PARTIAL] * len(e.outs), 0
       else:
+        self.eqn_level = lv + 1  # the level of a collective the equation itself needs (`eqn`)
         out_dims, peak = self.eqn(e, ins, count, dims)
+      for o in e.outs:  # after a collective of its own (or inside its loop): one level on
+        level[o] = lv + (len(self.comms) > charged)
       inner_peak.append(peak)
       mask = 0
       for a in e.ins:
@@ -195,7 +228,7 @@ class _Walker:
       self.largest = largest
     for o in outs:  # a partial sum leaving the function is reduced there
       if o is not None and dims.get(o) == PARTIAL:
-        self.comm("all-reduce", nbytes(self.prog.avals[o]), count)
+        self.comm("all-reduce", nbytes(self.prog.avals[o]), count, level.get(o, 0) + 1)
         dims[o] = None
     return outs, [dims.get(o) if o is not None else None for o in outs], peak
 
@@ -247,7 +280,7 @@ class _Walker:
       return [None] * n, 0
     out_dims, comms = jaxpr_tp.op_dims(e, ins, self.prog.avals)
     for kind, size in comms:
-      self.comm(kind, size, count)
+      self.comm(kind, size, count, self.eqn_level)
     return out_dims, 0
 
   def dot(self, e: Eqn, ins, count, dims):
@@ -334,7 +367,7 @@ def analyze(closed: ClosedJaxpr, in_dims: Sequence, tp: int = 1, groups: Sequenc
   for o in outs:
     repeats.append(o is not None and o in seen)
     seen.add(o)
-  return JaxprCost(w.flops, tuple(w.kernels), tuple(w.comms), peak, w.largest, tuple(out_b),
+  return JaxprCost(w.flops, tuple(w.kernels), tuple(combined(w.comms)), peak, w.largest, tuple(out_b),
                    tuple(sources), tuple(out_dims), deps, tuple(repeats),
                    tuple(i for i, _ in w.attention), tuple(c for _, c in w.attention),
                    tuple(sorted(w.eigen_dots)))
