@@ -115,7 +115,6 @@ class _Walker:
     self.comms: list[tuple] = []  # (kind, bytes, count, scope, level): `combined` makes the Comms
     self.level: dict[int, int] = {}  # value id -> collectives on its longest path from the inputs
     self.scope = 0  # the walk being walked
-    self.eqn_level = 1  # the level of the collectives of the equation being charged
     self.largest = (0, "")
     self.deps: dict[int, int] = {}  # value id -> bitmask of the input groups it depends on
     self.out_hints: list = []  # dims the caller shards the top-level outputs on
@@ -187,8 +186,7 @@ class _Walker:
       if PARTIAL in ins:  # kept partial: reduced where it is consumed
         out_dims, peak = [PARTIAL] * len(e.outs), 0
       else:
-        self.eqn_level = lv + 1  # the level of a collective the equation itself needs (`eqn`)
-        out_dims, peak = self.eqn(e, ins, count, dims)
+        out_dims, peak = self.eqn(e, ins, count, dims, lv + 1)
       for o in e.outs:  # after a collective of its own (or inside its loop): one level on
         level[o] = lv + (len(self.comms) > charged)
       inner_peak.append(peak)
@@ -232,14 +230,15 @@ class _Walker:
         dims[o] = None
     return outs, [dims.get(o) if o is not None else None for o in outs], peak
 
-  def eqn(self, e: Eqn, ins, count, dims) -> tuple[list, int]:
-    """(dims of `e`'s outputs, its own inner peak bytes); charges its FLOPs, kernels, comms."""
+  def eqn(self, e: Eqn, ins, count, dims, level: int = 1) -> tuple[list, int]:
+    """(dims of `e`'s outputs, its own inner peak bytes); charges its FLOPs, kernels, comms
+    (a collective it needs itself at `level`: one more than the most on its operands' paths)."""
     name, p = e.name, e.params
     n = len(e.outs)
     if name in ("scan", "while", "cond") and e.att and not self.att:
       self.att = e.att  # its body runs under the scope too
       try:
-        return self.eqn(e, ins, count, dims)
+        return self.eqn(e, ins, count, dims, level)
       finally:
         self.att = False
     if name == "scan":
@@ -280,7 +279,7 @@ class _Walker:
       return [None] * n, 0
     out_dims, comms = jaxpr_tp.op_dims(e, ins, self.prog.avals)
     for kind, size in comms:
-      self.comm(kind, size, count, self.eqn_level)
+      self.comm(kind, size, count, level)
     return out_dims, 0
 
   def dot(self, e: Eqn, ins, count, dims):
