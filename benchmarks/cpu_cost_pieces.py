@@ -1,12 +1,15 @@
 """What the pieces of a step cost on XLA:CPU's simulated devices, against what the cost model charges.
 
-Three measurements, all devices running at once (as in a step), each beside the cost model's
+Four measurements, all devices running at once (as in a step), each beside the cost model's
 charge with a profile calibrated in the same run (`passes.calibrate.run_calibration`, so the
 machine's load hits both alike):
 
   stream   per device y = a * x + b over 16 MiB, into a fresh output per run (what the
            calibration timed before: the page faults of the new buffer included) and into the
            input's own buffer (donated: a step's state is donated, its temporaries reused).
+  sizes    the same stream, into the donated input, repeated in a loop inside one program at
+           buffer sizes from 16 KiB to 64 MiB per device: what a kernel gets whose operands the
+           caches still hold (L2 and L3 on this host), against the one 16 MiB pass.
   adamw    the update of optax.adamw on the plan_quality model's 1.57M parameters, replicated
            on every device vs sharded over 8 (FSDP), K updates in one program; the model
            charges 7 passes over the local parameters (read g, m, v, p; write m, v, p) at the
@@ -63,6 +66,33 @@ def stream(mesh, nbytes: int) -> dict:
     return st[0]
   t_reused = _median(run)
   return {"fresh_GBps": 2 * nbytes / t_fresh / 1e9, "reused_GBps": 2 * nbytes / t_reused / 1e9}
+
+
+STREAM_SIZES = (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
+def stream_sizes(mesh, sizes=STREAM_SIZES, moved: int = 64 << 20) -> list[dict]:
+  """GB/s per device of y = a x + b into the donated input, per buffer size, all devices at once.
+
+  The pass repeats in a loop inside one program (`moved` bytes per device in all, at most 512
+  passes), so dispatch is not timed and a buffer that fits the caches stays in them between
+  passes: the rate a kernel gets when its operands are still cached, against the calibration's
+  one pass over 16 MiB.
+  """
+  spec = P("d")
+  out = []
+  for nbytes in sizes:
+    loops = max(1, min(512, moved // nbytes))
+    body = jax.shard_map(lambda a: jax.lax.fori_loop(0, loops, lambda i, v: v * 1.0001 + 0.5, a),
+                         mesh=mesh, in_specs=spec, out_specs=spec)
+    f, st = jax.jit(body, donate_argnums=0), [jax.device_put(jnp.ones((mesh.size, nbytes // 4), jnp.float32),
+                                                             NamedSharding(mesh, spec))]
+
+    def run():
+      st[0] = f(st[0])
+      return st[0]
+    out.append({"bytes": nbytes, "passes": loops, "GBps": 2 * nbytes * loops / _median(run, 7) / 1e9})
+  return out
 
 
 def adamw(mesh, profile, updates: int = 5) -> dict:
@@ -123,6 +153,10 @@ def main():
   s = stream(mesh, 16 << 20)
   print(f"stream 16 MiB per device: into a fresh output {s['fresh_GBps']:.3g} GB/s, into the donated input "
         f"{s['reused_GBps']:.3g} GB/s per device ({s['reused_GBps'] / s['fresh_GBps']:.2f}x)")
+  sizes = stream_sizes(mesh)
+  print(f"\n{'stream, looped':24} {'passes':>7} {'GB/s per device':>16}")
+  for r in sizes:
+    print(f"{str(r['bytes'] >> 10) + ' KiB per device':24} {r['passes']:7d} {r['GBps']:16.3g}")
   a = adamw(mesh, profile)
   print(f"\n{'adamw update':24} {'measured ms':>12} {'model ms':>9}")
   for k, v in a.items():
@@ -137,7 +171,7 @@ def main():
   print(json.dumps({"benchmark": "cpu_cost_pieces", "devices": len(devices), "platform": devices[0].platform,
                     "profile": {"memory_bandwidth": profile.memory_bandwidth, "link_bandwidth": profile.link_bandwidth,
                                 "link_latency": profile.link_latency},
-                    "stream": s, "adamw": a, "gather": g, "seconds": round(time.perf_counter() - t0, 1)}))
+                    "stream": s, "stream_sizes": sizes, "adamw": a, "gather": g, "seconds": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":

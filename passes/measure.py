@@ -4,6 +4,12 @@ The cost model ranks every candidate; `rerank` then builds the k best-estimated 
 on the real devices (parameters and optimizer state allocated for each, sharded as the plan
 says), times a few steps after warm-up, and puts the measured-fastest first. A candidate that
 fails when run (out of memory, a runtime error) is recorded with the reason and not chosen.
+
+The candidates are timed in `rounds` interleaved rounds (every other one in reverse order),
+each round allocating a candidate's state afresh and timing a few steps, so a load that
+drifts while they run (a shared host, a throttling device) hits every candidate alike; a
+candidate's time is the median of its rounds. One candidate's state is alive at a time: the
+finalists are each near the memory budget and cannot share a device.
 """
 from __future__ import annotations
 
@@ -120,8 +126,8 @@ class PlanRunner:
 @dataclasses.dataclass(frozen=True)
 class StepTimer:
   """The default timer: `warmup` untimed steps (the first compiles), then the median of `steps`."""
-  warmup: int = 2
-  steps: int = 5
+  warmup: int = 1
+  steps: int = 3
 
   def __post_init__(self):
     for f, lo in (("warmup", 0), ("steps", 1)):
@@ -147,31 +153,61 @@ def _error_text(e: BaseException) -> str:
   return " ".join(f"{type(e).__name__}: {e}".strip().splitlines())[:2000]
 
 
-def measure_candidate(program: Program, cand: CandidateResult, devices, timer: Timer) -> CandidateResult:
-  """Runs one candidate and returns it with `details['measured_s']`, or failed with the reason."""
-  runner = None
-  try:
-    runner = PlanRunner(program, cand.plan, devices)
+def _time_once(program: Program, cand: CandidateResult, devices, timer: Timer,
+               built: BuiltStep | None) -> float:
+  """One timed run of a candidate with its state allocated for it and freed after."""
+  with PlanRunner(program, cand.plan, devices, built) as runner:
     seconds = float(timer(cand.plan, runner.run_once))
-    if not seconds > 0:
-      raise ValueError(f"the timer returned {seconds!r} s for {cand.plan}; expected a positive time.")
-  except Exception as e:  # a candidate that fails at run time is a result, not a crash
-    reason = f"failed at run time: {_error_text(e)}"
-    log.warning("  %s %s", cand.plan, reason[:300])
-    return dataclasses.replace(cand, verdict=COMPILE_ERROR, reason=reason,
-                               details={**cand.details, "measure_error": _error_text(e)})
-  finally:
-    if runner is not None:
-      runner.close()
+  if not seconds > 0:
+    raise ValueError(f"the timer returned {seconds!r} s for {cand.plan}; expected a positive time.")
+  return seconds
+
+
+def _failed(cand: CandidateResult, e: BaseException) -> CandidateResult:
+  reason = f"failed at run time: {_error_text(e)}"
+  log.warning("  %s %s", cand.plan, reason[:300])
+  return dataclasses.replace(cand, verdict=COMPILE_ERROR, reason=reason,
+                             details={**cand.details, "measure_error": _error_text(e)})
+
+
+def _measured(cand: CandidateResult, times: list[float]) -> CandidateResult:
+  seconds = statistics.median(times)
   ratio = cand.est_time_s / seconds if cand.est_time_s else None
-  details = {**cand.details, "measured_s": seconds, "est_over_measured": ratio}
+  details = {**cand.details, "measured_s": seconds, "measured_rounds_s": list(times), "est_over_measured": ratio}
   reason = f"measured {fmt_time(seconds)} (est. {fmt_time(cand.est_time_s)}"
   reason += f", est/measured {ratio:.2f})" if ratio is not None else ")"
   return dataclasses.replace(cand, reason=reason, details=details)
 
 
+def measure_interleaved(program: Program, cands: list[CandidateResult], devices, timer: Timer,
+                        rounds: int) -> dict[Plan, CandidateResult]:
+  """Times `cands` in `rounds` interleaved rounds (module doc): {plan: measured or failed}.
+
+  Each candidate is built once; every round allocates its state, calls `timer` once and frees
+  the state before the next candidate runs. A candidate that fails in any round is failed and
+  leaves the later rounds.
+  """
+  built: dict[Plan, BuiltStep] = {}
+  times: dict[Plan, list[float]] = {c.plan: [] for c in cands}
+  out: dict[Plan, CandidateResult] = {}
+  for r in range(rounds):
+    alive = [c for c in cands if c.plan not in out]
+    for cand in (alive if r % 2 == 0 else alive[::-1]):
+      try:
+        if cand.plan not in built:
+          built[cand.plan] = build_plan(program, cand.plan, devices)
+        times[cand.plan].append(_time_once(program, cand, devices, timer, built[cand.plan]))
+      except Exception as e:  # a candidate that fails at run time is a result, not a crash
+        out[cand.plan] = _failed(cand, e)
+        built.pop(cand.plan, None)
+  for cand in cands:
+    if cand.plan not in out:
+      out[cand.plan] = _measured(cand, times[cand.plan])
+  return out
+
+
 def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
-           timer: Timer | None = None) -> list[CandidateResult]:
+           timer: Timer | None = None, rounds: int = 3) -> list[CandidateResult]:
   """Measures the `k` best-estimated feasible candidates and puts the measured-fastest first.
 
   Args:
@@ -179,7 +215,9 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
     ranked: the candidates ranked by estimate (`report.rank`).
     devices: the devices to run on.
     k: how many feasible candidates to run (at least 1).
-    timer: `timer(plan, run_once) -> seconds`; default `StepTimer()` (median of 5 after 2 warm-up).
+    timer: `timer(plan, run_once) -> seconds`, called once per candidate per round; default
+      `StepTimer()` (the median of 3 steps after 1 warm-up step).
+    rounds: interleaved rounds (module doc); a candidate's time is the median of its rounds.
 
   Returns:
     The candidates re-ranked: measured ones fastest first, then unmeasured feasible ones by
@@ -195,15 +233,16 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
   """
   if not isinstance(k, int) or isinstance(k, bool) or k < 1:
     raise ValueError(f"rerank: k must be a positive int (how many candidates to run), got {k!r}.")
+  if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+    raise ValueError(f"rerank: rounds must be a positive int (interleaved timing rounds), got {rounds!r}.")
   timer = timer or StepTimer()
   feasible = [c for c in ranked if c.verdict == FEASIBLE]
   top = feasible[:k]
-  log.info("Measuring the %d best-estimated of %d feasible candidates on %d devices.", len(top),
-           len(feasible), len(devices))
-  measured = {}
+  log.info("Measuring the %d best-estimated of %d feasible candidates on %d devices, %d interleaved round(s).",
+           len(top), len(feasible), len(devices), rounds)
+  measured = measure_interleaved(program, top, devices, timer, rounds)
   for i, cand in enumerate(top):
-    m = measure_candidate(program, cand, devices, timer)
-    measured[cand.plan] = m
+    m = measured[cand.plan]
     if "measured_s" in m.details:
       log.info("  #%d %s: estimated %s, measured %s (estimate/measured = %.2f)", i, cand.plan,
                fmt_time(cand.est_time_s), fmt_time(m.details["measured_s"]),

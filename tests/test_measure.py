@@ -48,7 +48,9 @@ def test_rerank_chooses_the_measured_fastest_and_records_failures(caplog):
   timer = FakeTimer({A: 0.05, B: 0.03, C: 0.01}, fail={B})
   with caplog.at_level(logging.INFO, logger="ap_xla"):
     out = measure.rerank(prog, ranked, DEVICES, k=3, timer=timer)
-  assert timer.calls == [A, B, C]  # the k best estimates, in order; D is not run
+  # the k best estimates, in order, in 3 interleaved rounds (every other one reversed); B fails in
+  # the first and leaves the later rounds; D is not run
+  assert timer.calls == [A, B, C, C, A, A, C]
   assert [c.plan for c in out] == [C, A, D, Plan(dp=1), B]  # measured, unmeasured, rejected
   best = out[0]
   assert best.details["measured_s"] == 0.01 and best.details["est_over_measured"] == pytest.approx(0.3)
@@ -78,6 +80,28 @@ def test_search_with_measure_top_k_picks_the_measured_fastest(caplog):
   assert res.candidates[1].plan == order[0] and res.candidates[1].details["measured_s"] == 0.2
   assert res.timings["measure"] > 0 and "The final configuration is" in caplog.text
   assert "fastest measured (100.000 ms) of 2 run" in caplog.text
+
+
+def test_interleaved_rounds_take_each_candidates_median():
+  """A load that hits one round (A's first run here) does not decide the choice: each candidate's
+  time is the median of its rounds, its state allocated afresh for each."""
+  prog = mlp_program(batch=16)
+  script = {A: [0.5, 0.1, 0.1], B: [0.2, 0.2, 0.2]}
+  calls = []
+
+  def timer(plan, run_once):
+    run_once()
+    calls.append(plan)
+    return script[plan][sum(p == plan for p in calls) - 1]
+  out = measure.rerank(prog, [_cand(A, 1e-3), _cand(B, 2e-3)], DEVICES, k=2, timer=timer)
+  assert calls == [A, B, B, A, A, B]
+  assert [c.plan for c in out] == [A, B] and out[0].details["measured_s"] == 0.1
+  assert out[0].details["measured_rounds_s"] == [0.5, 0.1, 0.1]
+  one = measure.rerank(prog, [_cand(A, 1e-3), _cand(B, 2e-3)], DEVICES, k=2, rounds=1,
+                       timer=lambda plan, run: {A: 0.5, B: 0.2}[plan])
+  assert [c.plan for c in one] == [B, A]  # a single round: A's slow run decides
+  with pytest.raises(ValueError, match=r"rounds must be a positive int .* got 0"):
+    measure.rerank(prog, [_cand(A, 1e-3)], DEVICES, k=1, rounds=0)
 
 
 def test_every_measured_candidate_failing_is_out_of_memory():
