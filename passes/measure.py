@@ -58,6 +58,40 @@ def check_measurable(hardware, devices, k: int) -> None:
                      "measure_top_k=0 (AP_XLA_MEASURE_TOP_K unset) to rank by the estimate.")
 
 
+# The estimate does not order plans whose estimated step times lie within this share of each
+# other: on plan_quality's Llamas (8 simulated CPU devices) the estimate's choice measured 5-9%
+# slower than a twin it put 1.7% behind, where measuring both chose right (benchmarks/RESULTS.md).
+NEAR_TIE = 0.05
+MAX_SUGGESTED = 4
+
+
+def near_ties(ranked: list[CandidateResult], share: float = NEAR_TIE) -> list[CandidateResult]:
+  """The feasible candidates estimated within `share` of the best estimate, best first."""
+  feasible = [c for c in ranked if c.verdict == FEASIBLE and c.est_time_s]
+  if not feasible:
+    return []
+  best = min(c.est_time_s for c in feasible)
+  return sorted((c for c in feasible if c.est_time_s <= best * (1 + share)), key=lambda c: c.est_time_s)
+
+
+def suggest_measuring(ranked: list[CandidateResult], hardware, devices) -> int:
+  """Logs, when the best estimates are near ties and the devices are the plan's target, how
+  `measure_top_k` would settle them; returns the k suggested (0: none)."""
+  near = near_ties(ranked)
+  k = min(len(near), MAX_SUGGESTED)
+  if k < 2:
+    return 0
+  try:
+    check_measurable(hardware, devices, k)
+  except ValueError:  # planning for a target these devices are not: nothing to measure here
+    return 0
+  log.info("%d feasible candidates are estimated within %.0f%% of the best (%s); the estimate does not "
+           "order plans that close. AP_XLA_MEASURE_TOP_K=%d (SearchSettings.measure_top_k) would time the %d "
+           "best on the devices and choose the fastest.", len(near), NEAR_TIE * 100,
+           ", ".join(f"{c.plan} {fmt_time(c.est_time_s)}" for c in near[:k]), k, k)
+  return k
+
+
 def _random_like(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
   """Arrays of `tree`'s shapes and dtypes made directly in `shardings` (no host copy)."""
   leaves, treedef = jax.tree.flatten(tree)

@@ -371,6 +371,9 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     t2 = time.perf_counter()
     ranked = measure.rerank(program, ranked, devices, settings.measure_top_k, timer=timer)
     t_measure = time.perf_counter() - t2
+  else:
+    from passes import measure
+    measure.suggest_measuring(ranked, hw, devices)
   chosen = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=ranked[0].reason if "measured_s" in
                                ranked[0].details else f"fastest estimate among {len(ok)} feasible candidates")
   ranked[0] = chosen

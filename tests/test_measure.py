@@ -158,3 +158,21 @@ def test_measure_top_k_is_read_from_the_environment(var):
   assert env.read_settings({}).measure_top_k == 0
   with pytest.raises(ValueError, match=var):
     env.read_settings({var: "-2"})
+
+
+def test_near_ties_suggest_measuring_only_where_the_devices_are_the_target(caplog):
+  from passes.hardware import get_profile
+  ranked = [_cand(A, 1.00e-3), _cand(B, 1.04e-3), _cand(C, 1.20e-3), _cand(D, 1.01e-3, OVER_BUDGET)]
+  assert [c.plan for c in measure.near_ties(ranked)] == [A, B]  # C is 20% off; D does not fit
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    assert measure.suggest_measuring(ranked, get_profile("cpu"), DEVICES) == 2
+  assert "2 feasible candidates are estimated within 5% of the best" in caplog.text
+  assert "AP_XLA_MEASURE_TOP_K=2" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    # a GPU target planned on these CPU devices: timing here would not be the target's
+    assert measure.suggest_measuring(ranked, get_profile("h100"), DEVICES) == 0
+    assert measure.suggest_measuring([_cand(A, 1e-3), _cand(C, 2e-3)], get_profile("cpu"), DEVICES) == 0
+  assert "MEASURE_TOP_K" not in caplog.text
+  many = [_cand(Plan(dp=8 // t, tp=t, mb=m), 1e-3) for t in (1, 2, 4) for m in (1, 2)]
+  assert measure.suggest_measuring(many, get_profile("cpu"), DEVICES) == measure.MAX_SUGGESTED
