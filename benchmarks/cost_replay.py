@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import math
 import os
@@ -54,12 +55,15 @@ def curve_bandwidth(curve: list[tuple[int, float]], nbytes: float) -> float:
 
 
 def curve_estimate(stats: HloStats, plan: Plan, profile: hardware.HardwareProfile, curve) -> float:
-  """`cost_model.estimate_step_time`'s total on a host profile (no overlap, no flash attention)
-  with each kernel's bytes at the curve's rate for its size."""
-  peak = profile.matmul_rate("bf16" if plan.bf16 else "f32")
-  compute = math.fsum(k.count * max(k.flops / peak, k.bytes / curve_bandwidth(curve, max(k.bytes, 1)))
-                      for k in stats.kernels)
-  return compute + math.fsum(c.count * cost_model.collective_time(c, profile) for c in stats.collectives)
+  """`cost_model.estimate_step_time`'s total with each kernel's bytes at the curve's rate for its
+  size: the model itself, run on kernels whose bytes are rescaled by the profile's streaming
+  bandwidth over the curve's rate (so bytes / bandwidth is bytes / the curve's rate)."""
+  bw = profile.streaming_bandwidth
+
+  def at_size(ks):
+    return tuple(Kernel(k.flops, k.bytes * bw / curve_bandwidth(curve, max(k.bytes, 1)), k.count) for k in ks)
+  scaled = dataclasses.replace(stats, kernels=at_size(stats.kernels), attention=at_size(stats.attention))
+  return cost_model.estimate_step_time(scaled, plan, profile).total_s
 
 
 def judge(rows: list[dict], profile: hardware.HardwareProfile, curve=None) -> dict:

@@ -291,12 +291,11 @@ def main():
   options = SearchOptions(mixed_precision=False, pipeline_parallel=args.pipeline)
   # Every candidate compiled (exhaustive): the cost model is judged on all feasible plans, not
   # only on those the screened search compiles; the screened search's choice is shown beside.
-  res = search(prog, devices, options, SearchSettings(hardware=profile, capacity_bytes=profile.memory_bytes,
-                                                      progress=False, max_threads=2, exhaustive=True))
+  settings = SearchSettings(hardware=profile, capacity_bytes=profile.memory_bytes, progress=False, max_threads=2)
+  res = search(prog, devices, options, dataclasses.replace(settings, exhaustive=True))
   print(f"{prog!r}, {cfg}\nsearch: {len(res.candidates)} candidates, {len(res.feasible)} feasible, "
         f"chose {res.plan} in {res.timings['total']:.1f} s (every candidate compiled)", flush=True)
-  screened = search(prog, devices, options, SearchSettings(hardware=profile, capacity_bytes=profile.memory_bytes,
-                                                           progress=False, max_threads=2))
+  screened = search(prog, devices, options, settings)
   print(f"screened search: compiled {sum(c.compiled for c in screened.candidates)} of {len(screened.candidates)}, "
         f"chose {screened.plan} ({'the same plan' if screened.plan == res.plan else 'another plan'})", flush=True)
 
@@ -305,9 +304,7 @@ def main():
     # The opt-in measured re-ranking (`SearchSettings.measure_top_k`, AP_XLA_MEASURE_TOP_K): the
     # screened search, then its k best estimates run on the devices in interleaved rounds.
     t_m = time.perf_counter()
-    measured = search(prog, devices, options, SearchSettings(hardware=profile, capacity_bytes=profile.memory_bytes,
-                                                             progress=False, max_threads=2,
-                                                             measure_top_k=args.measure_top_k))
+    measured = search(prog, devices, options, dataclasses.replace(settings, measure_top_k=args.measure_top_k))
     print(f"screened search with measure_top_k={args.measure_top_k}: chose {measured.plan} "
           f"({time.perf_counter() - t_m:.1f} s, measuring {measured.timings.get('measure', 0):.1f} s)", flush=True)
 

@@ -366,13 +366,12 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     _dump(settings, ranked, None, budget, capacity, hw, devices, batch, t_start)
     raise no_plan_error(ranked, budget, capacity, settings.memory_ratio, len(devices), batch, options.pinned())
   t_measure = 0.0
+  from passes import measure  # runs candidates on the devices only when measure_top_k asks
   if settings.measure_top_k > 0:
-    from passes import measure  # runs candidates on the devices: only when asked
     t2 = time.perf_counter()
     ranked = measure.rerank(program, ranked, devices, settings.measure_top_k, timer=timer)
     t_measure = time.perf_counter() - t2
   else:
-    from passes import measure
     measure.suggest_measuring(ranked, hw, devices)
   chosen = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=ranked[0].reason if "measured_s" in
                                ranked[0].details else f"fastest estimate among {len(ok)} feasible candidates")
