@@ -38,13 +38,14 @@ def _int(var: str, value: str, lo: int, hi: int | None = None) -> int:
   return v
 
 
-def _float(var: str, value: str, lo: float, hi: float) -> float:
+def _float(var: str, value: str, lo: float, hi: float, with_lo: bool = False) -> float:
+  """A number in (lo, hi], or [lo, hi] `with_lo`."""
   try:
     v = float(value.strip())
   except ValueError:
     v = None
-  if v is None or not (lo < v <= hi):
-    raise ValueError(f"{var}={value!r} is not valid: expected a number in ({lo:g}, {hi:g}].")
+  if v is None or not (lo <= v <= hi if with_lo else lo < v <= hi):
+    raise ValueError(f"{var}={value!r} is not valid: expected a number in {'[' if with_lo else '('}{lo:g}, {hi:g}].")
   return v
 
 
@@ -76,6 +77,7 @@ _READERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "COMPILE_TIMEOUT": ("compile_timeout_s", lambda var, v: _float(var, v, 0, 1e9)),
     "DUMP_PATH": ("dump_path", lambda var, v: v),
     "MEASURE_TOP_K": ("measure_top_k", lambda var, v: _int(var, v, 0, 1000)),
+    "MEASURE_BUDGET": ("measure_budget_s", lambda var, v: _float(var, v, 0, 1e6, with_lo=True)),
 }
 
 
@@ -147,7 +149,9 @@ def read_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sear
   (default 16), AP_XLA_DETAILED_LOG (0, 1 or 2), AP_XLA_MEMORY_USAGE_CORRECTION_RATIO (percent,
   default 80), AP_XLA_DEVICE_MEMORY (e.g. '256MiB'), AP_XLA_HARDWARE (a profile name or a JSON
   path), AP_XLA_COMPILE_TIMEOUT (seconds per candidate), AP_XLA_DUMP_PATH, AP_XLA_MEASURE_TOP_K
-  (run the k best-estimated candidates and choose the measured-fastest; default 0).
+  (run the k best-estimated candidates and choose the measured-fastest; default 0),
+  AP_XLA_MEASURE_BUDGET (seconds the search may spend timing near ties by itself; default 30,
+  0: choose by the estimate alone).
 
   Unknown variables under either prefix are warned about (once each). With a detailed log of
   2, the dump path is checked now, not after the search.

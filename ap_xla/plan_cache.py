@@ -55,7 +55,7 @@ log = logging.getLogger("ap_xla")
 FORMAT = "ap_xla.plan_cache"
 FORMAT_VERSION = 2  # 2: entries may hold an out-of-memory outcome
 # Settings that change which plan wins; threads, logging and progress bars do not.
-_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k", "exhaustive")
+_RESULT_SETTINGS = ("memory_ratio", "compile_timeout_s", "measure_top_k", "measure_budget_s", "exhaustive")
 _ENTRY_MODE = 0o644  # readable like any cache file (mkstemp creates 0600)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAX_ENTRY_BYTES = 256 * 2**20  # far above any search's report; guards against reading a huge file

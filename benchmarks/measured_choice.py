@@ -1,15 +1,17 @@
 """How often measured re-ranking makes the same choice: the screened search run R times.
 
 On plan_quality's small Llama (8 simulated CPU devices, the calibrated profile), the screened
-search is run `--repeats` times with `measure_top_k` k (its k best estimates timed on the
-devices in interleaved rounds, the fastest chosen: `passes.measure.rerank`), each in a fresh
+search is run `--repeats` times as a user runs it (`--k 0`, the default: the near ties in its
+estimate timed on the devices within `measure_budget_s`, `passes.measure.auto_top_k`) or with
+`measure_top_k` k (its k best estimates timed in interleaved rounds, the fastest chosen:
+`passes.measure.rerank`), each in a fresh
 search (the plan cache off) that reuses XLA's persistent compilation cache. Printed per run:
 the plan chosen, each finalist's measured median, the seconds measuring took; then how often
 each plan was chosen, and as the last line one JSON object. `benchmarks/plan_quality.py`
 judges a choice against every plan's measured step time; this shows whether the choice holds
 from one run to the next on a noisy host.
 
-Run: .venv/bin/python benchmarks/measured_choice.py [--repeats 3] [--k 3]
+Run: .venv/bin/python benchmarks/measured_choice.py [--repeats 3] [--k 0]
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", choices=sorted(MODELS), default="small")
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--k", type=int, default=3, help="measure_top_k")
+  ap.add_argument("--k", type=int, default=0, help="measure_top_k (0: the default search, near ties within its budget)")
   args = ap.parse_args()
   jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ap_xla_measured_choice_"))
   devices = jax.devices()
@@ -48,7 +50,7 @@ def main():
   prog = llama_program(cfg, batch, abstract=True)
   options = SearchOptions(mixed_precision=False)
   base = dict(hardware=profile, capacity_bytes=profile.memory_bytes, progress=False, max_threads=2)
-  estimated = search(prog, devices, options, SearchSettings(**base)).plan
+  estimated = search(prog, devices, options, SearchSettings(**base, measure_budget_s=0)).plan
   print(f"{prog!r}; profile {profile!r}\nestimate only: {estimated}")
   runs = []
   for i in range(args.repeats):
@@ -57,7 +59,7 @@ def main():
     fin = {repr(c.plan): c.details["measured_s"] for c in res.candidates if "measured_s" in c.details}
     runs.append({"chosen": repr(res.plan), "measured_s": fin, "measure_s": res.timings.get("measure"),
                  "search_s": time.perf_counter() - t0})
-    print(f"run {i + 1}: chose {res.plan} (search {runs[-1]['search_s']:.1f} s, measuring "
+    print(f"run {i + 1}: chose {res.plan} (search {runs[-1]['search_s']:.1f} s, {len(fin)} timed, measuring "
           f"{runs[-1]['measure_s']:.1f} s)")
     for name, s in sorted(fin.items(), key=lambda x: x[1]):
       print(f"    {name:84} {s * 1e3:8.2f} ms")

@@ -31,6 +31,11 @@ tensor parallel, TP x DP), are run:
           above are measured again, fresh, in `--confirm-rounds` interleaved rounds of their own,
           and the regret is the chosen plan's confirmed median / the best confirmed median. The
           regret over the first rounds is printed beside it.
+          The estimate's choice (`regret`) is the search's with `measure_budget_s=0`: every
+          candidate compiled, chosen by the cost model alone.
+  default search  the screened search as a user runs it (`--measure-budget`, default the
+          search's 30 s): near ties in the estimate are timed on the devices when affordable
+          (`passes.measure.auto_top_k`); its choice joins the confirmation (`regret_default`).
   measured re-ranking  the screened search is run again with `--measure-top-k` k (the opt-in
           `SearchSettings.measure_top_k`: its k best estimates timed on the devices in
           interleaved rounds, the fastest chosen); its choice joins the confirmation and its
@@ -240,6 +245,7 @@ def _mib(b):
 
 
 def main():
+  from passes.search import SearchSettings, search
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", choices=sorted(MODELS), default="small")
   ap.add_argument("--batch", type=int, default=0, help="global batch (default: the model's)")
@@ -258,6 +264,8 @@ def main():
   ap.add_argument("--isolate-memory", action=argparse.BooleanOptionalAction, default=True,
                   help="measure each plan's memory in a fresh process (CPU; default: yes)")
   ap.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a new temp folder)")
+  ap.add_argument("--measure-budget", type=float, default=SearchSettings.measure_budget_s,
+                  help="the default search's budget for timing near ties (SearchSettings.measure_budget_s)")
   ap.add_argument("--measure-top-k", type=int, default=3,
                   help="also run the search with measured re-ranking of its k best estimates "
                        "(SearchSettings.measure_top_k) and confirm its choice beside the others (0: no)")
@@ -274,7 +282,6 @@ def main():
     return
 
   from passes import calibrate
-  from passes.search import SearchSettings, search
   from passes.space import SearchOptions
 
   cache = args.cache_dir or tempfile.mkdtemp(prefix="ap_xla_plan_quality_")
@@ -291,13 +298,20 @@ def main():
   options = SearchOptions(mixed_precision=False, pipeline_parallel=args.pipeline)
   # Every candidate compiled (exhaustive): the cost model is judged on all feasible plans, not
   # only on those the screened search compiles; the screened search's choice is shown beside.
-  settings = SearchSettings(hardware=profile, capacity_bytes=profile.memory_bytes, progress=False, max_threads=2)
+  settings = SearchSettings(hardware=profile, capacity_bytes=profile.memory_bytes, progress=False, max_threads=2,
+                            measure_budget_s=0)  # the estimate alone; the default search below times near ties
   res = search(prog, devices, options, dataclasses.replace(settings, exhaustive=True))
   print(f"{prog!r}, {cfg}\nsearch: {len(res.candidates)} candidates, {len(res.feasible)} feasible, "
-        f"chose {res.plan} in {res.timings['total']:.1f} s (every candidate compiled)", flush=True)
+        f"chose {res.plan} in {res.timings['total']:.1f} s (every candidate compiled, the estimate alone)", flush=True)
   screened = search(prog, devices, options, settings)
   print(f"screened search: compiled {sum(c.compiled for c in screened.candidates)} of {len(screened.candidates)}, "
         f"chose {screened.plan} ({'the same plan' if screened.plan == res.plan else 'another plan'})", flush=True)
+  t_d = time.perf_counter()
+  default = search(prog, devices, options, dataclasses.replace(settings, measure_budget_s=args.measure_budget))
+  timed = [c.plan for c in default.candidates if "measured_s" in c.details]
+  print(f"default search (measure_budget_s={args.measure_budget:g}): chose {default.plan} in "
+        f"{time.perf_counter() - t_d:.1f} s, {len(timed)} near ties timed "
+        f"({default.timings.get('measure', 0):.1f} s)", flush=True)
 
   measured = None
   if args.measure_top_k:
@@ -398,6 +412,8 @@ def main():
   rounds_s = {r["plan"]: r["measured_s"] for r in ok}
   fastest = [r["plan"] for r in sorted(ok, key=lambda r: r["measured_s"])[:args.confirm]]
   extra = [chosen["plan"]] if chosen else []
+  if repr(default.plan) in plan_of:
+    extra.append(repr(default.plan))
   if measured is not None and repr(measured.plan) in plan_of:
     extra.append(repr(measured.plan))
   finalists = [plan_of[n] for n in dict.fromkeys(fastest + extra)]
@@ -417,6 +433,7 @@ def main():
   best_confirmed = min(confirmed, key=confirmed.get) if confirmed else None
   regret = (confirmed[chosen["plan"]] / confirmed[best_confirmed]
             if chosen and chosen["plan"] in confirmed else None)
+  regret_default = confirmed.get(repr(default.plan), float("nan")) / confirmed[best_confirmed] if confirmed else None
   regret_measured = (confirmed[repr(measured.plan)] / confirmed[best_confirmed]
                      if measured is not None and repr(measured.plan) in confirmed else None)
   mem_errs = [abs(r["memory_err"]) for r in rows if r.get("memory_err") is not None]
@@ -440,6 +457,9 @@ def main():
     print(f"confirmed: chosen {confirmed[chosen['plan']] * 1e3:.2f} ms; best {best_confirmed}: "
           f"{confirmed[best_confirmed] * 1e3:.2f} ms; regret {regret:.3f} (target <= {TARGETS['regret']}; "
           f"issue 16: <= 1.05)")
+  if regret_default is not None:
+    print(f"default search (near ties timed within {args.measure_budget:g} s): chose {default.plan}: "
+          f"{confirmed.get(repr(default.plan), float('nan')) * 1e3:.2f} ms confirmed; regret {regret_default:.3f}")
   if regret_measured is not None:
     print(f"with measure_top_k={args.measure_top_k}: chose {measured.plan}: {confirmed[repr(measured.plan)] * 1e3:.2f} ms "
           f"confirmed; regret {regret_measured:.3f}")
@@ -463,6 +483,9 @@ def main():
       "isolate": isolate, "isolate_memory": isolate or args.isolate_memory, "candidates": len(ok), "chosen": repr(res.plan), "best_measured": best["plan"],
       "screened_choice": repr(screened.plan), "screened_compiled": sum(c.compiled for c in screened.candidates),
       "spearman": spearman, "regret": regret, "regret_rounds": regret_rounds,
+      "default_choice": repr(default.plan), "default_timed": [repr(p) for p in timed],
+      "default_measure_s": default.timings.get("measure", 0), "measure_budget_s": args.measure_budget,
+      "regret_default": regret_default,
       "measure_top_k": args.measure_top_k, "measured_choice": repr(measured.plan) if measured else None,
       "regret_measured": regret_measured,
       "best_confirmed": best_confirmed, "confirmed_s": confirmed, "confirm_rounds": args.confirm_rounds, "memory_err_max": max(mem_errs) if mem_errs else None,

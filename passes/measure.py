@@ -63,10 +63,14 @@ def check_measurable(hardware, devices, k: int) -> None:
 # slower than a twin it put 1.7% behind, where measuring both chose right (benchmarks/RESULTS.md).
 NEAR_TIE = 0.05
 MAX_SUGGESTED = 4
+# A timed run compiles the step in full; the search's analysis compiles skip backend
+# optimisation, which took 1.6x as long on XLA:CPU (3.3 s vs 2.1 s, a 100M-parameter candidate).
+FULL_COMPILE_FACTOR = 1.6
 
 
-def near_ties(ranked: list[CandidateResult], share: float = NEAR_TIE) -> list[CandidateResult]:
-  """The feasible candidates estimated within `share` of the best estimate, best first."""
+def near_ties(ranked: list[CandidateResult], share: float | None = None) -> list[CandidateResult]:
+  """The feasible candidates estimated within `share` (default NEAR_TIE) of the best estimate, best first."""
+  share = NEAR_TIE if share is None else share
   feasible = [c for c in ranked if c.verdict == FEASIBLE and c.est_time_s]
   if not feasible:
     return []
@@ -74,22 +78,47 @@ def near_ties(ranked: list[CandidateResult], share: float = NEAR_TIE) -> list[Ca
   return sorted((c for c in feasible if c.est_time_s <= best * (1 + share)), key=lambda c: c.est_time_s)
 
 
-def suggest_measuring(ranked: list[CandidateResult], hardware, devices) -> int:
-  """Logs, when the best estimates are near ties and the devices are the plan's target, how
-  `measure_top_k` would settle them; returns the k suggested (0: none)."""
-  near = near_ties(ranked)
-  k = min(len(near), MAX_SUGGESTED)
+def predicted_measure_s(cands: list[CandidateResult], rounds: int = 3, timer: "StepTimer | None" = None) -> float:
+  """About how long `rerank` takes on `cands`: each one's full compile (its analysis compile
+  time x FULL_COMPILE_FACTOR) and `rounds` x (warm-up + timed) steps at its estimated step time."""
+  timer = timer or StepTimer()
+  steps = rounds * (timer.warmup + timer.steps)
+  return sum(FULL_COMPILE_FACTOR * c.compile_s + steps * (c.est_time_s or 0.0) for c in cands)
+
+
+def auto_top_k(ranked: list[CandidateResult], hardware, devices, budget_s: float) -> int:
+  """How many candidates the search times by itself (`SearchSettings.measure_budget_s`); 0: none.
+
+  The best estimates are near ties (within NEAR_TIE of the best; at most MAX_SUGGESTED of them)
+  and the devices are the plan's target: they are timed when that is predicted to take at most
+  `budget_s` and this is the only process (each process would time them apart and could choose
+  differently). Otherwise the log says what measuring them would take and how to ask for it.
+  """
+  near = near_ties(ranked)[:MAX_SUGGESTED]
+  k = len(near)
   if k < 2:
     return 0
   try:
     check_measurable(hardware, devices, k)
   except ValueError:  # planning for a target these devices are not: nothing to measure here
     return 0
-  log.info("%d feasible candidates are estimated within %.0f%% of the best (%s); the estimate does not "
-           "order plans that close. AP_XLA_MEASURE_TOP_K=%d (SearchSettings.measure_top_k) would time the %d "
-           "best on the devices and choose the fastest.", len(near), NEAR_TIE * 100,
-           ", ".join(f"{c.plan} {fmt_time(c.est_time_s)}" for c in near[:k]), k, k)
-  return k
+  cost = predicted_measure_s(near)
+  names = ", ".join(f"{c.plan} {fmt_time(c.est_time_s)}" for c in near)
+  if budget_s > 0 and jax.process_count() == 1 and cost <= budget_s:
+    log.info("%d feasible candidates are estimated within %.0f%% of the best (%s); the estimate does not "
+             "order plans that close: timing them on the devices (predicted %.0f s, budget %.0f s: "
+             "SearchSettings.measure_budget_s, AP_XLA_MEASURE_BUDGET; 0 chooses by the estimate alone).",
+             k, NEAR_TIE * 100, names, cost, budget_s)
+    return k
+  why = ("automatic measuring is off (measure_budget_s=0)" if budget_s <= 0 else
+         f"the devices belong to {jax.process_count()} processes, whose timings could choose differently"
+         if jax.process_count() > 1 else
+         f"timing them is predicted to take {cost:.0f} s, over the {budget_s:.0f} s budget "
+         "(SearchSettings.measure_budget_s, AP_XLA_MEASURE_BUDGET)")
+  log.info("%d feasible candidates are estimated within %.0f%% of the best (%s); the estimate does not order "
+           "plans that close, and %s. AP_XLA_MEASURE_TOP_K=%d (SearchSettings.measure_top_k) would time the %d "
+           "on the devices and choose the fastest.", k, NEAR_TIE * 100, names, why, k, k)
+  return 0
 
 
 def _random_like(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
@@ -214,19 +243,25 @@ def _measured(cand: CandidateResult, times: list[float]) -> CandidateResult:
 
 
 def measure_interleaved(program: Program, cands: list[CandidateResult], devices, timer: Timer,
-                        rounds: int) -> dict[Plan, CandidateResult]:
-  """Times `cands` in `rounds` interleaved rounds (module doc): {plan: measured or failed}.
+                        rounds: int, deadline: float | None = None) -> dict[Plan, CandidateResult]:
+  """Times `cands` in `rounds` interleaved rounds (module doc): {plan: measured, failed or as given}.
 
   Each candidate is built once; every round allocates its state, calls `timer` once and frees
   the state before the next candidate runs. A candidate that fails in any round is failed and
-  leaves the later rounds.
+  leaves the later rounds. Past `deadline` (a `time.perf_counter()` value) no run starts and
+  only the rounds every remaining candidate completed count; a candidate with none is returned
+  as given (unmeasured).
   """
   built: dict[Plan, BuiltStep] = {}
   times: dict[Plan, list[float]] = {c.plan: [] for c in cands}
   out: dict[Plan, CandidateResult] = {}
+  stopped = False
   for r in range(rounds):
     alive = [c for c in cands if c.plan not in out]
     for cand in (alive if r % 2 == 0 else alive[::-1]):
+      if deadline is not None and time.perf_counter() > deadline:
+        stopped = True
+        break
       try:
         if cand.plan not in built:
           built[cand.plan] = build_plan(program, cand.plan, devices)
@@ -234,14 +269,19 @@ def measure_interleaved(program: Program, cands: list[CandidateResult], devices,
       except Exception as e:  # a candidate that fails at run time is a result, not a crash
         out[cand.plan] = _failed(cand, e)
         built.pop(cand.plan, None)
-  for cand in cands:
-    if cand.plan not in out:
-      out[cand.plan] = _measured(cand, times[cand.plan])
+    if stopped:
+      break
+  alive = [c for c in cands if c.plan not in out]
+  complete = min((len(times[c.plan]) for c in alive), default=0)
+  if stopped:
+    log.info("Measuring stopped at its time budget after %d complete round(s) of %d.", complete, rounds)
+  for cand in alive:
+    out[cand.plan] = _measured(cand, times[cand.plan][:complete]) if complete else cand
   return out
 
 
 def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
-           timer: Timer | None = None, rounds: int = 3) -> list[CandidateResult]:
+           timer: Timer | None = None, rounds: int = 3, budget_s: float | None = None) -> list[CandidateResult]:
   """Measures the `k` best-estimated feasible candidates and puts the measured-fastest first.
 
   Args:
@@ -252,6 +292,8 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
     timer: `timer(plan, run_once) -> seconds`, called once per candidate per round; default
       `StepTimer()` (the median of 3 steps after 1 warm-up step).
     rounds: interleaved rounds (module doc); a candidate's time is the median of its rounds.
+    budget_s: no timed run starts after this many seconds (None: no limit); the rounds every
+      candidate completed count, and with none the estimate's order stands.
 
   Returns:
     The candidates re-ranked: measured ones fastest first, then unmeasured feasible ones by
@@ -274,7 +316,8 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
   top = feasible[:k]
   log.info("Measuring the %d best-estimated of %d feasible candidates on %d devices, %d interleaved round(s).",
            len(top), len(feasible), len(devices), rounds)
-  measured = measure_interleaved(program, top, devices, timer, rounds)
+  deadline = None if budget_s is None else time.perf_counter() + budget_s
+  measured = measure_interleaved(program, top, devices, timer, rounds, deadline)
   for i, cand in enumerate(top):
     m = measured[cand.plan]
     if "measured_s" in m.details:
@@ -295,8 +338,11 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
     ok[0] = dataclasses.replace(best, reason=f"fastest measured of {len(ok)} run: {best.reason}")
     return ok + rest
   if any(c.verdict == FEASIBLE for c in rest):
-    log.warning("All %d measured candidates failed at run time; keeping the best estimate of the "
-                "unmeasured ones.", len(top))
+    if all(m.verdict == COMPILE_ERROR for m in measured.values()):
+      log.warning("All %d measured candidates failed at run time; keeping the best estimate of the "
+                  "unmeasured ones.", len(top))
+    else:
+      log.info("No candidate completed a round of timing within the budget; keeping the estimate's order.")
     return rest
   raise OutOfMemoryError(
       "Every feasible candidate failed when run on the devices:\n" +

@@ -52,7 +52,12 @@ class SearchSettings:
     compile_timeout_s: per-candidate compile time limit (None: no limit).
     progress: show a progress bar (None: when stderr is a terminal).
     measure_top_k: run the k best-estimated feasible candidates on the devices and choose the
-      measured-fastest (0: choose by estimate only).
+      measured-fastest (0: only the near ties `measure_budget_s` allows).
+    measure_budget_s: with measure_top_k=0, when the best estimates lie within 5% of each other
+      (closer than the estimate orders plans) and the devices are the plan's target, the search
+      times those near ties (at most 4) on the devices and chooses the fastest if that is
+      predicted to take at most this many seconds, and starts no timed run after them
+      (`passes.measure.auto_top_k`); 0: choose by the estimate alone (as MoAI does).
     exhaustive: compile every candidate instead of only those the analytic screen cannot rule
       out (`passes.selection`): minutes instead of seconds, for checking the screen.
   """
@@ -65,6 +70,7 @@ class SearchSettings:
   compile_timeout_s: float | None = None
   progress: bool | None = None
   measure_top_k: int = 0
+  measure_budget_s: float = 30.0
   exhaustive: bool = False
 
   def __post_init__(self):
@@ -92,7 +98,9 @@ class SearchSettings:
     if self.progress is not None and not isinstance(self.progress, bool):
       raise bad("progress", "True, False or None (when stderr is a terminal)")
     if not is_int(self.measure_top_k) or self.measure_top_k < 0:
-      raise bad("measure_top_k", "an integer >= 0 (0: choose by estimate only)")
+      raise bad("measure_top_k", "an integer >= 0 (0: only the near ties measure_budget_s allows)")
+    if not is_num(self.measure_budget_s) or not 0 <= self.measure_budget_s < float("inf"):
+      raise bad("measure_budget_s", "a number of seconds >= 0 (0: choose by the estimate alone)")
     if not isinstance(self.exhaustive, bool):
       raise bad("exhaustive", "True or False")
     hw = self.hardware
@@ -270,8 +278,8 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     options: the search knobs (default: everything 'auto').
     settings: how the search runs (memory ratio, threads, log detail, capacity, hardware).
     compile_fn: replaces the compile step (tests inject failures with it).
-    timer: with `settings.measure_top_k`, `timer(plan, run_once) -> seconds` replaces the step
-      timer (see `passes.measure.rerank`).
+    timer: where candidates are timed (`settings.measure_top_k`, `measure_budget_s`),
+      `timer(plan, run_once) -> seconds` replaces the step timer (see `passes.measure.rerank`).
 
   Returns:
     A `SearchResult`: the chosen plan and every candidate with memory, estimate and verdict.
@@ -366,13 +374,14 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     _dump(settings, ranked, None, budget, capacity, hw, devices, batch, t_start)
     raise no_plan_error(ranked, budget, capacity, settings.memory_ratio, len(devices), batch, options.pinned())
   t_measure = 0.0
-  from passes import measure  # runs candidates on the devices only when measure_top_k asks
-  if settings.measure_top_k > 0:
+  from passes import measure  # runs candidates on the devices when asked, or for affordable near ties
+  k, budget_s = settings.measure_top_k, None
+  if not k:
+    k, budget_s = measure.auto_top_k(ranked, hw, devices, settings.measure_budget_s), settings.measure_budget_s
+  if k:
     t2 = time.perf_counter()
-    ranked = measure.rerank(program, ranked, devices, settings.measure_top_k, timer=timer)
+    ranked = measure.rerank(program, ranked, devices, k, timer=timer, budget_s=budget_s)
     t_measure = time.perf_counter() - t2
-  else:
-    measure.suggest_measuring(ranked, hw, devices)
   chosen = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=ranked[0].reason if "measured_s" in
                                ranked[0].details else f"fastest estimate among {len(ok)} feasible candidates")
   ranked[0] = chosen

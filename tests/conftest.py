@@ -7,6 +7,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Searches through the environment (the one-liner, `ap-xla run`, subprocesses) choose by the
+# estimate alone, which is deterministic: timing near ties (the default 30 s budget) would let a
+# test's choice depend on this host's load. tests/test_measure.py tests the timing.
+os.environ.setdefault("AP_XLA_MEASURE_BUDGET", "0")
 # Keep test searches out of the user's plan cache (~/.cache/ap_xla).
 os.environ.setdefault("AP_XLA_CACHE_DIR", tempfile.mkdtemp(prefix="ap_xla_test_cache_"))
 

@@ -16,7 +16,7 @@ from passes.space import SearchOptions
 from tests.models import mlp_program
 
 OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, tensor_parallel=1, num_micro_batches=1)
-SETTINGS = SearchSettings(capacity_bytes=2**30, hardware="cpu", progress=False)
+SETTINGS = SearchSettings(measure_budget_s=0, capacity_bytes=2**30, hardware="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_bad_devices_are_refused_naming_them(program, devices, exc, match):
 
 
 def test_measuring_a_simulated_target_is_refused_before_compiling(program):
-  settings = SearchSettings(capacity_bytes=2**30, hardware="h100", progress=False, measure_top_k=2)
+  settings = SearchSettings(measure_budget_s=0, capacity_bytes=2**30, hardware="h100", progress=False, measure_top_k=2)
   match = "measure_top_k=2 .* on these cpu devices .* for the hardware profile 'h100'"
   with pytest.raises(ValueError, match=match):
     search_pass.search(program, None, OPTS, settings, compile_fn=_never)
@@ -90,7 +90,7 @@ def test_timed_out_compiles_are_retired_and_bounded():
     with lock:
       running[0] -= 1
     return CandidateResult(plan, "feasible", 1, 1.0)
-  settings = SearchSettings(max_threads=2, compile_timeout_s=0.05, progress=False)
+  settings = SearchSettings(max_threads=2, compile_timeout_s=0.05, progress=False, measure_budget_s=0)
   t0 = time.perf_counter()
   results = search_pass._compile_all(plans, slow, settings)
   assert [r.verdict for r in results] == [TIMEOUT] * len(plans)

@@ -2,6 +2,7 @@
 
 The flat MLP keeps compiles short (a tiny Llama step compiles ~4x slower here).
 """
+import dataclasses
 import logging
 
 import jax
@@ -68,7 +69,7 @@ def test_rerank_chooses_the_measured_fastest_and_records_failures(caplog):
 
 def test_search_with_measure_top_k_picks_the_measured_fastest(caplog):
   prog = mlp_program(batch=16).abstract()  # abstract params: random-initialized for the run
-  base = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False))
+  base = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False, measure_budget_s=0))
   order = [c.plan for c in base.feasible]
   assert len(order) >= 2
   timer = FakeTimer({order[0]: 0.2, order[1]: 0.1})
@@ -160,19 +161,86 @@ def test_measure_top_k_is_read_from_the_environment(var):
     env.read_settings({var: "-2"})
 
 
-def test_near_ties_suggest_measuring_only_where_the_devices_are_the_target(caplog):
+def test_measure_budget_is_read_from_the_environment():
+  assert env.read_settings({}).measure_budget_s == 30.0
+  assert env.read_settings({"AP_XLA_MEASURE_BUDGET": "0"}).measure_budget_s == 0.0
+  assert env.read_settings({"MOREH_ADVANCED_PARALLELIZATION_MEASURE_BUDGET": "12.5"}).measure_budget_s == 12.5
+  with pytest.raises(ValueError, match=r"AP_XLA_MEASURE_BUDGET='-1' is not valid: expected a number in \[0, 1e\+06\]"):
+    env.read_settings({"AP_XLA_MEASURE_BUDGET": "-1"})
+  with pytest.raises(ValueError, match=r"SearchSettings.measure_budget_s=inf is not valid"):
+    SearchSettings(measure_budget_s=float("inf"))
+
+
+def test_near_ties_are_measured_only_on_the_target_within_the_budget(caplog):
   from passes.hardware import get_profile
+  cpu = get_profile("cpu")
   ranked = [_cand(A, 1.00e-3), _cand(B, 1.04e-3), _cand(C, 1.20e-3), _cand(D, 1.01e-3, OVER_BUDGET)]
   assert [c.plan for c in measure.near_ties(ranked)] == [A, B]  # C is 20% off; D does not fit
+  # 2 x (1.6 x 0 s compile + 3 rounds x 4 steps x ~1 ms)
+  assert measure.predicted_measure_s(ranked[:2]) == pytest.approx(12 * 2.04e-3)
   with caplog.at_level(logging.INFO, logger="ap_xla"):
-    assert measure.suggest_measuring(ranked, get_profile("cpu"), DEVICES) == 2
+    assert measure.auto_top_k(ranked, cpu, DEVICES, budget_s=30) == 2
   assert "2 feasible candidates are estimated within 5% of the best" in caplog.text
-  assert "AP_XLA_MEASURE_TOP_K=2" in caplog.text
+  assert "timing them on the devices (predicted 0 s, budget 30 s" in caplog.text
+  caplog.clear()
+  slow = [dataclasses.replace(c, compile_s=20.0) for c in ranked]  # 2 x 1.6 x 20 s > 30 s
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    assert measure.auto_top_k(slow, cpu, DEVICES, budget_s=30) == 0
+    assert measure.auto_top_k(ranked, cpu, DEVICES, budget_s=0) == 0
+  assert "predicted to take 64 s, over the 30 s budget" in caplog.text
+  assert "automatic measuring is off (measure_budget_s=0)" in caplog.text
+  assert caplog.text.count("AP_XLA_MEASURE_TOP_K=2") == 2
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="ap_xla"):
     # a GPU target planned on these CPU devices: timing here would not be the target's
-    assert measure.suggest_measuring(ranked, get_profile("h100"), DEVICES) == 0
-    assert measure.suggest_measuring([_cand(A, 1e-3), _cand(C, 2e-3)], get_profile("cpu"), DEVICES) == 0
-  assert "MEASURE_TOP_K" not in caplog.text
+    assert measure.auto_top_k(ranked, get_profile("h100"), DEVICES, budget_s=30) == 0
+    assert measure.auto_top_k([_cand(A, 1e-3), _cand(C, 2e-3)], cpu, DEVICES, budget_s=30) == 0
+  assert "MEASURE_TOP_K" not in caplog.text and "timing them" not in caplog.text
   many = [_cand(Plan(dp=8 // t, tp=t, mb=m), 1e-3) for t in (1, 2, 4) for m in (1, 2)]
-  assert measure.suggest_measuring(many, get_profile("cpu"), DEVICES) == measure.MAX_SUGGESTED
+  assert measure.auto_top_k(many, cpu, DEVICES, budget_s=30) == measure.MAX_SUGGESTED
+
+
+def test_near_ties_are_not_timed_by_one_of_many_processes(monkeypatch, caplog):
+  """Each process would time them apart and could choose differently: the log says so."""
+  from passes.hardware import get_profile
+  monkeypatch.setattr(measure.jax, "process_count", lambda: 2)
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    assert measure.auto_top_k([_cand(A, 1e-3), _cand(B, 1e-3)], get_profile("cpu"), DEVICES, budget_s=30) == 0
+  assert "the devices belong to 2 processes" in caplog.text and "AP_XLA_MEASURE_TOP_K=2" in caplog.text
+
+
+def test_the_budget_stops_timing_and_keeps_only_complete_rounds(monkeypatch, caplog):
+  prog = mlp_program(batch=16)
+  clock = [0.0]
+  monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+  def timer(plan, run_once):  # each run takes 4 s on the fake clock
+    run_once()
+    clock[0] += 4.0
+    return {A: 0.3, B: 0.1}[plan]
+  cands = [_cand(A, 1e-3), _cand(B, 2e-3)]
+  # 10 s: A, B (round 0) and B (round 1) start before the deadline; B's second run is dropped
+  out = measure.measure_interleaved(prog, cands, DEVICES, timer, rounds=3, deadline=10.0)
+  assert out[A].details["measured_rounds_s"] == [0.3] and out[B].details["measured_rounds_s"] == [0.1]
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    ranked = measure.rerank(prog, cands, DEVICES, k=2, timer=timer, budget_s=3.0)  # only A runs
+  assert [c.plan for c in ranked] == [A, B] and not any("measured_s" in c.details for c in ranked)
+  assert "after 0 complete round(s) of 3" in caplog.text and "keeping the estimate's order" in caplog.text
+
+
+def test_the_search_times_its_near_ties_by_default(monkeypatch, caplog):
+  prog = mlp_program(batch=16).abstract()
+  settings = SearchSettings(capacity_bytes=2**40, progress=False)
+  monkeypatch.setattr(measure, "NEAR_TIE", 0.5)  # this small space has no estimates within 5%
+  base = search(prog, options=OPTS, settings=dataclasses.replace(settings, measure_budget_s=0))
+  near = measure.near_ties([dataclasses.replace(c, verdict=FEASIBLE) if c.verdict == CHOSEN else c
+                            for c in base.candidates])
+  assert len(near) >= 2 and "measured_s" not in base.chosen.details
+  timer = FakeTimer({c.plan: 0.1 * (len(near) - i) for i, c in enumerate(near)})  # the last is fastest
+  with caplog.at_level(logging.INFO, logger="ap_xla"):
+    res = search(prog, options=OPTS, settings=settings, timer=timer)
+  assert set(timer.calls) == {c.plan for c in near} and len(timer.calls) == 3 * len(near)
+  assert res.plan == near[-1].plan and "fastest measured" in res.chosen.reason
+  assert "timing them on the devices" in caplog.text and res.timings["measure"] > 0
+
+

@@ -21,7 +21,7 @@ from tests.models import mlp_program
 # One candidate (dp=8, replicated parameters, fp32): a real search that compiles once.
 OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, tensor_parallel=1, num_micro_batches=1,
                      distribute_parameter=False)
-SETTINGS = SearchSettings(capacity_bytes=2**30, hardware="cpu", progress=False)
+SETTINGS = SearchSettings(measure_budget_s=0, capacity_bytes=2**30, hardware="cpu", progress=False)
 
 
 class Counting:

@@ -23,7 +23,7 @@ OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, tensor_para
 def probe():
   """Per-device memory of the replicated and of the smallest dp=8 plans, with no budget."""
   prog = llama_tiny(batch=64)
-  res = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False))
+  res = search(prog, options=OPTS, settings=SearchSettings(measure_budget_s=0, capacity_bytes=2**40, progress=False))
   return prog, res
 
 
@@ -41,7 +41,7 @@ def test_unconstrained_search_prefers_plain_data_parallel(probe):
 
 def test_the_screened_search_chooses_what_compiling_every_candidate_chooses(probe):
   prog, res = probe
-  full = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=2**40, progress=False, exhaustive=True))
+  full = search(prog, options=OPTS, settings=SearchSettings(measure_budget_s=0, capacity_bytes=2**40, progress=False, exhaustive=True))
   assert all(c.compiled for c in full.candidates if c.verdict != "skipped")
   assert full.plan == res.plan
   assert sum(c.compiled for c in res.candidates) <= len(full.candidates) // 3
@@ -57,7 +57,7 @@ def test_budget_forces_a_memory_saving_plan(probe, caplog):
   replicated = next(c for c in res.candidates if c.plan == res.plan)
   budget = int(replicated.memory_bytes * 0.7)
   with caplog.at_level(logging.INFO, logger="ap_xla"):
-    res2 = search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=budget, memory_ratio=100,
+    res2 = search(prog, options=OPTS, settings=SearchSettings(measure_budget_s=0, capacity_bytes=budget, memory_ratio=100,
                                                               progress=False))
   assert res2.plan != res.plan
   assert res2.chosen.memory_bytes <= budget
@@ -78,7 +78,7 @@ def test_budget_forces_a_memory_saving_plan(probe, caplog):
 def test_impossible_budget_raises_out_of_memory(probe):
   prog, _ = probe
   with pytest.raises(OutOfMemoryError) as e:
-    search(prog, options=OPTS, settings=SearchSettings(capacity_bytes=64 * 1024, progress=False))
+    search(prog, options=OPTS, settings=SearchSettings(measure_budget_s=0, capacity_bytes=64 * 1024, progress=False))
   msg = str(e.value)
   assert "OUT_OF_MEMORY" in msg and "smallest candidate" in msg and "more devices" in msg
   assert "un-pin tensor_parallel=1" in msg and "smaller global batch (now 64)" in msg
@@ -98,7 +98,7 @@ def test_failing_candidate_is_recorded_and_skipped(probe, tmp_path):
 
   dump = tmp_path / "autoconfig_log.dump"
   res = search(prog, options=OPTS, compile_fn=flaky,
-               settings=SearchSettings(capacity_bytes=2**40, progress=False, detailed_log=2,
+               settings=SearchSettings(measure_budget_s=0, capacity_bytes=2**40, progress=False, detailed_log=2,
                                        dump_path=str(dump)))
   assert res.plan.fsdp
   failed = [c for c in res.candidates if c.verdict == COMPILE_ERROR]
@@ -127,12 +127,12 @@ def test_only_a_pipelined_plan_fits_when_parameters_may_not_be_distributed():
   prog = llama_tiny(batch=32, cfg=cfg)
   opts = SearchOptions(distribute_parameter=False, mixed_precision=False, tensor_parallel=1,
                        num_micro_batches=4, activation_recomputation=False)
-  free = search(prog, options=opts, settings=SearchSettings(capacity_bytes=2**40, progress=False))
+  free = search(prog, options=opts, settings=SearchSettings(measure_budget_s=0, capacity_bytes=2**40, progress=False))
   flat = min(c.memory_bytes for c in free.candidates if c.plan.pp == 1 and c.memory_bytes)
   piped = min(c.memory_bytes for c in free.candidates if c.plan.pp > 1 and c.memory_bytes)
   assert piped < flat
   budget = (flat + piped) // 2
-  res = search(prog, options=opts, settings=SearchSettings(capacity_bytes=budget, memory_ratio=100,
+  res = search(prog, options=opts, settings=SearchSettings(measure_budget_s=0, capacity_bytes=budget, memory_ratio=100,
                                                            progress=False))
   assert res.plan.pp > 1 and res.chosen.memory_bytes <= budget
   assert all(c.verdict == "over_budget" for c in res.candidates if c.plan.pp == 1)
@@ -150,7 +150,7 @@ def _tiny_flat_program(batch):
 def test_nothing_to_compile_is_a_value_error_listing_the_reasons(tmp_path):
   from passes.report import NoCandidateError
   dump = tmp_path / "autoconfig_log.dump"
-  settings = SearchSettings(capacity_bytes=2**30, progress=False, detailed_log=2, dump_path=str(dump))
+  settings = SearchSettings(measure_budget_s=0, capacity_bytes=2**30, progress=False, detailed_log=2, dump_path=str(dump))
   with pytest.raises(NoCandidateError) as e:
     search(_tiny_flat_program(batch=3), options=SearchOptions(mixed_precision=False), settings=settings)
   assert isinstance(e.value, ValueError) and not isinstance(e.value, OutOfMemoryError)

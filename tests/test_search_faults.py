@@ -16,7 +16,7 @@ from tests.models import mlp_program
 
 OPTS = SearchOptions(pipeline_parallel=False, mixed_precision=False, distribute_parameter=False)
 # Every candidate compiled: the faults below hit candidates the screen might not send to XLA.
-EXHAUSTIVE = dict(capacity_bytes=2**30, progress=False, exhaustive=True)
+EXHAUSTIVE = dict(capacity_bytes=2**30, progress=False, exhaustive=True, measure_budget_s=0)
 SLOW_S = 5.0  # how long an injected slow compile sleeps; the limit below is far shorter
 
 
@@ -115,7 +115,7 @@ def test_keyboard_interrupt_in_a_compile_propagates_and_leaves_no_dump(program, 
 def test_ctrl_c_signal_during_search_propagates_and_leaves_no_dump(program, real_compile, tmp_path):
   """A real SIGINT (what Ctrl-C sends) while every candidate is still compiling."""
   dump = tmp_path / "autoconfig_log.dump"
-  settings = SearchSettings(capacity_bytes=2**30, progress=False, detailed_log=2, dump_path=str(dump))
+  settings = SearchSettings(measure_budget_s=0, capacity_bytes=2**30, progress=False, detailed_log=2, dump_path=str(dump))
 
   def all_slow(*args):
     time.sleep(SLOW_S)
@@ -181,5 +181,5 @@ def test_a_bug_in_our_own_analysis_is_raised_not_recorded_as_a_compile_error(pro
     raise ZeroDivisionError("bug in the HLO analysis")
   monkeypatch.setattr(evaluate.hlo_stats, "analyze_hlo", broken)
   with pytest.raises(ZeroDivisionError, match="bug in the HLO analysis"):
-    search(program, options=OPTS, settings=SearchSettings(capacity_bytes=2**30, progress=False),
+    search(program, options=OPTS, settings=SearchSettings(measure_budget_s=0, capacity_bytes=2**30, progress=False),
            compile_fn=real_compile)
