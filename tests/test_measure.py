@@ -128,6 +128,26 @@ def test_step_timer_takes_the_median_after_warmup(monkeypatch):
   assert t(A, lambda: runs.append(1)) == 2.0 and len(runs) == 5
   with pytest.raises(ValueError, match=r"StepTimer.steps must be an int >= 1, got 0"):
     measure.StepTimer(steps=0)
+  with pytest.raises(ValueError, match=r"StepTimer.max_steps must be an int >= 3, got 2"):
+    measure.StepTimer(max_steps=2)
+  with pytest.raises(ValueError, match=r"StepTimer.min_time_s must be a number of seconds >= 0, got -1"):
+    measure.StepTimer(min_time_s=-1)
+
+
+def test_short_steps_are_timed_until_they_add_up_to_min_time(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+  def step(seconds):
+    def run():
+      clock[0] += seconds
+    return run
+  assert len(measure.StepTimer(min_time_s=0.5).samples(step(0.1))) == 5
+  assert len(measure.StepTimer(min_time_s=0.5).samples(step(1.0))) == 3  # long steps: `steps` of them
+  assert len(measure.StepTimer(min_time_s=0.5, max_steps=4).samples(step(0.01))) == 4
+  t = measure.StepTimer()
+  assert t.round_s(1.0) == pytest.approx(4.0) and t.round_s(0.01) == pytest.approx(0.51)
+  assert t.round_s(1e-4) == pytest.approx(1e-4 + 50e-4)
   with pytest.raises(ValueError, match=r"k must be a positive int .* got 0"):
     measure.rerank(mlp_program(), [], DEVICES, k=0)
 
@@ -176,8 +196,8 @@ def test_near_ties_are_measured_only_on_the_target_within_the_budget(caplog):
   cpu = get_profile("cpu")
   ranked = [_cand(A, 1.00e-3), _cand(B, 1.04e-3), _cand(C, 1.20e-3), _cand(D, 1.01e-3, OVER_BUDGET)]
   assert [c.plan for c in measure.near_ties(ranked)] == [A, B]  # C is 20% off; D does not fit
-  # 2 x (1.6 x 0 s compile + 3 rounds x 4 steps x ~1 ms)
-  assert measure.predicted_measure_s(ranked[:2]) == pytest.approx(12 * 2.04e-3)
+  # 2 x (1.6 x 0 s compile + 3 rounds x (1 warm-up step + 0.5 s of timed ~1 ms steps, at most 50))
+  assert measure.predicted_measure_s(ranked[:2]) == pytest.approx(3 * 51 * 2.04e-3)
   with caplog.at_level(logging.INFO, logger="ap_xla"):
     assert measure.auto_top_k(ranked, cpu, DEVICES, budget_s=30) == 2
   assert "2 feasible candidates are estimated within 5% of the best" in caplog.text
