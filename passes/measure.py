@@ -14,6 +14,7 @@ finalists are each near the memory budget and cannot share a device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import statistics
 import time
@@ -63,8 +64,10 @@ def check_measurable(hardware, devices, k: int) -> None:
 # slower than a twin it put 1.7% behind, where measuring both chose right (benchmarks/RESULTS.md).
 NEAR_TIE = 0.05
 MAX_SUGGESTED = 4
-# A timed run compiles the step in full; the search's analysis compiles skip backend
-# optimisation, which took 1.6x as long on XLA:CPU (3.3 s vs 2.1 s, a 100M-parameter candidate).
+# A timed run compiles the step in full (the search's analysis compiles skip backend
+# optimisation) and its state's initializers: on XLA:CPU a full compile took 1.6x the analysis
+# compile (3.3 s vs 2.1 s, a 100M-parameter candidate), and a small Llama's first timed run,
+# initializers included, 1.35-1.56x.
 FULL_COMPILE_FACTOR = 1.6
 
 
@@ -123,18 +126,31 @@ def auto_top_k(ranked: list[CandidateResult], hardware, devices, budget_s: float
 def _random_like(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
   """Arrays of `tree`'s shapes and dtypes made directly in `shardings` (no host copy)."""
   leaves, treedef = jax.tree.flatten(tree)
+  avals = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+  return _random_maker(treedef, avals, tuple(treedef.flatten_up_to(shardings)), seed)()
 
+
+@functools.lru_cache(maxsize=64)
+def _random_maker(treedef, avals: tuple, shardings: tuple, seed: int) -> Callable[[], PyTree]:
+  """The jitted maker of `_random_like`, kept: every timing round allocates a finalist's state
+  afresh, and tracing and compiling the maker again took ~0.7 s a tree on the small Llama."""
   def make():
     key = jax.random.PRNGKey(seed)
     out = []
-    for i, x in enumerate(leaves):
-      if jnp.issubdtype(x.dtype, jnp.floating):
-        out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)).astype(x.dtype))
+    for i, (shape, dtype) in enumerate(avals):
+      if jnp.issubdtype(dtype, jnp.floating):
+        out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype))
       else:  # integer inputs (token ids): 0 is a valid index for any table
-        out.append(jnp.zeros(x.shape, x.dtype))
+        out.append(jnp.zeros(shape, dtype))
     return jax.tree.unflatten(treedef, out)
 
-  return jax.jit(make, out_shardings=shardings)()
+  return jax.jit(make, out_shardings=jax.tree.unflatten(treedef, list(shardings)))
+
+
+@functools.lru_cache(maxsize=64)
+def _copier(treedef, shardings: tuple) -> Callable[[PyTree], PyTree]:
+  """A jitted copy into `shardings`, kept across timing rounds (as `_random_maker`)."""
+  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=jax.tree.unflatten(treedef, list(shardings)))
 
 
 def _place(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
@@ -145,7 +161,8 @@ def _place(tree: PyTree, shardings: PyTree, seed: int) -> PyTree:
   # A jitted copy, not device_put(may_alias=False): in jax 0.10.2 that still hands back the
   # caller's buffer as the device-0 shard of a replicated sharding, and the donating step
   # then deletes the caller's array.
-  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+  treedef = jax.tree.structure(tree)
+  return _copier(treedef, tuple(treedef.flatten_up_to(shardings)))(tree)
 
 
 class PlanRunner:
