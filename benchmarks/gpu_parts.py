@@ -186,8 +186,10 @@ def step_pq_search(args) -> dict:
   capacity = hardware.parse_bytes(args.capacity) if args.capacity not in (None, "auto") else device_capacity
   cfg, batch = pq_config(args.model), pq_batch(args.model, capacity)
   program = llama_program(cfg, batch, abstract=True, name=f"llama ({args.model})")
+  # measure_budget_s=0: the check judges the estimate's choice (every plan is run below anyway),
+  # and timing near ties would spend the device time the check is budgeted.
   kwargs = dict(hardware=profile, capacity_bytes=capacity, mixed_precision=True, progress=False,
-                compile_timeout_s=args.compile_timeout)
+                compile_timeout_s=args.compile_timeout, measure_budget_s=0)
   # Every plan of the space is also searched alone on worker threads, started before the real
   # search: the plans its branch-and-bound prunes get a prediction too (and can be run), and
   # those it does compile find them in the persistent compilation cache. The likely-pruned
