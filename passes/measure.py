@@ -314,7 +314,8 @@ def measure_interleaved(program: Program, cands: list[CandidateResult], devices,
 
 
 def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
-           timer: Timer | None = None, rounds: int = 3, budget_s: float | None = None) -> list[CandidateResult]:
+           timer: Timer | None = None, rounds: int = 3, budget_s: float | None = None,
+           advisory: bool = False) -> list[CandidateResult]:
   """Measures the `k` best-estimated feasible candidates and puts the measured-fastest first.
 
   Args:
@@ -327,6 +328,10 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
     rounds: interleaved rounds (module doc); a candidate's time is the median of its rounds.
     budget_s: no timed run starts after this many seconds (None: no limit); the rounds every
       candidate completed count, and with none the estimate's order stands.
+    advisory: the search's own timing of near ties (`auto_top_k`): a candidate that fails when
+      run does not reject it (compiled memory decides feasibility, and a timed run also holds
+      the program's own arrays beside the plan's); the timing is then dropped, the estimate's
+      order kept and the failure logged and noted in its details ('measure_error').
 
   Returns:
     The candidates re-ranked: measured ones fastest first, then unmeasured feasible ones by
@@ -351,6 +356,13 @@ def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
            len(top), len(feasible), len(devices), rounds)
   deadline = None if budget_s is None else time.perf_counter() + budget_s
   measured = measure_interleaved(program, top, devices, timer, rounds, deadline)
+  failed = {p: m for p, m in measured.items() if m.verdict == COMPILE_ERROR}
+  if advisory and failed:
+    log.warning("%d of the %d timed near ties failed when run (%s); keeping the estimate's order: compiled "
+                "memory decides what fits, and the timed run also held the program's own arrays.", len(failed),
+                len(top), "; ".join(f"{p}: {m.details['measure_error'][:200]}" for p, m in failed.items()))
+    return [dataclasses.replace(c, details={**c.details, "measure_error": failed[c.plan].details["measure_error"]})
+            if c.plan in failed else c for c in ranked]
   for i, cand in enumerate(top):
     m = measured[cand.plan]
     if "measured_s" in m.details:

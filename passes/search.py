@@ -380,7 +380,8 @@ def search(program: Program, devices=None, options: SearchOptions | None = None,
     k, budget_s = measure.auto_top_k(ranked, hw, devices, settings.measure_budget_s), settings.measure_budget_s
   if k:
     t2 = time.perf_counter()
-    ranked = measure.rerank(program, ranked, devices, k, timer=timer, budget_s=budget_s)
+    ranked = measure.rerank(program, ranked, devices, k, timer=timer, budget_s=budget_s,
+                            advisory=budget_s is not None)
     t_measure = time.perf_counter() - t2
   chosen = dataclasses.replace(ranked[0], verdict=CHOSEN, reason=ranked[0].reason if "measured_s" in
                                ranked[0].details else f"fastest estimate among {len(ok)} feasible candidates")

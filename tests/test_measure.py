@@ -248,6 +248,20 @@ def test_the_budget_stops_timing_and_keeps_only_complete_rounds(monkeypatch, cap
   assert "after 0 complete round(s) of 3" in caplog.text and "keeping the estimate's order" in caplog.text
 
 
+def test_a_near_tie_failing_when_timed_by_the_search_itself_keeps_the_estimate(caplog):
+  prog = mlp_program(batch=16)
+  ranked = [_cand(A, 1e-3), _cand(B, 1.01e-3), _cand(C, 3e-3)]
+  timer = FakeTimer({A: 0.3, B: 0.1}, fail={A})
+  with caplog.at_level(logging.WARNING, logger="ap_xla"):
+    out = measure.rerank(prog, ranked, DEVICES, k=2, timer=timer, budget_s=30, advisory=True)
+  assert [c.plan for c in out] == [A, B, C] and all(c.verdict == FEASIBLE for c in out)
+  assert "RESOURCE_EXHAUSTED" in out[0].details["measure_error"] and "measured_s" not in out[1].details
+  assert "1 of the 2 timed near ties failed when run" in caplog.text and "keeping the estimate's order" in caplog.text
+  # asked for (measure_top_k), the failure rejects the plan
+  assert [c.plan for c in measure.rerank(prog, ranked, DEVICES, k=2, timer=FakeTimer({A: 0.3, B: 0.1}, fail={A}))] \
+      == [B, C, A]
+
+
 def test_the_search_times_its_near_ties_by_default(monkeypatch, caplog):
   prog = mlp_program(batch=16).abstract()
   settings = SearchSettings(capacity_bytes=2**40, progress=False)
