@@ -69,6 +69,7 @@ MAX_SUGGESTED = 4
 # compile (3.3 s vs 2.1 s, a 100M-parameter candidate), and a small Llama's first timed run,
 # initializers included, 1.35-1.56x.
 FULL_COMPILE_FACTOR = 1.6
+ROUNDS = 3  # interleaved timing rounds (module doc)
 
 
 def near_ties(ranked: list[CandidateResult], share: float | None = None) -> list[CandidateResult]:
@@ -81,7 +82,7 @@ def near_ties(ranked: list[CandidateResult], share: float | None = None) -> list
   return sorted((c for c in feasible if c.est_time_s <= best * (1 + share)), key=lambda c: c.est_time_s)
 
 
-def predicted_measure_s(cands: list[CandidateResult], rounds: int = 3, timer: "StepTimer | None" = None) -> float:
+def predicted_measure_s(cands: list[CandidateResult], rounds: int = ROUNDS, timer: "StepTimer | None" = None) -> float:
   """About how long `rerank` takes on `cands`: each one's full compile (its analysis compile
   time x FULL_COMPILE_FACTOR) and `rounds` of `StepTimer` steps at its estimated step time."""
   timer = timer or StepTimer()
@@ -314,7 +315,7 @@ def measure_interleaved(program: Program, cands: list[CandidateResult], devices,
 
 
 def rerank(program: Program, ranked: list[CandidateResult], devices, k: int, *,
-           timer: Timer | None = None, rounds: int = 3, budget_s: float | None = None,
+           timer: Timer | None = None, rounds: int = ROUNDS, budget_s: float | None = None,
            advisory: bool = False) -> list[CandidateResult]:
   """Measures the `k` best-estimated feasible candidates and puts the measured-fastest first.
 
