@@ -431,11 +431,13 @@ def main():
     print(f"{(name + (' *chosen' if chosen and name == chosen['plan'] else ''))[:84]:84} "
           f"{_ms(rounds_s[name])} {_ms(confirmed[name])} {_iqr(times) / confirmed[name]:5.2f}")
   best_confirmed = min(confirmed, key=confirmed.get) if confirmed else None
-  regret = (confirmed[chosen["plan"]] / confirmed[best_confirmed]
-            if chosen and chosen["plan"] in confirmed else None)
-  regret_default = confirmed.get(repr(default.plan), float("nan")) / confirmed[best_confirmed] if confirmed else None
-  regret_measured = (confirmed[repr(measured.plan)] / confirmed[best_confirmed]
-                     if measured is not None and repr(measured.plan) in confirmed else None)
+
+  def regret_of(name):
+    """A plan's confirmed median / the best confirmed median (None: the plan was not confirmed)."""
+    return confirmed[name] / confirmed[best_confirmed] if name in confirmed else None
+  regret = regret_of(chosen["plan"]) if chosen else None
+  regret_default = regret_of(repr(default.plan))
+  regret_measured = regret_of(repr(measured.plan)) if measured is not None else None
   mem_errs = [abs(r["memory_err"]) for r in rows if r.get("memory_err") is not None]
   by_plan = {r["plan"]: r for r in rows}
   hand_out = {}
@@ -459,7 +461,7 @@ def main():
           f"issue 16: <= 1.05)")
   if regret_default is not None:
     print(f"default search (near ties timed within {args.measure_budget:g} s): chose {default.plan}: "
-          f"{confirmed.get(repr(default.plan), float('nan')) * 1e3:.2f} ms confirmed; regret {regret_default:.3f}")
+          f"{confirmed[repr(default.plan)] * 1e3:.2f} ms confirmed; regret {regret_default:.3f}")
   if regret_measured is not None:
     print(f"with measure_top_k={args.measure_top_k}: chose {measured.plan}: {confirmed[repr(measured.plan)] * 1e3:.2f} ms "
           f"confirmed; regret {regret_measured:.3f}")
