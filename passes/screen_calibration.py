@@ -45,8 +45,8 @@ FLOOR = 0.02    # and never below this (time)
 # kind's error. The raw screen's worst error (of the part it does not know exactly) over every
 # compiled candidate of four Llamas (`benchmarks/screen_accuracy.py --models
 # small,100m,gqa,heads6`, 585 candidates; gqa and heads6 held out of the screen's design):
-# 11.1% (a 1F1B plan of gqa), and 6.5, 7.1 and 5.6% on the others. The left-out errors of 2-6 compiled candidates had
-# stated 2% on all four.
+# 11.1% (a 1F1B plan of gqa), and 6.5, 7.1 and 5.6% on the others, where the left-out errors of
+# the 2-6 candidates each screened search compiled had stated 2%.
 MEMORY_FLOOR = 0.12
 
 
