@@ -53,6 +53,11 @@ MODELS = {
 }
 
 
+def rel_err(row: dict, key: str) -> float:
+  """|a row's predicted memory (`key`) / its compiled memory - 1|."""
+  return abs(row[key] / row["memory"] - 1)
+
+
 def spearman(a, b) -> float:
   ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
   return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else float("nan")
@@ -96,7 +101,7 @@ def evaluate(name: str, threads: int) -> dict:
                  "terms": {k: int(v) for k, v in s.memory.items()}})
   near = [r for r in rows if r["near_budget"]]
   around = [r for r in rows if r["around_budget"]]
-  err = lambda key, rs=near: max((abs(r[key] / r["memory"] - 1) for r in rs), default=float("nan"))
+  err = lambda key, rs=near: max((rel_err(r, key) for r in rs), default=float("nan"))
   best_full = full.chosen
   same_pick = fast.plan == full.plan
   fast_est = compiled[fast.plan].est_time_s if fast.plan in compiled else fast.chosen.est_time_s
@@ -106,7 +111,7 @@ def evaluate(name: str, threads: int) -> dict:
       "screened_s": round(t_fast, 2), "exhaustive_s": round(t_full, 2),
       "budget_bytes": budget, "near_budget": len(near),
       "memory_err_raw": err("raw_memory"), "memory_err_calibrated": err("cal_memory"),
-      "within_5pct": sum(abs(r["raw_memory"] / r["memory"] - 1) <= 0.05 for r in near),
+      "within_5pct": sum(rel_err(r, "raw_memory") <= GOALS["memory_err_within_2x_budget"] for r in near),
       # where the budget could be decided: within a factor of 2 of it either way
       "around_budget": len(around), "memory_err_raw_around": err("raw_memory", around),
       "spearman_raw": spearman([r["raw_est"] for r in rows], [r["est"] for r in rows]),
@@ -141,7 +146,7 @@ def main():
           f"({r['near_budget']} candidates; budget {r['budget_bytes'] / 2**20:.1f} MiB)")
     print(f"  raw within 5%: {r['within_5pct']} of {r['near_budget']}; within a factor of 2 of the budget either "
           f"way ({r['around_budget']} candidates): worst raw {r['memory_err_raw_around']:.1%}")
-    worst = sorted((x for x in r["rows"] if x["near_budget"]), key=lambda x: -abs(x["cal_memory"] / x["memory"] - 1))
+    worst = sorted((x for x in r["rows"] if x["near_budget"]), key=lambda x: -rel_err(x, "cal_memory"))
     for x in worst[:8]:
       print(f"  {x['plan']:78} compiled {x['memory'] / 2**20:8.1f} MiB  raw {x['raw_memory'] / x['memory'] - 1:+6.1%}  "
             f"calibrated {x['cal_memory'] / x['memory'] - 1:+6.1%}  time raw {x['raw_est'] / x['est'] - 1:+6.1%}")
